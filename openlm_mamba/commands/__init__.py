@@ -1,0 +1,1 @@
+"""Sub-commands of the ``openlm-mamba`` CLI (see ``openlm_mamba.cli``)."""

@@ -1,0 +1,303 @@
+"""Mamba-1 language model (the architecture of TRI's Mamba-7B), free of OpenLM.
+
+MambaLM -> MambaLMHeadModel (`.model`) -> MambaBackbone (`.backbone`) -> ResidualBlock (`.layers`)
+-> MambaMixer (`.mixer`). The nesting gives state-dict keys identical to upstream OpenLM's
+Mamba wrapper around mamba_ssm's ``MambaLMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MambaConfig
+from .ops import add_norm, causal_conv1d, selective_scan
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm weight holder; the math lives in ``ops.add_norm`` (fused with the residual add)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(d, device=device, dtype=dtype))
+        self.bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_in_fp32: bool = True):
+        return add_norm(x, self.weight, None, residual, self.eps, residual_in_fp32, is_rms_norm=True)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with the same fused ``(x, residual) -> (normed, new residual)`` interface."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_in_fp32: bool = True):
+        return add_norm(x, self.weight, self.bias, residual, self.eps, residual_in_fp32, is_rms_norm=False)
+
+
+class DtProj(nn.Linear):
+    """dt projection initialised by the Mamba recipe (softplus(bias) log-uniform in [dt_min, dt_max])."""
+
+    def __init__(self, cfg: MambaConfig, device=None, dtype=None):
+        self._cfg = cfg
+        super().__init__(cfg.dt_rank_value, cfg.d_inner, bias=True, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        cfg = self._cfg
+        std = cfg.dt_rank_value**-0.5 * cfg.dt_scale
+        with torch.no_grad():
+            if cfg.dt_init == "constant":
+                nn.init.constant_(self.weight, std)
+            else:
+                nn.init.uniform_(self.weight, -std, std)
+            u = torch.rand(cfg.d_inner, device=self.bias.device, dtype=torch.float32)
+            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+            dt = dt.clamp(min=cfg.dt_init_floor)
+            self.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+
+class OutProj(nn.Linear):
+    """Output projection: default init rescaled by 1/sqrt(n_layer) (GPT-2 prenorm-residual recipe)."""
+
+    def __init__(self, cfg: MambaConfig, device=None, dtype=None):
+        self._cfg = cfg
+        super().__init__(cfg.d_inner, cfg.d_model, bias=cfg.bias, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self._cfg.rescale_prenorm_residual:
+            with torch.no_grad():
+                self.weight /= math.sqrt(self._cfg.n_layer)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ZeroBiasLinear(nn.Linear):
+    """nn.Linear whose bias (if any) starts at zero, as mamba_ssm's ``_init_weights`` does."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 selective SSM mixer (in_proj -> conv1d -> SSM -> gate -> out_proj)."""
+
+    def __init__(self, cfg: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.backend: str | None = None
+        di, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank_value
+        self.in_proj = ZeroBiasLinear(cfg.d_model, 2 * di, bias=cfg.bias, **kw)
+        self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1, bias=cfg.conv_bias, **kw)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False, **kw)
+        self.dt_proj = DtProj(cfg, **kw)
+        self.A_log = nn.Parameter(torch.empty(di, n, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(di, device=device, dtype=torch.float32))
+        self.out_proj = OutProj(cfg, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters this module owns directly (A_log = log(1..N), D = 1)."""
+        with torch.no_grad():
+            n = self.cfg.d_state
+            a = torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(a).expand_as(self.A_log))
+            self.D.fill_(1.0)
+
+    def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """From conv output x (batch, d_inner, L): delta (batch, d_inner, L), A, B and C (batch, N, L)."""
+        r, n = self.cfg.dt_rank_value, self.cfg.d_state
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, r + 2N)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
+        A = -torch.exp(self.A_log.float())
+        return delta, A, B.transpose(1, 2), C.transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model)."""
+        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        conv_w = self.conv1d.weight.squeeze(1)
+        x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", backend=self.backend)
+        delta, A, B, C = self.ssm_inputs(x)
+        y = selective_scan(
+            x,
+            delta,
+            A,
+            B,
+            C,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=self.backend,
+        )
+        return self.out_proj(y.transpose(1, 2))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual block: (hidden, residual) -> (mixer(norm(hidden + residual)), hidden + residual)."""
+
+    def __init__(self, cfg: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+        # Not super().__init__(): a subclass may also derive from open_lm's Block (see openlm.py),
+        # whose __init__ takes other arguments.
+        nn.Module.__init__(self)
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.mixer = MambaMixer(cfg, layer_idx, device=device, dtype=dtype)
+        self.norm = _make_norm(cfg, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:  # owns no parameters directly; children reset themselves
+        pass
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        normed, residual = self.norm(hidden, residual, self.residual_in_fp32)
+        return self.mixer(normed), residual
+
+
+def _make_norm(cfg: MambaConfig, device=None, dtype=None) -> nn.Module:
+    if cfg.rms_norm:
+        return RMSNorm(cfg.d_model, eps=cfg.norm_epsilon, device=device, dtype=dtype)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_epsilon, device=device, dtype=dtype)
+
+
+class TiedEmbedding(nn.Embedding):
+    """Token embedding (normal init, std = initializer_range) that keeps a tied LM head tied.
+
+    ``to_empty()`` (meta-device materialisation, e.g. by FSDP) replaces parameters and so breaks
+    weight tying; ``reset_parameters`` ties the head again after initialising.
+    """
+
+    def __init__(self, num: int, dim: int, std: float, device=None, dtype=None):
+        self._std = std
+        self._tied_heads: list[nn.Module] = []
+        super().__init__(num, dim, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=self._std)
+        for head in self._tied_heads:
+            head.weight = self.weight
+
+
+class LMHead(nn.Linear):
+    """Output projection to the (padded) vocabulary; shares the embedding weight when tied."""
+
+    def __init__(self, d_model: int, vocab: int, embedding: TiedEmbedding | None, device=None, dtype=None):
+        self._embedding = [embedding] if embedding is not None else []  # list: not a submodule
+        super().__init__(d_model, vocab, bias=False, device=device, dtype=dtype)
+        if embedding is not None:
+            embedding._tied_heads.append(self)
+            self.weight = embedding.weight
+
+    def reset_parameters(self) -> None:
+        if not self._embedding:
+            super().reset_parameters()
+        elif not self._embedding[0].weight.is_meta:
+            self.weight = self._embedding[0].weight  # re-tie after a materialisation
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, cfg: MambaConfig, block_cls: type[ResidualBlock], device=None, dtype=None):
+        super().__init__()
+        self.embedding = TiedEmbedding(cfg.padded_vocab_size, cfg.d_model, cfg.initializer_range, device, dtype)
+        self.layers = nn.ModuleList(block_cls(cfg, i, device=device, dtype=dtype) for i in range(cfg.n_layer))
+        self.norm_f = _make_norm(cfg, device=device, dtype=dtype)
+
+
+class MambaLMHeadModel(nn.Module):
+    def __init__(self, cfg: MambaConfig, block_cls: type[ResidualBlock], device=None, dtype=None):
+        super().__init__()
+        self.backbone = MambaBackbone(cfg, block_cls, device=device, dtype=dtype)
+        tied = self.backbone.embedding if cfg.tie_embeddings else None
+        self.lm_head = LMHead(cfg.d_model, cfg.padded_vocab_size, tied, device=device, dtype=dtype)
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 language model following OpenLM's model contract.
+
+    ``forward(input_ids) -> (logits float32 (batch, seq, padded vocab), hidden, None)``.
+    """
+
+    def __init__(
+        self,
+        cfg: MambaConfig | str | Path,
+        block_cls: type[ResidualBlock] = ResidualBlock,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(cfg, MambaConfig):
+            cfg = MambaConfig.load(cfg)
+        self.cfg = cfg
+        self.vocab_size = cfg.padded_vocab_size
+        self.seq_len = cfg.seq_len
+        self.grad_checkpointing = False
+        self.model = MambaLMHeadModel(cfg, block_cls, device=device, dtype=dtype)
+        self.set_backend(backend)
+
+    # -- OpenLM contract ---------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """(Re)initialise every parameter with the Mamba recipe; works after ``to_empty()``."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block's activations in the backward pass."""
+        self.grad_checkpointing = enable
+
+    def set_backend(self, backend: str | None) -> None:
+        """Force an op backend ("torch", "triton", "cuda") for every layer; None = auto / env."""
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.backend = backend
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.backbone.layers
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise a clear error for ids that are not integer tokens in [0, vocab_size)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.is_complex():
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"MambaLM: input_ids must be an integer tensor, got {got}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"MambaLM: input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"MambaLM: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor):
+        if not torch.compiler.is_compiling():
+            self.check_input_ids(input_ids)
+        backbone = self.model.backbone
+        hidden = backbone.embedding(input_ids)
+        residual = None
+        for layer in backbone.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
+        hidden, _ = backbone.norm_f(hidden, residual, True)
+        logits = self.model.lm_head(hidden).float()
+        return logits, hidden, None
+
+    def num_parameters(self) -> int:
+        """Unique parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,17 @@
+"""Fused Mamba ops. Each op has a plain reference and backends picked by ``dispatch``."""
+
+from .causal_conv1d import causal_conv1d, causal_conv1d_ref
+from .dispatch import BackendUnavailableError, available_backends
+from .rms_norm import add_norm, add_norm_ref
+from .selective_scan import selective_scan, selective_scan_ref
+
+__all__ = [
+    "BackendUnavailableError",
+    "add_norm",
+    "add_norm_ref",
+    "available_backends",
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "selective_scan",
+    "selective_scan_ref",
+]

@@ -1,0 +1,56 @@
+"""Causal depthwise conv1d: public entry point, argument checks and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+from ..checks import check_shape, check_tensor
+from .reference import causal_conv1d_ref, causal_conv1d_torch
+
+OP = "causal_conv1d"
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check(x, weight, bias, initial_states, activation) -> None:
+    check_tensor(OP, "x", x, 3)
+    batch, dim, _ = x.shape
+    check_tensor(OP, "weight", weight, 2, device=x.device)
+    if weight.shape[0] != dim:
+        raise ValueError(f"{OP}: weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
+    if not 1 <= weight.shape[1] <= 4:
+        raise ValueError(f"{OP}: weight width must be between 1 and 4, got {weight.shape[1]}")
+    if bias is not None:
+        check_tensor(OP, "bias", bias, 1, device=x.device)
+        check_shape(OP, "bias", bias, (dim,), "(dim,)")
+    if initial_states is not None:
+        check_tensor(OP, "initial_states", initial_states, 3, device=x.device)
+        check_shape(OP, "initial_states", initial_states, (batch, dim, weight.shape[1] - 1), "(batch, dim, width - 1)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+    backend: str | None = None,
+):
+    """Causal depthwise conv1d with the causal-conv1d package's ``causal_conv1d_fn`` semantics.
+
+    x (batch, dim, seqlen); weight (dim, width); bias (dim,); initial_states
+    (batch, dim, width - 1) are the inputs before x. Returns ``out`` (batch, dim, seqlen), or
+    ``(out, final_states)`` with ``return_final_states`` (the last width - 1 inputs, for decoding).
+    """
+    if not torch.compiler.is_compiling():
+        _check(x, weight, bias, initial_states, activation)
+    _, fn = dispatch.resolve(OP, x.device, backend)
+    return fn(x, weight, bias, initial_states, return_final_states, activation)
+
+
+dispatch.register(OP, "torch", causal_conv1d_torch)
+
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch"]

@@ -1,0 +1,60 @@
+"""Depthwise causal conv1d as its definition: out[t] = bias + sum_k w[k] * x[t - (W-1) + k]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import compute_dtype
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """Reference causal conv1d (same arguments and layouts as the causal-conv1d package's
+    ``causal_conv1d_fn``): x (batch, dim, seqlen), weight (dim, width), initial_states
+    (batch, dim, width - 1)."""
+    dt = compute_dtype(x, weight, bias, initial_states)
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    if initial_states is None:
+        initial_states = x.new_zeros(batch, dim, width - 1)
+    xs = torch.cat([initial_states.to(dt), x.to(dt)], dim=-1)  # (batch, dim, width - 1 + seqlen)
+    w = weight.to(dt)
+    out = sum(w[:, k, None] * xs[:, :, k : k + seqlen] for k in range(width))
+    if bias is not None:
+        out = out + bias.to(dt)[:, None]
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    if return_final_states:
+        return out, xs[:, :, xs.shape[-1] - (width - 1) :].to(x.dtype)
+    return out
+
+
+def causal_conv1d_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """PyTorch backend: one grouped ``F.conv1d`` call (same semantics as the reference)."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    if initial_states is None:
+        xs = F.pad(x, (width - 1, 0))
+    else:
+        xs = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+    out = F.conv1d(xs, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=dim)
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    if return_final_states:
+        return out, xs[:, :, xs.shape[-1] - (width - 1) :]
+    return out

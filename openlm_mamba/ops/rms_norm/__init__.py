@@ -1,0 +1,38 @@
+"""Fused residual add + RMSNorm: public entry point and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+from ..checks import check_shape, check_tensor
+from .reference import add_norm_ref
+
+OP = "add_norm"
+
+
+def add_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual_in_fp32: bool = True,
+    is_rms_norm: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + residual), x + residual)`` over the last dim; see :func:`add_norm_ref`."""
+    if not torch.compiler.is_compiling():
+        check_tensor(OP, "x", x, (2, 3))
+        check_tensor(OP, "weight", weight, 1, device=x.device)
+        check_shape(OP, "weight", weight, (x.shape[-1],), "(hidden,)")
+        if residual is not None:
+            check_tensor(OP, "residual", residual, x.dim(), device=x.device)
+            check_shape(OP, "residual", residual, x.shape, "like x")
+    _, fn = dispatch.resolve(OP, x.device, backend)
+    return fn(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
+
+
+dispatch.register(OP, "torch", add_norm_ref)
+
+__all__ = ["add_norm", "add_norm_ref"]
