@@ -42,7 +42,16 @@ _OPTIONAL: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "rescale_prenorm_residual": (bool, True),
 }
 
-_POSITIVE_INTS = ("d_model", "n_layer", "vocab_size", "seq_len", "d_state", "d_conv", "expand", "pad_vocab_size_multiple")
+_POSITIVE_INTS = (
+    "d_model",
+    "n_layer",
+    "vocab_size",
+    "seq_len",
+    "d_state",
+    "d_conv",
+    "expand",
+    "pad_vocab_size_multiple",
+)
 
 
 class ConfigError(ValueError):
@@ -215,7 +224,9 @@ def _validate(data: dict[str, Any], source: str, require_all: bool) -> None:
     known = set(_REQUIRED) | set(_OPTIONAL) | {"name"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown field {unknown[0]!r} (known fields: {', '.join(sorted(known - {'name'}))})")
+        raise ConfigError(
+            f"{source}: unknown field {unknown[0]!r} (known fields: {', '.join(sorted(known - {'name'}))})"
+        )
     if require_all:
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
@@ -234,7 +245,7 @@ def _validate(data: dict[str, Any], source: str, require_all: bool) -> None:
     if isinstance(rank, str) and rank != "auto":
         raise ConfigError(f'{source}: dt_rank must be a positive int or "auto", got {rank!r}')
     if isinstance(rank, int) and rank <= 0:
-        raise ConfigError(f"{source}: dt_rank must be a positive int or \"auto\", got {rank!r}")
+        raise ConfigError(f'{source}: dt_rank must be a positive int or "auto", got {rank!r}')
     if "norm_epsilon" in data and not data["norm_epsilon"] > 0:
         raise ConfigError(f"{source}: norm_epsilon must be > 0, got {data['norm_epsilon']!r}")
     if "d_conv" in data and not 2 <= data["d_conv"] <= 4:

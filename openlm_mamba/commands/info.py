@@ -20,7 +20,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list or args.model is None:
         for name in available_configs():
             cfg = MambaConfig.load(name)
-            print(f"{name:12s} d_model={cfg.d_model:<5d} n_layer={cfg.n_layer:<3d} params={cfg.num_parameters() / 1e9:.3f}B")
+            print(
+                f"{name:12s} d_model={cfg.d_model:<5d} n_layer={cfg.n_layer:<3d} params={cfg.num_parameters() / 1e9:.3f}B"
+            )
         return 0
     try:
         cfg = MambaConfig.load(args.model)

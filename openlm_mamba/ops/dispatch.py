@@ -9,8 +9,8 @@ Each op registers its implementations here with :func:`register`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,9 @@ class _Impl:
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 
 
-def register(op: str, backend: str, fn: Callable, available: Callable[[torch.device], str | None] | None = None) -> None:
+def register(
+    op: str, backend: str, fn: Callable, available: Callable[[torch.device], str | None] | None = None
+) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op``.
 
     ``available(device)`` returns ``None`` when the backend can run on ``device``, otherwise a

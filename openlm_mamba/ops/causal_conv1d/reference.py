@@ -46,7 +46,7 @@ def causal_conv1d_torch(
     activation: str | None = None,
 ):
     """PyTorch backend: one grouped ``F.conv1d`` call (same semantics as the reference)."""
-    batch, dim, seqlen = x.shape
+    dim = x.shape[1]
     width = weight.shape[1]
     if initial_states is None:
         xs = F.pad(x, (width - 1, 0))

@@ -1,0 +1,184 @@
+"""MambaLM: parity with transformers' MambaForCausalLM, the OpenLM contract, init and checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openlm_mamba import MambaConfig, MambaLM
+
+from .conftest import has_module
+
+requires_hf = pytest.mark.skipif(not has_module("transformers"), reason="transformers is not installed")
+
+
+def tiny(**changes) -> MambaConfig:
+    return MambaConfig.load("mamba_tiny").replace(**changes)
+
+
+def hf_twin(model: MambaLM):
+    """transformers' MambaForCausalLM with the same weights (keys: ours minus the leading 'model.')."""
+    from transformers import MambaConfig as HFConfig
+    from transformers import MambaForCausalLM
+
+    c = model.cfg
+    hf = MambaForCausalLM(
+        HFConfig(
+            vocab_size=c.padded_vocab_size,
+            hidden_size=c.d_model,
+            state_size=c.d_state,
+            num_hidden_layers=c.n_layer,
+            conv_kernel=c.d_conv,
+            expand=c.expand,
+            time_step_rank=c.dt_rank_value,
+            use_bias=c.bias,
+            use_conv_bias=c.conv_bias,
+            residual_in_fp32=c.residual_in_fp32,
+            layer_norm_epsilon=c.norm_epsilon,
+            tie_word_embeddings=c.tie_embeddings,
+        )
+    )
+    missing, unexpected = hf.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()})
+    assert not missing and not unexpected
+    return hf
+
+
+@requires_hf
+def test_logits_loss_and_grads_match_transformers():
+    torch.manual_seed(0)
+    model = MambaLM(tiny(vocab_size=500))  # padded to 504
+    with torch.no_grad():  # make the test sensitive to D, norms and biases too
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf = hf_twin(model)
+    ids = torch.randint(0, 500, (3, 37))
+    logits, _, cache = model(ids)
+    assert cache is None and logits.dtype == torch.float32 and logits.shape == (3, 37, 504)
+    ref = hf(ids).logits
+    assert (logits - ref).abs().max().item() < 1e-4
+
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 504), ids[:, 1:].reshape(-1))
+    ref_loss = F.cross_entropy(ref[:, :-1].reshape(-1, 504), ids[:, 1:].reshape(-1))
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    loss.backward()
+    ref_loss.backward()
+    # transformers names the embedding "embeddings" (and accepts "embedding." when loading)
+    ours = {k.removeprefix("model.").replace("embedding.", "embeddings."): p.grad for k, p in model.named_parameters()}
+    theirs = dict(hf.named_parameters())
+    assert set(ours) <= set(theirs)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_state_dict_keys_follow_upstream_openlm_layout():
+    model = MambaLM(tiny(n_layer=2))
+    keys = set(model.state_dict())
+    mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias"]
+    mixer += ["A_log", "D", "out_proj.weight"]
+    want = {"model.backbone.embedding.weight", "model.backbone.norm_f.weight", "model.lm_head.weight"}
+    for i in range(2):
+        want |= {f"model.backbone.layers.{i}.mixer.{k}" for k in mixer} | {f"model.backbone.layers.{i}.norm.weight"}
+    assert keys == want
+    assert model.model.lm_head.weight is model.model.backbone.embedding.weight
+
+
+def test_openlm_contract_attributes():
+    model = MambaLM("mamba_tiny")
+    assert model.vocab_size == 512 and model.seq_len == 128
+    logits, hidden, cache = model(torch.randint(0, 512, (2, 9)))
+    assert logits.shape == (2, 9, 512) and hidden.shape == (2, 9, 64) and cache is None
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert hasattr(module, "reset_parameters"), type(module).__name__
+
+
+def test_forward_backward_bf16_autocast():
+    model = MambaLM("mamba_tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, _ = model(torch.randint(0, 512, (2, 16)))
+    assert logits.dtype == torch.float32
+    logits.logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = MambaLM(tiny(n_layer=3))
+    ids = torch.randint(0, 512, (2, 20))
+
+    def grads():
+        model.zero_grad()
+        logits, _, _ = model(ids)
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    calls = []
+    hook = model.layers[0].mixer.in_proj.register_forward_hook(lambda *a: calls.append(1))
+    ckpt = grads()
+    hook.remove()
+    assert len(calls) == 2, "with checkpointing the block is recomputed in backward"
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=0, msg=k)
+
+
+def test_meta_device_materialisation_is_correctly_distributed():
+    cfg = tiny(d_model=256, n_layer=2, vocab_size=4096)
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.model.lm_head.weight is model.model.backbone.embedding.weight, "tie restored"
+    mixer = model.layers[0].mixer
+    want_a = torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1)
+    torch.testing.assert_close(mixer.A_log, want_a)
+    torch.testing.assert_close(mixer.D, torch.ones(cfg.d_inner))
+    dt = F.softplus(mixer.dt_proj.bias)  # log-uniform in [dt_min, dt_max]
+    assert dt.min() >= cfg.dt_min * 0.999 and dt.max() <= cfg.dt_max * 1.001
+    log_dt = dt.log()
+    mid = (math.log(cfg.dt_min) + math.log(cfg.dt_max)) / 2
+    assert abs(log_dt.mean().item() - mid) < 0.3
+    emb = model.model.backbone.embedding.weight
+    assert abs(emb.std().item() - 0.02) < 0.002
+    bound = cfg.dt_rank_value**-0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound
+    out_w = mixer.out_proj.weight  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(fan_in), / sqrt(n_layer)
+    assert out_w.abs().max() <= 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layer) + 1e-6
+    assert out_w.abs().max() > 0.9 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layer)
+
+
+def test_mamba_7b_on_meta_device():
+    with torch.device("meta"):
+        model = MambaLM("mamba_7b")
+    n = model.num_parameters()
+    assert abs(n - 6.95e9) / 6.95e9 < 0.01
+    assert n == model.cfg.num_parameters()
+
+
+@pytest.mark.parametrize(
+    "ids,error,pattern",
+    [
+        (torch.tensor([[1, 2, 512]]), ValueError, r"token id 512 is outside the vocabulary \[0, 512\)"),
+        (torch.tensor([[-1, 2]]), ValueError, r"token id -1 is outside the vocabulary"),
+        (torch.tensor([[0.5, 1.0]]), TypeError, r"input_ids must be an integer tensor, got torch.float32"),
+        (torch.tensor([1, 2, 3]), ValueError, r"input_ids must have shape \(batch, seq\), got \(3,\)"),
+    ],
+)
+def test_bad_token_ids_give_clear_errors(ids, error, pattern):
+    with pytest.raises(error, match=pattern):
+        MambaLM("mamba_tiny")(ids)
+
+
+def test_layernorm_variant_and_untied_head_run():
+    model = MambaLM(tiny(rms_norm=False, tie_embeddings=False))
+    assert model.model.lm_head.weight is not model.model.backbone.embedding.weight
+    assert model.num_parameters() == model.cfg.num_parameters()
+    logits, _, _ = model(torch.randint(0, 512, (1, 8)))
+    logits.sum().backward()
