@@ -1,0 +1,147 @@
+"""Peak RSS of checkpoint conversion vs checkpoint size (random weights), streaming converter vs a naive one.
+
+    python benchmarks/bench_convert.py --model mamba_790m [--dir /tmp/bench_convert] [--keep]
+
+Each conversion runs in a fresh Python process; peak RSS is that process's ``ru_maxrss`` (it includes
+the interpreter + torch baseline, reported separately, and file pages touched through mmap, which the
+kernel can drop under pressure); peak anonymous RSS (sampled every 5 ms from /proc/self/status) is the
+memory the conversion itself holds.
+"naive" = ``torch.load`` everything + ``safetensors.torch.save_file`` (and ``load_file`` + ``torch.save``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, threading, time
+import torch
+from openlm_mamba.convert import convert
+
+def anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+peak_anon = [anon_kb()]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak_anon[0] = max(peak_anon[0], anon_kb())
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base_anon = anon_kb()
+kind, src, dst, to, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+t = time.perf_counter()
+if kind == "ours":
+    convert(src, dst, to=to, progress=False, **extra)
+elif kind == "naive_to_hf":
+    import os
+    from safetensors.torch import save_file
+    sd = torch.load(src, map_location="cpu", weights_only=True)["state_dict"]
+    sd = {k[len("model."):].replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items() if k != "model.lm_head.weight"}
+    os.makedirs(dst)
+    save_file(sd, os.path.join(dst, "model.safetensors"))
+elif kind == "naive_to_openlm":
+    from safetensors.torch import load_file
+    sd = load_file(src + "/model.safetensors")
+    sd = {"model." + k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in sd.items()}
+    sd["model.lm_head.weight"] = sd["model.backbone.embedding.weight"]
+    torch.save({"epoch": 0, "step": 0, "state_dict": sd}, dst)
+elapsed = time.perf_counter() - t
+done.set()
+peak_anon[0] = max(peak_anon[0], anon_kb())
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_anon_kb": base_anon,
+                  "peak_anon_kb": peak_anon[0], "s": elapsed}))
+"""
+
+
+def make_checkpoint(model: str, path: Path) -> int:
+    """Write an OpenLM epoch checkpoint of random fp32 weights (built tensor by tensor); returns its size."""
+    code = f"""
+import torch
+from openlm_mamba import MambaConfig
+from openlm_mamba.convert.common import expected_shapes
+from openlm_mamba.convert import openlm_checkpoint
+cfg = MambaConfig.load({model!r})
+g = torch.Generator().manual_seed(0)
+sd = {{k: torch.randn(s, generator=g) * 0.02 for k, s in expected_shapes(cfg).items()}}
+sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+torch.save(openlm_checkpoint(sd, cfg), {str(path)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return path.stat().st_size
+
+
+def run(kind: str, src: Path, dst: Path, to: str, extra: dict | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(src), str(dst), to, json.dumps(extra or {})],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mamba_790m")
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed afterwards)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench_convert_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        src = work / "epoch_0.pt"
+        t = time.perf_counter()
+        size = make_checkpoint(args.model, src)
+        print(
+            f"# {args.model}: random fp32 checkpoint {size / 2**30:.2f} GiB written in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
+        cases = [
+            ("ours", "openlm -> hf (1 file)", src, work / "hf", "hf", {}),
+            ("ours", "openlm -> hf (1GB shards)", src, work / "hf_sharded", "hf", {"shard_size": "1GB"}),
+            ("naive_to_hf", "openlm -> hf (1 file)", src, work / "hf_naive", "hf", None),
+            ("ours", "hf -> openlm", work / "hf", work / "back.pt", "openlm", {}),
+            ("ours", "hf (shards) -> openlm", work / "hf_sharded", work / "back2.pt", "openlm", {}),
+            ("naive_to_openlm", "hf -> openlm", work / "hf", work / "back_naive.pt", "openlm", None),
+            ("ours", "openlm -> mamba_ssm", src, work / "ssm", "mamba_ssm", {}),
+            ("ours", "mamba_ssm -> openlm", work / "ssm", work / "back3.pt", "openlm", {}),
+        ]
+        print(
+            "| converter | direction | checkpoint GiB | baseline RSS GiB | peak RSS GiB | peak / checkpoint "
+            "| peak anon RSS above baseline GiB | time s |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for kind, label, s, d, to, extra in cases:
+            r = run(kind, s, d, to, extra)
+            ck = size_of(s)
+            peak, base = r["peak_kb"] / 2**20, r["base_kb"] / 2**20
+            name = "openlm-mamba" if kind == "ours" else "naive"
+            anon = (r["peak_anon_kb"] - r["base_anon_kb"]) / 2**20
+            print(
+                f"| {name} | {label} | {ck / 2**30:.2f} | {base:.2f} | {peak:.2f} | {peak * 2**30 / ck:.2f} | {anon:.2f} "
+                f"| {r['s']:.1f} |",
+                flush=True,
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

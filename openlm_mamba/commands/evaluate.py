@@ -1,0 +1,93 @@
+"""``openlm-mamba eval``: lm-evaluation-harness tasks on a checkpoint, scored by MambaLM with our kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "Evaluate a checkpoint (OpenLM .pt, HF dir or mamba_ssm dir) with lm-evaluation-harness tasks."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="OpenLM .pt (or run dir), HF MambaForCausalLM dir or mamba_ssm dir")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (e.g. hellaswag,piqa)")
+    group.add_argument(
+        "--model-card",
+        action="store_true",
+        help="the Mamba-7B model card's tasks: HellaSwag, PIQA, Winogrande, ARC-E, ARC-C (0-shot), MMLU (5-shot)",
+    )
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (with --tasks)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer name or dir (default: the checkpoint dir's, else gpt-neox-20b)"
+    )
+    parser.add_argument("--model", default=None, help="model config the checkpoint must match (name or JSON path)")
+    parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (e.g. local JSONL tasks)")
+    parser.add_argument("--only-local-tasks", action="store_true", help="skip indexing lm-eval's built-in tasks")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=2048, help="context window for scoring (default 2048)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="examples per task (a fraction if < 1), for quick checks"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"], help="op backend")
+    parser.add_argument("--output", default=None, help="write the full lm-eval results JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch
+
+        from ..convert import ConversionError
+        from ..evaluation import MODEL_CARD_TASKS, MambaEvalLM, evaluate, results_table
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.tasks and not args.model_card:
+        print("error: give --tasks a,b,c or --model-card", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = None if args.backend == "auto" else args.backend
+    try:
+        lm = MambaEvalLM(
+            pretrained=args.checkpoint,
+            tokenizer=args.tokenizer,
+            model_config=args.model,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            device=device,
+            dtype=args.dtype,
+            backend=backend,
+        )
+    except (ConversionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.model_card:
+        runs: dict[int, list[str]] = {}
+        for task, shots, _ in MODEL_CARD_TASKS.values():
+            runs.setdefault(shots, []).append(task)
+        reference = {task: card for task, _, card in MODEL_CARD_TASKS.values()}
+    else:
+        runs = {args.num_fewshot: [t.strip() for t in args.tasks.split(",") if t.strip()]}
+        reference = None
+    merged: dict = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}}
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    for shots, tasks in runs.items():
+        res = evaluate(
+            lm,
+            tasks,
+            num_fewshot=shots,
+            include_path=args.include_path,
+            include_defaults=not args.only_local_tasks,
+            limit=limit,
+        )
+        for key in merged:
+            merged[key].update(res.get(key, {}))
+    print(results_table(merged, reference))
+    if args.output:
+        Path(args.output).write_text(json.dumps(merged, indent=2, default=str) + "\n")
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,254 @@
+"""Checkpoint interop: upstream OpenLM, HF transformers ``MambaForCausalLM`` and mamba_ssm formats.
+
+``convert(src, dst, to=...)`` streams tensor by tensor (safetensors read lazily, ``.pt``/``.bin`` mmapped),
+writes to a temporary name beside ``dst`` and moves it into place only when complete.
+``load_model(path)`` builds a ``MambaLM`` from any of the three formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, MambaConfig
+from ..model import LMHead, MambaLM
+from .common import (
+    ARCH_FIELDS,
+    SHAPE_FIELDS,
+    ConversionError,
+    TensorSource,
+    atomic_output,
+    check_tensors,
+    compare_configs,
+    expected_shapes,
+    infer_config,
+    parse_size,
+    read_json,
+)
+from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, write_hf
+from .mamba_ssm import config_from_mamba_ssm, is_mamba_ssm_dir, mamba_ssm_config, read_mamba_ssm, write_mamba_ssm
+from .openlm import openlm_checkpoint, read_openlm, write_openlm
+
+FORMATS = ("openlm", "hf", "mamba_ssm")
+DEFAULT_SHARD_SIZE = "5GB"
+
+__all__ = [
+    "FORMATS",
+    "Checkpoint",
+    "ConversionError",
+    "config_from_hf",
+    "config_from_mamba_ssm",
+    "convert",
+    "detect_format",
+    "hf_config",
+    "load_model",
+    "load_state_dict",
+    "mamba_ssm_config",
+    "openlm_checkpoint",
+    "read_checkpoint",
+]
+
+
+def detect_format(path: str | Path) -> str:
+    """ "openlm" (a .pt file or a dir with epoch_N.pt), "hf" or "mamba_ssm" (a dir with config.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or directory")
+    if path.is_file():
+        return "openlm"
+    if (path / "config.json").is_file():
+        read_json(path / "config.json", "config.json")  # unreadable JSON: say so, with line and column
+    if is_hf_dir(path):
+        return "hf"
+    if is_mamba_ssm_dir(path):
+        return "mamba_ssm"
+    if (path / "config.json").is_file():
+        raise ConversionError(
+            f"{path / 'config.json'}: neither an HF Mamba config (hidden_size) nor a mamba_ssm config (d_model, n_layer)"
+        )
+    return "openlm"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for reading: its format, resolved config and lazy tensors (canonical keys)."""
+
+    format: str
+    config: MambaConfig
+    source: TensorSource
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_config(model: MambaConfig | str | Path | None) -> MambaConfig | None:
+    if model is None or isinstance(model, MambaConfig):
+        return model
+    try:
+        return MambaConfig.load(model)
+    except ConfigError as e:
+        raise ConversionError(f"--model: {e}") from None
+
+
+def read_checkpoint(
+    path: str | Path, model: MambaConfig | str | Path | None = None, seq_len: int | None = None
+) -> Checkpoint:
+    """Open a checkpoint of any supported format and check it against its config (and ``model``, if given).
+
+    The architecture comes from the source's own config; for a bare OpenLM state dict without one it is
+    inferred from tensor shapes. A ``model`` config that disagrees raises a field-by-field error.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    wanted = _load_config(model)
+    length = seq_len or (wanted.seq_len if wanted else 2048)
+    fields = ARCH_FIELDS
+    if fmt == "hf":
+        cfg, source = read_hf(path, length)
+    elif fmt == "mamba_ssm":
+        cfg, source = read_mamba_ssm(path, length)
+    else:
+        cfg, source, _ = read_openlm(path)
+        if cfg is None:
+            cfg = infer_config(source, base=wanted)
+            fields = SHAPE_FIELDS
+    try:
+        if wanted is not None:
+            compare_configs(cfg, wanted, f"{path}", f"--model {wanted.name}", fields)
+            if wanted.padded_vocab_size == cfg.padded_vocab_size:
+                cfg = wanted
+        if seq_len is not None and cfg.seq_len != seq_len:
+            cfg = cfg.replace(seq_len=seq_len)
+        check_tensors(source, cfg)
+    except BaseException:
+        source.close()
+        raise
+    return Checkpoint(fmt, cfg, source)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
+
+
+def _caster(source: TensorSource, dtype: torch.dtype | None):
+    def dtype_of(key: str) -> torch.dtype:
+        d = source.tensors[key].dtype
+        return dtype if dtype is not None and d.is_floating_point else d
+
+    def fetch(key: str) -> torch.Tensor:
+        t = source.get(key)
+        want = dtype_of(key)
+        return t if t.dtype == want else t.to(want)
+
+    return fetch, dtype_of
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise ConversionError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    model: MambaConfig | str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    seq_len: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert the checkpoint at ``src`` to format ``to`` ("openlm", "hf", "mamba_ssm") at ``dst``.
+
+    ``dst`` is a directory for "hf" / "mamba_ssm" and a ``.pt`` file for "openlm". ``dtype`` casts floating
+    tensors; HF outputs above ``shard_size`` are sharded with an index. Nothing is left at ``dst`` if anything fails.
+    """
+    if to not in FORMATS:
+        raise ConversionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    dst = Path(dst)
+    if to == "openlm" and dst.suffix not in (".pt", ".pth"):
+        raise ConversionError(
+            f"{dst}: an OpenLM checkpoint is a file; give a path ending in .pt (e.g. {dst / 'epoch_0.pt'})"
+        )
+    cast = _dtype(dtype)
+    limit = parse_size(shard_size)
+    if limit <= 0:
+        raise ConversionError(f"shard size must be positive, got {shard_size!r}")
+    with read_checkpoint(src, model, seq_len) as ckpt:
+        source, cfg = ckpt.source, ckpt.config
+        order = [k for k in expected_shapes(cfg) if k in source.tensors]
+        source.tensors = {k: source.tensors[k] for k in order}
+        fetch, dtype_of = _caster(source, cast)
+        with atomic_output(dst, overwrite) as tmp, _progress(source.total_bytes(), f"convert -> {to}", progress) as bar:
+            if to == "hf":
+                write_hf(source, cfg, tmp, limit, fetch, dtype_of, bar.update)
+            else:
+                state: dict[str, torch.Tensor] = {}
+                for key in order:
+                    state[key] = fetch(key)
+                    bar.update(source.tensors[key].nbytes)
+                if cfg.tie_embeddings:
+                    state["lm_head.weight"] = state["backbone.embedding.weight"]
+                if to == "openlm":
+                    write_openlm(state, cfg, tmp)
+                else:
+                    write_mamba_ssm(state, cfg, tmp)
+                del state
+    return dst
+
+
+def load_state_dict(
+    path: str | Path, model: MambaConfig | str | Path | None = None
+) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
+    """Config and ``MambaLM`` state dict (keys ``model.*``, tied head included) of any supported checkpoint."""
+    with read_checkpoint(path, model) as ckpt:
+        sd = {"model." + k: ckpt.source.get(k) for k in ckpt.source.tensors}
+        if ckpt.config.tie_embeddings:
+            sd["model.lm_head.weight"] = sd["model.backbone.embedding.weight"]
+        return ckpt.config, sd
+
+
+def load_model(
+    path_or_dir: str | Path,
+    model: MambaConfig | str | Path | None = None,
+    backend: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> MambaLM:
+    """A ``MambaLM`` (eval mode) with the weights of an OpenLM checkpoint, HF directory or mamba_ssm directory."""
+    cast = _dtype(dtype)
+    cfg, sd = load_state_dict(path_or_dir, model)
+    with torch.device("meta"):
+        lm = MambaLM(cfg, backend=backend, dtype=cast)
+    lm = lm.to_empty(device=device)
+    for module in lm.modules():
+        if isinstance(module, LMHead):
+            module.reset_parameters()  # re-tie the head to the materialised embedding
+    missing, unexpected = lm.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConversionError(
+            f"{path_or_dir}: state dict does not fit MambaLM (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return lm.eval()

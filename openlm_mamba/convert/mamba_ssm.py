@@ -1,0 +1,118 @@
+"""mamba_ssm ``MambaLMHeadModel`` directories: ``config.json`` (d_model / n_layer / ssm_cfg) + ``pytorch_model.bin``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import MambaConfig
+from .common import ConversionError, TensorSource, add_state_dict, read_json, torch_load
+
+# ssm_cfg keys of mamba_ssm's Mamba (Mamba-1) layer -> our MambaConfig fields
+_SSM_KEYS = {
+    "d_state": "d_state",
+    "d_conv": "d_conv",
+    "expand": "expand",
+    "dt_rank": "dt_rank",
+    "dt_min": "dt_min",
+    "dt_max": "dt_max",
+    "dt_init": "dt_init",
+    "dt_scale": "dt_scale",
+    "dt_init_floor": "dt_init_floor",
+    "conv_bias": "conv_bias",
+    "bias": "bias",
+}
+
+
+def mamba_ssm_config(cfg: MambaConfig) -> dict[str, Any]:
+    """mamba_ssm's config.json for ``cfg`` (fields understood by mamba_ssm 1.x and 2.x)."""
+    ssm_cfg = {ours_key: getattr(cfg, ours) for ours_key, ours in _SSM_KEYS.items()}
+    return {
+        "d_model": cfg.d_model,
+        "n_layer": cfg.n_layer,
+        "vocab_size": cfg.vocab_size,
+        "ssm_cfg": ssm_cfg,
+        "rms_norm": cfg.rms_norm,
+        "residual_in_fp32": cfg.residual_in_fp32,
+        "fused_add_norm": cfg.fused_add_norm,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
+        "tie_embeddings": cfg.tie_embeddings,
+    }
+
+
+def config_from_mamba_ssm(
+    data: dict[str, Any], source: str, seq_len: int = 2048, norm_epsilon: float = 1e-5
+) -> MambaConfig:
+    """A MambaConfig from mamba_ssm's config.json (mamba_ssm defaults for absent fields)."""
+    for key in ("d_model", "n_layer", "vocab_size"):
+        if key not in data:
+            raise ConversionError(f"{source}: missing field {key!r}")
+    ssm = data.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        raise ConversionError(f"{source}: ssm_cfg must be an object, got {ssm!r}")
+    layer = ssm.get("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise ConversionError(f'{source}: ssm_cfg.layer must be "Mamba1" (only Mamba-1 is supported), got {layer!r}')
+    if data.get("attn_layer_idx"):
+        raise ConversionError(
+            f"{source}: attn_layer_idx must be empty (hybrid attention layers are not supported), got {data['attn_layer_idx']!r}"
+        )
+    if data.get("d_intermediate", 0):
+        raise ConversionError(
+            f"{source}: d_intermediate must be 0 (MLP layers are not supported), got {data['d_intermediate']!r}"
+        )
+    unknown = sorted(set(ssm) - set(_SSM_KEYS) - {"layer", "use_fast_path"})
+    if unknown:
+        raise ConversionError(f"{source}: unknown ssm_cfg field {unknown[0]!r} (known: {', '.join(_SSM_KEYS)})")
+    fields: dict[str, Any] = dict(
+        d_model=data["d_model"],
+        n_layer=data["n_layer"],
+        vocab_size=data["vocab_size"],
+        seq_len=seq_len,
+        rms_norm=data.get("rms_norm", True),
+        residual_in_fp32=data.get("residual_in_fp32", True),
+        fused_add_norm=data.get("fused_add_norm", True),
+        norm_epsilon=norm_epsilon,
+        pad_vocab_size_multiple=data.get("pad_vocab_size_multiple", 8),
+        tie_embeddings=data.get("tie_embeddings", True),
+    )
+    fields.update({ours: ssm[key] for key, ours in _SSM_KEYS.items() if key in ssm})
+    try:
+        return MambaConfig(**fields, name=Path(source).parent.name or "mamba_ssm")
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
+
+
+def is_mamba_ssm_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "d_model" in data and "n_layer" in data and "hidden_size" not in data
+
+
+def read_mamba_ssm(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, TensorSource]:
+    """Config and (mmapped) tensors of a mamba_ssm directory."""
+    cfg = config_from_mamba_ssm(read_json(path / "config.json", "config.json"), str(path / "config.json"), seq_len)
+    weights = path / "pytorch_model.bin"
+    if not weights.is_file():
+        raise ConversionError(f"{path}: pytorch_model.bin not found (mamba_ssm format)")
+    sd = torch_load(weights)
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{weights}: expected a state dict, got {type(sd).__name__}")
+    source = TensorSource(f"mamba_ssm checkpoint {path}")
+    add_state_dict(source, sd, str(weights), lambda k: k)
+    return cfg, source
+
+
+def write_mamba_ssm(state_dict: dict[str, torch.Tensor], cfg: MambaConfig, out: Path) -> None:
+    """Write a mamba_ssm directory; ``state_dict`` has canonical keys (a tied lm_head shares the embedding)."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(mamba_ssm_config(cfg), indent=2) + "\n")
+    torch.save(state_dict, out / "pytorch_model.bin")

@@ -1,0 +1,282 @@
+"""lm-evaluation-harness adapter: score tasks with ``MambaLM`` and our kernels (no transformers model involved).
+
+```python
+from openlm_mamba.evaluation import MambaEvalLM, evaluate
+lm = MambaEvalLM(pretrained="mamba-7b-hf/", tokenizer="EleutherAI/gpt-neox-20b", batch_size=8)
+results = evaluate(lm, ["hellaswag", "piqa"], num_fewshot=0)
+```
+
+Also registered with lm-eval as ``openlm-mamba`` (``lm_eval --model openlm-mamba`` once this module is imported);
+``openlm-mamba eval`` is the command-line entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # pragma: no cover - exercised only without lm-eval
+    raise ImportError(
+        f"openlm_mamba.evaluation needs lm-evaluation-harness ({e}); install it: pip install lm-eval"
+    ) from e
+
+from tqdm.auto import tqdm
+
+from .model import MambaLM
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+# The model card's evaluation (TRI-ML/mamba-7b-rw): task -> (lm-eval task name, num_fewshot, card accuracy %)
+MODEL_CARD_TASKS = {
+    "HellaSwag": ("hellaswag", 0, 77.9),
+    "PIQA": ("piqa", 0, 81.0),
+    "Winogrande": ("winogrande", 0, 71.8),
+    "ARC-E": ("arc_easy", 0, 77.5),
+    "ARC-C": ("arc_challenge", 0, 46.7),
+    "MMLU (5-shot)": ("mmlu", 5, 33.3),
+}
+
+
+def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None):
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        folder = Path(pretrained) if pretrained is not None else None
+        if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            tokenizer = folder
+        else:
+            tokenizer = DEFAULT_TOKENIZER
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except OSError as e:
+        raise ValueError(f"tokenizer: cannot load {str(tokenizer)!r} ({e}); pass a local tokenizer directory") from None
+
+
+@register_model("openlm-mamba", "openlm_mamba")
+class MambaEvalLM(TemplateLM):
+    """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until."""
+
+    def __init__(
+        self,
+        pretrained: str | Path | None = None,
+        model: MambaLM | None = None,
+        tokenizer: Any = None,
+        model_config: str | None = None,
+        batch_size: int | str = 1,
+        max_length: int = 2048,
+        max_gen_toks: int = 256,
+        device: str | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+        backend: str | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (model is None):
+            raise ValueError("MambaEvalLM: pass exactly one of pretrained= (a checkpoint path) or model= (a MambaLM)")
+        if model is None:
+            from .convert import load_model
+
+            model = load_model(pretrained, model=model_config, backend=backend, dtype=dtype, device=device or "cpu")
+        elif backend is not None:
+            model.set_backend(backend)
+        if not isinstance(model, MambaLM):
+            raise TypeError(f"MambaEvalLM: model must be a MambaLM, got {type(model).__name__}")
+        self.model = model.eval()
+        self.tokenizer = _load_tokenizer(tokenizer, pretrained)
+        self._device = next(model.parameters()).device
+        bs = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        if bs <= 0:
+            raise ValueError(f"MambaEvalLM: batch_size must be a positive int, got {batch_size!r}")
+        self._batch_size = bs
+        if int(max_length) < 2:
+            raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
+        self._max_length = int(max_length)
+        self.max_gen_toks = int(max_gen_toks)
+
+    # -- properties lm-eval reads --------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return 0 if eos is None else int(eos)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return list(self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)))
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # -- scoring -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(request, context tokens, continuation tokens) -> (sum log p(continuation | context), is greedy)."""
+        prepared = []
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError("MambaEvalLM: a request has an empty continuation (nothing to score)")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
+            inp = whole[:-1]
+            prepared.append((i, inp, list(cont)[-len(inp) :] if len(cont) > len(inp) else list(cont)))
+        order = sorted(prepared, key=lambda r: -len(r[1]))  # longest first: fewer padded tokens per batch
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(order), desc="loglikelihood", disable=disable_tqdm or len(order) < 2)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(inp) for _, inp, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, (_, inp, _) in enumerate(batch):
+                ids[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, so earlier logits are unaffected
+            logits = self.model(ids.to(self.device))[0].float()
+            for row, (i, inp, cont) in enumerate(batch):
+                n = len(cont)
+                logp = F.log_softmax(logits[row, len(inp) - n : len(inp)], dim=-1)
+                target = torch.tensor(cont, device=logp.device)
+                ll = logp.gather(-1, target[:, None]).sum().item()
+                greedy = bool((logp.argmax(-1) == target).all())
+                results[i] = (ll, greedy)
+                req = requests[i][0]
+                if req is not None:
+                    self.cache_hook.add_partial("loglikelihood", req, (ll, greedy))
+            bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
+            (text,) = req.args
+            windows = [
+                (None, ctx, cont)
+                for ctx, cont in map(
+                    make_disjoint_window,
+                    get_rolling_token_windows(
+                        token_list=self.tok_encode(text),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length,
+                        context_len=1,
+                    ),
+                )
+            ]
+            total = sum(ll for ll, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        eos_text = self.tok_decode([self.eot_token_id])
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
+            ctx = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
+            ids = torch.tensor([ctx], device=self.device)
+            new = self._greedy(ids, max_new)
+            text = self.tok_decode(new)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+    def _greedy(self, ids: torch.Tensor, max_new: int) -> list[int]:
+        try:
+            from .generation import generate
+        except ImportError:
+            generate = None
+        if generate is not None:
+            full = generate(self.model, ids, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eot_token_id)
+            return full[0, ids.shape[1] :].tolist()
+        tokens: list[int] = []
+        for _ in range(max_new):  # fallback: full forward per token
+            nxt = int(self.model(ids)[0][0, -1].argmax())
+            if nxt == self.eot_token_id:
+                break
+            tokens.append(nxt)
+            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+        return tokens
+
+
+def evaluate(
+    lm: MambaEvalLM,
+    tasks: list[str],
+    num_fewshot: int | None = None,
+    include_path: str | Path | None = None,
+    limit: int | float | None = None,
+    log_samples: bool = False,
+    include_defaults: bool = True,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run lm-eval's ``simple_evaluate`` on ``tasks`` with our adapter.
+
+    ``include_path`` adds a folder of task YAMLs; ``include_defaults=False`` skips indexing lm-eval's
+    built-in tasks (seconds saved when only local tasks run).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        limit=limit,
+        log_samples=log_samples,
+        bootstrap_iters=0,
+        **kwargs,
+    )
+    if results is None:
+        raise RuntimeError("lm-eval returned no results")
+    return results
+
+
+def results_table(results: dict[str, Any], reference: dict[str, float] | None = None) -> str:
+    """A markdown table (task, n-shot, acc, acc_norm[, model card]) from lm-eval results.
+
+    With ``reference`` (task -> model card %), only the reference tasks are listed.
+    """
+    n_shot = results.get("n-shot", {})
+    has_ref = bool(reference)
+    head = "| Task | n-shot | acc | acc_norm |" + (" model card |" if has_ref else "")
+    lines = [head, "|" + "---|" * (5 if has_ref else 4)]
+    rows = {**results.get("results", {}), **results.get("groups", {})}
+    for task, metrics in sorted(rows.items()):
+        if has_ref and task not in reference:
+            continue  # e.g. MMLU's 57 subjects: the group row carries the model card's number
+        acc = metrics.get("acc,none")
+        norm = metrics.get("acc_norm,none")
+        row = f"| {task} | {n_shot.get(task, '')} | {_pct(acc)} | {_pct(norm)} |"
+        if has_ref:
+            row += f" {reference.get(task, '')} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "-"

@@ -1,0 +1,387 @@
+"""Checkpoint conversion: OpenLM <-> HF transformers <-> mamba_ssm round trips, configs, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from openlm_mamba import MambaConfig, MambaLM
+from openlm_mamba.cli import main as cli_main
+from openlm_mamba.convert import ConversionError, convert, detect_format, hf_config, load_model, read_checkpoint
+
+from .conftest import has_module
+
+# Published config.json of TRI-ML/mamba-7b-rw (architecture fields, as the issue lists them).
+PUBLISHED_7B = {
+    "architectures": ["MambaForCausalLM"],
+    "model_type": "mamba",
+    "hidden_size": 4096,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 64,
+    "state_size": 16,
+    "conv_kernel": 4,
+    "expand": 2,
+    "time_step_rank": 256,
+    "vocab_size": 50432,
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,
+    "use_bias": False,
+    "use_conv_bias": True,
+    "layer_norm_epsilon": 1e-5,
+    "pad_vocab_size_multiple": 8,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = MambaLM("mamba_tiny").eval()
+    with torch.no_grad():  # non-default values everywhere, so a dropped or swapped tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def _openlm_ckpt(model: MambaLM, path: Path, prefix: str = "module.") -> Path:
+    """An OpenLM-style epoch checkpoint, as open_lm.main writes it (DDP prefix, epoch/step keys)."""
+    sd = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 2, "step": 10, "name": "run", "state_dict": sd, "evaluation_metrics": []}, path)
+    return path
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _no_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_openlm_hf_openlm_round_trip_is_bit_exact_and_hf_logits_match(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "epoch_2.pt", prefix="module._orig_mod.")
+    convert(src, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors"]
+    convert(tmp_path / "hf", tmp_path / "back.pt", to="openlm", model="mamba_tiny", progress=False)
+    ckpt = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 0
+    assert MambaConfig.from_dict(ckpt["model_config"]) == MambaConfig.load("mamba_tiny")
+    _assert_same_state(ckpt["state_dict"], tiny.state_dict())
+    sd = ckpt["state_dict"]
+    assert sd["model.lm_head.weight"].data_ptr() == sd["model.backbone.embedding.weight"].data_ptr()  # still tied
+
+    if not has_module("transformers"):
+        pytest.skip("transformers is not installed: HF logits comparison skipped")
+    from transformers import MambaForCausalLM
+
+    hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = tiny(x)[0]
+        theirs = hf(x).logits.float()
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_openlm_mamba_ssm_openlm_round_trip_is_bit_exact(tiny, tmp_path):
+    torch.save(tiny.state_dict(), tmp_path / "bare.pt")  # a bare state dict, no wrapper
+    convert(tmp_path / "bare.pt", tmp_path / "ssm", to="mamba_ssm", model="mamba_tiny", progress=False)
+    cfg = json.loads((tmp_path / "ssm" / "config.json").read_text())
+    assert cfg["d_model"] == 64 and cfg["n_layer"] == 2 and cfg["vocab_size"] == 512
+    assert cfg["ssm_cfg"]["d_state"] == 16 and cfg["ssm_cfg"]["dt_rank"] == 4 and cfg["tie_embeddings"] is True
+    sd = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)
+    assert "backbone.embedding.weight" in sd and "lm_head.weight" in sd  # mamba_ssm's own key names
+    assert detect_format(tmp_path / "ssm") == "mamba_ssm"
+    convert(tmp_path / "ssm", tmp_path / "back.pt", to="openlm", progress=False)
+    _assert_same_state(torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"], tiny.state_dict())
+
+
+def test_sharded_hf_output_and_bf16_cast(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "epoch_1.pt")
+    convert(src, tmp_path / "hf", to="hf", model="mamba_tiny", shard_size="100KB", dtype="bfloat16", progress=False)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "hf" / s).is_file() for s in shards)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with read_checkpoint(tmp_path / "hf") as ckpt:
+        emb = ckpt.source.get("backbone.embedding.weight")
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb, tiny.model.backbone.embedding.weight.detach().bfloat16())
+
+
+def test_hf_pytorch_bin_shards_source(tiny, tmp_path):
+    """HF dirs saved as pytorch_model-*.bin shards with an index (older transformers) are read too."""
+    out = tmp_path / "hfbin"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(hf_config(tiny.cfg)))
+    sd = {
+        k.removeprefix("model.").replace("backbone.embedding.", "backbone.embeddings."): v
+        for k, v in tiny.state_dict().items()
+    }
+    keys = sorted(sd)
+    halves = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
+    for name, ks in halves.items():
+        torch.save({k: sd[k].clone() for k in ks}, out / name)
+    weight_map = {k: name for name, ks in halves.items() for k in ks}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_model(out, model="mamba_tiny")
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], tiny(x)[0])
+
+
+def test_fsdp_keys_and_inferred_config(tiny, tmp_path):
+    """A bare FSDP-wrapped full state dict with no config: architecture inferred from shapes."""
+    sd = {}
+    for k, v in tiny.state_dict().items():
+        parts = k.split(".")
+        if parts[2] == "layers":
+            parts.insert(4, "_fsdp_wrapped_module")
+        sd[".".join(parts)] = v
+    torch.save(sd, tmp_path / "fsdp.pt")
+    with read_checkpoint(tmp_path / "fsdp.pt") as ckpt:
+        cfg = ckpt.config
+    want = MambaConfig.load("mamba_tiny")
+    for f in (
+        "d_model",
+        "n_layer",
+        "padded_vocab_size",
+        "d_state",
+        "d_conv",
+        "expand",
+        "dt_rank_value",
+        "tie_embeddings",
+    ):
+        assert getattr(cfg, f) == getattr(want, f), f
+    assert torch.equal(load_model(tmp_path / "fsdp.pt").model.backbone.norm_f.weight, tiny.model.backbone.norm_f.weight)
+
+
+def test_load_model_detects_every_format(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "epoch_0.pt")
+    convert(src, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    convert(src, tmp_path / "ssm", to="mamba_ssm", model="mamba_tiny", progress=False)
+    x = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        want = tiny(x)[0]
+        for path, fmt in (
+            (tmp_path, "openlm"),
+            (src, "openlm"),
+            (tmp_path / "hf", "hf"),
+            (tmp_path / "ssm", "mamba_ssm"),
+        ):
+            assert detect_format(path) == fmt
+            model = load_model(path)
+            assert model.model.lm_head.weight is model.model.backbone.embedding.weight
+            assert torch.equal(model(x)[0], want), path
+
+
+def test_mamba_7b_hf_config_matches_published():
+    cfg = hf_config(MambaConfig.load("mamba_7b"))
+    for key, value in PUBLISHED_7B.items():
+        assert cfg[key] == value, f"{key}: generated {cfg[key]!r}, published {value!r}"
+    for key in (
+        "time_step_init_scheme",
+        "time_step_min",
+        "time_step_max",
+        "time_step_floor",
+        "time_step_scale",
+        "initializer_range",
+        "rescale_prenorm_residual",
+        "torch_dtype",
+    ):
+        assert key in cfg, key
+    # our converter maps the HF config back to the same architecture
+    from openlm_mamba.convert import config_from_hf
+
+    back = config_from_hf(cfg, "config.json")
+    assert back.replace(seq_len=2048, initializer_range=0.02) == MambaConfig.load("mamba_7b")
+    if has_module("transformers"):
+        from transformers import MambaConfig as HFMambaConfig
+
+        hf = HFMambaConfig(
+            **{
+                k: v
+                for k, v in cfg.items()
+                if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")
+            }
+        )
+        assert (hf.hidden_size, hf.intermediate_size, hf.time_step_rank, hf.vocab_size) == (4096, 8192, 256, 50432)
+
+
+# -- errors: clear messages, nothing left behind --------------------------------------------------------
+def test_architecture_mismatch_is_reported_field_by_field(tiny, tmp_path):
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    with pytest.raises(ConversionError) as e:
+        convert(tmp_path / "hf", tmp_path / "out.pt", to="openlm", model="mamba_130m", progress=False)
+    msg = str(e.value)
+    assert "architecture mismatch" in msg
+    assert "d_model: " in msg and "has 64" in msg and "has 768" in msg
+    assert "n_layer: " in msg and "vocab_size (padded)" in msg
+    assert not (tmp_path / "out.pt").exists() and not _no_leftovers(tmp_path)
+
+
+def test_config_disagreeing_with_tensors_names_the_tensor(tiny, tmp_path):
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["state_size"] = 8
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ConversionError, match=r"backbone\.layers\.0\.mixer\.A_log: expected shape \(128, 8\), got \(128, 16\)"
+    ):
+        convert(tmp_path / "hf", tmp_path / "out", to="mamba_ssm", progress=False)
+    assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_truncated_input_gives_clear_error_and_no_output(tiny, tmp_path, fmt):
+    if fmt == "pt":
+        src = _openlm_ckpt(tiny, tmp_path / "epoch_1.pt")
+        victim, dst, to = src, tmp_path / "out_hf", "hf"
+    else:
+        convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+        src = victim = tmp_path / "hf" / "model.safetensors"
+        src, dst, to = tmp_path / "hf", tmp_path / "out.pt", "openlm"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ConversionError, match="truncated or corrupted"):
+        convert(src, dst, to=to, model="mamba_tiny", progress=False)
+    assert not dst.exists() and not _no_leftovers(tmp_path)
+    assert cli_main(["convert", str(src), str(dst), "--to", to, "--no-progress"]) == 2
+
+
+def test_failure_midway_through_writing_leaves_nothing(tiny, tmp_path):
+    """The second shard of a sharded source is damaged: the first output shard is written, then removed."""
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    convert(src, tmp_path / "hf", to="hf", model="mamba_tiny", shard_size="100KB", progress=False)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "hf" / last).unlink()
+    with pytest.raises(ConversionError, match=f"lists shard '{last}', which does not exist"):
+        convert(tmp_path / "hf", tmp_path / "hf2", to="hf", shard_size="100KB", progress=False)
+
+    def boom(*_):
+        raise OSError("disk full")
+
+    from openlm_mamba.convert import common
+
+    real = common.TensorSource.get
+    calls = {"n": 0}
+
+    def flaky(self, key):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            boom()
+        return real(self, key)
+
+    common.TensorSource.get = flaky
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            convert(src, tmp_path / "hf3", to="hf", model="mamba_tiny", shard_size="100KB", progress=False)
+    finally:
+        common.TensorSource.get = real
+    assert not (tmp_path / "hf2").exists() and not (tmp_path / "hf3").exists() and not _no_leftovers(tmp_path)
+
+
+def test_existing_destination_and_bad_arguments(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(src, tmp_path / "taken", to="hf", progress=False)
+    convert(src, tmp_path / "taken", to="hf", overwrite=True, progress=False)
+    assert (tmp_path / "taken" / "model.safetensors").is_file() and not _no_leftovers(tmp_path)
+    with pytest.raises(ConversionError, match="--to must be one of"):
+        convert(src, tmp_path / "x", to="gguf")
+    with pytest.raises(ConversionError, match=r"give a path ending in \.pt"):
+        convert(src, tmp_path / "x", to="openlm")
+    with pytest.raises(ConversionError, match="no such file"):
+        convert(tmp_path / "missing.pt", tmp_path / "x", to="hf")
+    with pytest.raises(ConversionError, match="--model: unknown model config 'mamba_nope'"):
+        convert(src, tmp_path / "x", to="hf", model="mamba_nope")
+    torch.save({"optimizer": {}}, tmp_path / "opt.pt")
+    with pytest.raises(ConversionError, match="expected an OpenLM checkpoint"):
+        convert(tmp_path / "opt.pt", tmp_path / "x", to="hf")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_convert(tiny, tmp_path, capsys):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    assert (
+        cli_main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--model", "mamba_tiny", "--no-progress"])
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    assert (
+        cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "b.pt"), "--to", "openlm", "--model", "mamba_130m"])
+        == 2
+    )
+    assert "d_model" in capsys.readouterr().err
+    assert not (tmp_path / "b.pt").exists()
+
+
+def test_untied_head_round_trip_through_hf(tmp_path):
+    torch.manual_seed(3)
+    cfg = MambaConfig.load("mamba_tiny").replace(tie_embeddings=False, name="tiny_untied")
+    cfg.save(tmp_path / "tiny_untied.json")
+    model = MambaLM(cfg).eval()
+    assert model.model.lm_head.weight is not model.model.backbone.embedding.weight
+    torch.save(model.state_dict(), tmp_path / "u.pt")
+    convert(tmp_path / "u.pt", tmp_path / "hf", to="hf", model=tmp_path / "tiny_untied.json", progress=False)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    convert(tmp_path / "hf", tmp_path / "back.pt", to="openlm", progress=False)
+    _assert_same_state(torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"], model.state_dict())
+    if has_module("transformers"):
+        from transformers import MambaForCausalLM
+
+        hf = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        x = torch.randint(0, 512, (1, 20))
+        with torch.no_grad():
+            assert (hf(x).logits - model(x)[0]).abs().max().item() < 1e-4
+
+
+def test_hf_output_stores_tied_weights_once(tiny, tmp_path):
+    from safetensors import safe_open
+
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "backbone.embeddings.weight" in names and "lm_head.weight" not in names
+    assert len(names) == 2 + 2 * 10  # embedding, norm_f, 2 layers x (norm + 9 mixer tensors)
+
+
+def test_unsupported_or_broken_source_configs(tiny, tmp_path):
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "ssm", to="mamba_ssm", model="mamba_tiny", progress=False)
+    path = tmp_path / "ssm" / "config.json"
+    good = json.loads(path.read_text())
+    for change, message in (
+        ({"ssm_cfg": {"layer": "Mamba2"}}, 'ssm_cfg.layer must be "Mamba1"'),
+        ({"attn_layer_idx": [1]}, "attn_layer_idx must be empty"),
+        ({"d_intermediate": 128}, "d_intermediate must be 0"),
+        ({"d_model": "64"}, "d_model must be int"),
+    ):
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConversionError, match=message):
+            load_model(tmp_path / "ssm")
+    path.write_text("{not json")
+    with pytest.raises(ConversionError, match=r"config\.json: invalid JSON at line 1 column 2"):
+        load_model(tmp_path / "ssm")
+    path.write_text(json.dumps({"n_layer": 2}))
+    with pytest.raises(ConversionError, match=r"neither an HF Mamba config \(hidden_size\) nor a mamba_ssm config"):
+        load_model(tmp_path / "ssm")
+    (tmp_path / "hfdir").mkdir()
+    (tmp_path / "hfdir" / "config.json").write_text(json.dumps({"model_type": "mamba2", "hidden_size": 64}))
+    with pytest.raises(ConversionError, match='model_type must be "mamba"'):
+        load_model(tmp_path / "hfdir")

@@ -1,0 +1,228 @@
+"""lm-eval adapter: an offline multiple-choice task through lm-eval, log-likelihoods equal transformers' Mamba."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .conftest import has_module
+
+pytestmark = pytest.mark.skipif(
+    not (has_module("lm_eval") and has_module("transformers") and has_module("tokenizers")),
+    reason="lm-eval, transformers and tokenizers are needed (pip install lm-eval transformers tokenizers)",
+)
+
+CORPUS = [
+    "The cat sat on the mat.",
+    "A dog runs in the park every morning.",
+    "Water boils at one hundred degrees.",
+    "The sun rises in the east and sets in the west.",
+    "Birds can fly, fish can swim.",
+    "Paris is the capital of France.",
+]
+
+QUESTIONS = [
+    ("Where does the sun rise?", ["In the east.", "In the west.", "Under the sea.", "On the mat."], 0),
+    ("What sat on the mat?", ["A fish.", "The cat.", "Paris.", "Water."], 1),
+    ("What can birds do?", ["Boil.", "Swim.", "Fly.", "Rise."], 2),
+    ("What is the capital of France?", ["The park.", "The dog.", "The east.", "Paris."], 3),
+    ("When does the dog run?", ["Every morning.", "Never.", "At night.", "In France."], 0),
+    ("At what does water boil?", ["Zero degrees.", "One hundred degrees.", "The mat.", "West."], 1),
+]
+
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    texts = CORPUS + [q + " " + " ".join(c) for q, c, _ in QUESTIONS]
+    tok.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert wrapped.eos_token_id == 0 and len(wrapped) <= 512
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random model converted to an HF dir (with tokenizer), our adapter on it, and HF's model on it."""
+    from transformers import MambaForCausalLM
+
+    from openlm_mamba import MambaLM
+    from openlm_mamba.convert import convert
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = MambaLM("mamba_tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "epoch_1.pt")
+    convert(root / "epoch_1.pt", root / "hf", to="hf", model="mamba_tiny", progress=False)
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(root / "hf")
+    lm = MambaEvalLM(pretrained=root / "hf", batch_size=4, max_length=128)  # tokenizer found in the dir
+    hf = MambaForCausalLM.from_pretrained(root / "hf").eval()
+    return root, lm, hf
+
+
+def _hf_loglikelihoods(hf, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """sum log p(cont | ctx) from transformers' MambaForCausalLM, one right-padded batch (causal: padding is inert)."""
+    width = max(len(c) + len(t) for c, t in pairs)
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    for row, (ctx, cont) in enumerate(pairs):
+        ids[row, : len(ctx) + len(cont)] = torch.tensor(ctx + cont)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)
+    out = []
+    for row, (ctx, cont) in enumerate(pairs):
+        rows = logp[row, len(ctx) - 1 : len(ctx) + len(cont) - 1]
+        out.append(rows.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+    return out
+
+
+def _hf_loglikelihood(hf, ctx: list[int], cont: list[int]) -> float:
+    return _hf_loglikelihoods(hf, [(ctx, cont)])[0]
+
+
+@pytest.fixture(scope="module")
+def task_dir(setup):
+    """A local multiple-choice task: JSONL data + an lm-eval task YAML pointing at it."""
+    root = setup[0]
+    data = root / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in QUESTIONS))
+    tasks = root / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    return tasks
+
+
+def test_lm_eval_multiple_choice_offline_matches_transformers(setup, task_dir, monkeypatch):
+    from openlm_mamba.evaluation import evaluate, results_table
+
+    _root, lm, hf = setup
+    tasks = task_dir
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    results = evaluate(lm, ["tiny_mc"], include_path=tasks, log_samples=True, include_defaults=False)
+    acc = results["results"]["tiny_mc"]["acc,none"]
+    samples = results["samples"]["tiny_mc"]
+    assert len(samples) == len(QUESTIONS)
+
+    pairs = [lm._encode_pair(ctx, cont) for sample in samples for ctx, cont in sample["arguments"]]
+    theirs = iter(_hf_loglikelihoods(hf, pairs))
+    correct = 0
+    for sample in samples:
+        ours = [resp[0][0] for resp in sample["resps"]]
+        hf_lls = [next(theirs) for _ in ours]
+        assert max(abs(a - b) for a, b in zip(ours, hf_lls)) < 1e-4, (sample["arguments"], ours, hf_lls)
+        correct += int(max(range(len(hf_lls)), key=hf_lls.__getitem__) == sample["target"])
+    assert acc == pytest.approx(correct / len(QUESTIONS))  # the accuracy lm-eval reports is transformers' too
+    table = results_table(results)
+    assert "| tiny_mc | 0 |" in table and f"{100 * acc:.1f}" in table
+
+
+def test_loglikelihood_rolling_and_generate_until(setup):
+    from lm_eval.api.instance import Instance
+
+    _, lm, hf = setup
+    text = CORPUS[3]
+    req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    (rolled,) = lm.loglikelihood_rolling([req], disable_tqdm=True)
+    tokens = lm.tok_encode(text)
+    assert rolled == pytest.approx(_hf_loglikelihood(hf, [lm.eot_token_id], tokens), abs=1e-4)
+
+    # greedy continuation equals transformers' argmax continuation, cut at the stop sequence
+    prompt = "The cat"
+    ids = lm.tok_encode(prompt)
+    want = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(hf(torch.tensor([ids + want])).logits[0, -1].argmax())
+            if nxt == lm.eot_token_id:
+                break
+            want.append(nxt)
+    gen = Instance(
+        request_type="generate_until", doc={}, arguments=(prompt, {"until": ["\n\n\n"], "max_gen_toks": 6}), idx=0
+    )
+    (out,) = lm.generate_until([gen], disable_tqdm=True)
+    assert out == lm.tok_decode(want).split("\n\n\n")[0]
+
+
+def test_adapter_argument_errors(setup):
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    _root, lm, _ = setup
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        MambaEvalLM(tokenizer=lm.tokenizer)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=0)
+
+
+def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
+    from openlm_mamba.cli import main as cli_main
+
+    root = setup[0]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "results.json"
+    argv = ["eval", str(root / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--only-local-tasks"]
+    assert cli_main([*argv, "--limit", "3", "--batch-size", "2", "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny_mc |" in printed
+    saved = json.loads(out.read_text())
+    assert 0.0 <= saved["results"]["tiny_mc"]["acc,none"] <= 1.0
+    assert cli_main(["eval", str(root / "hf")]) == 2
+    assert "--tasks" in capsys.readouterr().err
+
+
+def test_cli_model_card_runs_zero_shot_tasks_and_mmlu_five_shot(setup, capsys, monkeypatch):
+    """--model-card: one 0-shot run over the five tasks, one 5-shot MMLU run, table against the card."""
+    from openlm_mamba import evaluation
+    from openlm_mamba.cli import main as cli_main
+
+    calls = []
+
+    def fake_evaluate(lm, tasks, num_fewshot=None, **kwargs):
+        calls.append((sorted(tasks), num_fewshot))
+        results = {t: {"acc,none": 0.5, "acc_norm,none": 0.25} for t in tasks}
+        groups = {}
+        if "mmlu" in tasks:
+            results = {"mmlu_anatomy": {"acc,none": 0.1}}
+            groups = {"mmlu": {"acc,none": 0.333}}
+        return {"results": results, "groups": groups, "n-shot": {t: num_fewshot for t in tasks}, "configs": {}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    assert cli_main(["eval", str(setup[0] / "hf"), "--model-card"]) == 0
+    assert calls == [(["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"], 0), (["mmlu"], 5)]
+    table = capsys.readouterr().out
+    assert "| hellaswag | 0 | 50.0 | 25.0 | 77.9 |" in table
+    assert "| mmlu | 5 | 33.3 | - | 33.3 |" in table and "mmlu_anatomy" not in table
