@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .config import ConfigError, MambaConfig, available_configs
+from .generation import MambaCache, generate
 from .model import MambaLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "MambaConfig", "MambaLM", "__version__", "available_configs"]
+__all__ = ["ConfigError", "MambaCache", "MambaConfig", "MambaLM", "__version__", "available_configs", "generate"]

@@ -146,6 +146,91 @@ class MambaMixer(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2))
 
+    def forward_cached(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, fresh: bool):
+        """Prefill: like ``forward`` but starting from and updating the layer's cache in place.
+
+        conv_state (batch, d_inner, d_conv) holds the last d_conv conv inputs, newest last;
+        ssm_state (batch, d_inner, d_state) float32. ``fresh``: the cache holds no tokens yet.
+        """
+        xz = self.in_proj(hidden).transpose(1, 2)
+        x, z = xz.chunk(2, dim=1)
+        conv_w = self.conv1d.weight.squeeze(1)
+        width = conv_w.shape[1]
+        init = None if fresh else conv_state[:, :, 1:].to(x.dtype)
+        x, final = causal_conv1d(
+            x, conv_w, self.conv1d.bias, init, return_final_states=True, activation="silu", backend=self.backend
+        )
+        if width > 1:
+            conv_state[:, :, 1:].copy_(final)
+        delta, A, B, C = self.ssm_inputs(x)
+        y, last = selective_scan(
+            x,
+            delta,
+            A,
+            B,
+            C,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=True,
+            initial_state=None if fresh else ssm_state,
+            backend=self.backend,
+        )
+        ssm_state.copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step_params(self) -> tuple:
+        """Tensors one decoding step needs, gathered once per cache (weights by reference; A = -exp(A_log),
+        D and dt_bias as float32 copies)."""
+        with torch.no_grad():
+            A = -torch.exp(self.A_log.float())
+            r, n = self.cfg.dt_rank_value, self.cfg.d_state
+            return (
+                self.in_proj.weight,
+                self.in_proj.bias,
+                self.conv1d.weight.squeeze(1),
+                self.conv1d.bias,
+                self.x_proj.weight,
+                [r, n, n],
+                self.dt_proj.weight,
+                A,
+                self.D.float(),
+                self.dt_proj.bias.float(),
+                self.out_proj.weight,
+                self.out_proj.bias,
+            )
+
+    @staticmethod
+    def step(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, params, state_update):
+        """One decoding step: hidden (batch, d_model) -> (batch, d_model); updates both states in place.
+
+        ``params`` come from :meth:`step_params`; ``state_update`` is a resolved
+        ``selective_state_update`` backend (no per-step argument checks).
+        """
+        in_w, in_b, conv_w, conv_b, x_w, split, dt_w, A, D, dt_bias, out_w, out_b = params
+        x, z = F.linear(hidden, in_w, in_b).chunk(2, dim=-1)  # (batch, d_inner) each
+        window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1)], dim=-1)  # the last d_conv conv inputs
+        conv_state.copy_(window)
+        x = (window * conv_w).sum(-1)
+        x = F.silu(x if conv_b is None else x + conv_b)
+        dt, B, C = torch.split(F.linear(x, x_w), split, dim=-1)
+        y = state_update(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
+        return F.linear(y, out_w, out_b)
+
+
+def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool):
+    """``add_norm`` for one decoding step (batch, d_model), as few kernels as possible; same math."""
+    if x.dtype == torch.float64:
+        return norm(x, residual, residual_in_fp32)
+    r = x.float() if residual is None else x.float() + residual.float()
+    if isinstance(norm, RMSNorm):
+        out = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+    else:
+        bias = None if norm.bias is None else norm.bias.float()
+        out = F.layer_norm(r, (r.shape[-1],), norm.weight.float(), bias, norm.eps)
+    return out.to(x.dtype), (r if residual_in_fp32 else r.to(x.dtype))
+
 
 class ResidualBlock(nn.Module):
     """Pre-norm residual block: (hidden, residual) -> (mixer(norm(hidden + residual)), hidden + residual)."""
@@ -162,9 +247,12 @@ class ResidualBlock(nn.Module):
     def reset_parameters(self) -> None:  # owns no parameters directly; children reset themselves
         pass
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, cache=None):
         normed, residual = self.norm(hidden, residual, self.residual_in_fp32)
-        return self.mixer(normed), residual
+        if cache is None:
+            return self.mixer(normed), residual
+        i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
+        return self.mixer.forward_cached(normed, cache.conv_states[i], cache.ssm_states[i], fresh), residual
 
 
 def _make_norm(cfg: MambaConfig, device=None, dtype=None) -> nn.Module:
@@ -283,7 +371,25 @@ class MambaLM(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"MambaLM: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        inference_params=None,
+    ):
+        """Training: ``forward(input_ids) -> (logits, hidden, None)``.
+
+        Incremental decoding (OpenLM's interface): ``use_cache=True`` and/or
+        ``past_key_values=cache`` (a :class:`~openlm_mamba.generation.MambaCache`; also accepted
+        as ``inference_params``) runs the new tokens from the cached recurrent state and returns
+        ``(logits, hidden, cache)`` with the cache updated in place.
+        """
+        cache = past_key_values if past_key_values is not None else inference_params
+        if cache is not None or use_cache or inputs_embeds is not None or attention_mask is not None:
+            return self._forward_cached(input_ids, inputs_embeds, cache, use_cache, attention_mask)
         if not torch.compiler.is_compiling():
             self.check_input_ids(input_ids)
         backbone = self.model.backbone
@@ -297,6 +403,68 @@ class MambaLM(nn.Module):
         hidden, _ = backbone.norm_f(hidden, residual, True)
         logits = self.model.lm_head(hidden).float()
         return logits, hidden, None
+
+    # -- inference -----------------------------------------------------------------------------------
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device=None, backend=None):
+        """A zeroed recurrent cache for ``batch_size`` sequences (see ``openlm_mamba.generation.MambaCache``)."""
+        from .generation import MambaCache
+
+        return MambaCache.allocate(self, batch_size, dtype=dtype, device=device, backend=backend)
+
+    def _forward_cached(self, input_ids, inputs_embeds, cache, use_cache, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MambaLM: pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+            batch, seqlen = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+                raise ValueError(
+                    f"MambaLM: inputs_embeds must have shape (batch, seq, {self.cfg.d_model}), "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            batch, seqlen = inputs_embeds.shape[:2]
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "MambaLM: attention_mask with masked (padding) positions is not supported; a recurrent model "
+                "needs unpadded, equal-length sequences (got a mask with zeros)"
+            )
+        keep = cache is not None or use_cache
+        if cache is None:
+            ref = self.model.backbone.embedding.weight
+            emb_dtype = inputs_embeds.dtype if inputs_embeds is not None else ref.dtype
+            cache = self.allocate_cache(batch, dtype=emb_dtype, device=ref.device)
+        else:
+            cache.check(self, batch)
+        if seqlen == 0:
+            raise ValueError("MambaLM: input_ids must hold at least one token when decoding with a cache")
+        logits, hidden = self.forward_with_cache(input_ids, cache, embeds=inputs_embeds)
+        return logits, hidden, (cache if keep else None)
+
+    def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False):
+        """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden).
+
+        One token (seq length 1) takes the O(1) recurrent step; longer inputs run the scan from the
+        cached state (prefill). ``last_only`` computes logits for the last position only.
+        """
+        backbone = self.model.backbone
+        hidden = backbone.embedding(input_ids) if embeds is None else embeds
+        seqlen = hidden.shape[1]
+        if seqlen == 1:  # the O(1) recurrent step: a flat loop, no per-layer module calls
+            hidden, residual = hidden[:, 0], None
+            step, update = MambaMixer.step, cache.state_update
+            for layer, conv, ssm, params in zip(backbone.layers, cache.conv_states, cache.ssm_states, cache.params):
+                normed, residual = step_norm(layer.norm, hidden, residual, layer.residual_in_fp32)
+                hidden = step(normed, conv, ssm, params, update)
+            hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
+        else:
+            residual = None
+            for layer in backbone.layers:
+                hidden, residual = layer(hidden, residual, cache)
+            hidden, _ = backbone.norm_f(hidden, residual, True)
+        cache.seqlen_offset += seqlen
+        head_in = hidden[:, -1:] if last_only else hidden
+        return self.model.lm_head(head_in).float(), hidden
 
     def num_parameters(self) -> int:
         """Unique parameters (tied weights counted once)."""

@@ -4,6 +4,7 @@ from .causal_conv1d import causal_conv1d, causal_conv1d_ref
 from .dispatch import BackendUnavailableError, available_backends
 from .rms_norm import add_norm, add_norm_ref
 from .selective_scan import selective_scan, selective_scan_ref
+from .state_update import selective_state_update, selective_state_update_ref
 
 __all__ = [
     "BackendUnavailableError",
@@ -14,4 +15,6 @@ __all__ = [
     "causal_conv1d_ref",
     "selective_scan",
     "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
 ]

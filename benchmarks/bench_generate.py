@@ -1,0 +1,201 @@
+"""Generation speed: openlm_mamba ``generate()`` vs transformers' ``MambaForCausalLM.generate``.
+
+Same random weights for both (our state dict, renamed), batch 1 by default, greedy decoding.
+For each prompt length ("context") it reports time to first token (prefill + first token),
+per-token decode latency and decode throughput (tokens after the first / their wall time),
+and the ratios against transformers measured in the same run. Runs are interleaved in rounds
+(every context, both implementations) and each number is the median over rounds, so background
+load on a shared machine hits all columns alike.
+
+    python benchmarks/bench_generate.py                       # d_model 256 x 4 layers, CPU
+    python benchmarks/bench_generate.py --contexts 16,1024 --no-hf
+    python benchmarks/bench_generate.py --device cuda --d-model 1024 --n-layer 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+from openlm_mamba import MambaConfig, MambaLM, generate
+
+
+def build_model(args) -> MambaLM:
+    cfg = MambaConfig(
+        d_model=args.d_model,
+        n_layer=args.n_layer,
+        vocab_size=args.vocab,
+        seq_len=max(2048, max(args.contexts) + args.new_tokens),
+        name="bench",
+    )
+    torch.manual_seed(0)
+    return MambaLM(cfg).to(args.device, getattr(torch, args.dtype)).eval()
+
+
+def hf_model(model: MambaLM):
+    """transformers' MambaForCausalLM holding the same weights (None if transformers is missing)."""
+    try:
+        from transformers import MambaConfig as HFConfig
+        from transformers import MambaForCausalLM
+    except ImportError:
+        return None
+    cfg = model.cfg
+    hc = HFConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.d_model,
+        state_size=cfg.d_state,
+        num_hidden_layers=cfg.n_layer,
+        conv_kernel=cfg.d_conv,
+        expand=cfg.expand,
+        time_step_rank=cfg.dt_rank_value,
+        use_bias=False,
+        use_conv_bias=True,
+        residual_in_fp32=True,
+        layer_norm_epsilon=cfg.norm_epsilon,
+        tie_word_embeddings=True,
+    )
+    hf = MambaForCausalLM(hc)
+    hf.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()}, strict=False)
+    p = next(model.parameters())
+    return hf.to(p.device, p.dtype).eval()
+
+
+class Clock:
+    """Records the time each new token arrives (usable as our streamer and as an HF streamer)."""
+
+    def __init__(self, device: str, skip_first_put: bool = False):
+        self.device = device
+        self.times: list[float] = []
+        self.skip_first_put = skip_first_put  # transformers' streamer receives the prompt first
+        self.skip = skip_first_put
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.skip = self.skip_first_put
+
+    def _now(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self, tokens) -> None:
+        self.times.append(self._now())
+
+    def put(self, tokens) -> None:  # transformers' BaseStreamer interface
+        if self.skip:
+            self.skip = False
+            return
+        self.times.append(self._now())
+
+    def end(self) -> None:
+        pass
+
+
+def timed(run, clock: Clock) -> tuple[float, float]:
+    """One run: (time to first token, decode seconds per token after the first)."""
+    clock.reset()
+    start = clock._now()
+    run()
+    t = clock.times
+    return t[0] - start, (t[-1] - t[0]) / (len(t) - 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=50277)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[16, 1024, 4096])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-repeats", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--backend", default=None, help="op backend for openlm_mamba (default: auto / env)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    model = build_model(args)
+    hf = None if args.no_hf else hf_model(model)
+    n_new = args.new_tokens
+    dev = torch.device(args.device)
+    print(
+        f"# device={args.device} ({torch.get_num_threads()} threads) dtype={args.dtype} d_model={args.d_model} "
+        f"n_layer={args.n_layer} vocab={model.cfg.padded_vocab_size} batch={args.batch} new_tokens={n_new} "
+        f"torch={torch.__version__}"
+    )
+    runs = {}  # context -> (ours, theirs)
+    for ctx in args.contexts:
+        ids = torch.randint(0, model.cfg.vocab_size, (args.batch, ctx), device=dev)
+        clock, hclock = Clock(args.device), Clock(args.device, skip_first_put=True)
+
+        def ours(ids=ids, clock=clock):
+            generate(model, ids, max_new_tokens=n_new, streamer=clock, backend=args.backend)
+
+        def theirs(ids=ids, hclock=hclock):
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                streamer=hclock,
+                pad_token_id=0,
+            )
+
+        runs[ctx] = ((ours, clock), (theirs, hclock))
+    ours16, hf16 = runs[args.contexts[0]]
+    ours16[0]()  # warm-up (kernel builds, allocator)
+    if hf is not None:
+        hf16[0]()
+    # Rounds interleave contexts and implementations, so background load hits all of them alike.
+    samples = {ctx: {"ours": [], "hf": []} for ctx in args.contexts}
+    for r in range(max(args.repeats, 0 if hf is None else args.hf_repeats)):
+        for ctx in args.contexts:
+            (ours, clock), (theirs, hclock) = runs[ctx]
+            if r < args.repeats:
+                samples[ctx]["ours"].append(timed(ours, clock))
+            if hf is not None and r < args.hf_repeats:
+                samples[ctx]["hf"].append(timed(theirs, hclock))
+        print(f"# round {r + 1} done", flush=True)
+    rows = []
+    for ctx in args.contexts:
+        row = {"ctx": ctx}
+        for who, key in (("ours", ""), ("hf", "hf_")):
+            if samples[ctx][who]:
+                row[key + "ttft"] = statistics.median(x[0] for x in samples[ctx][who])
+                row[key + "tpt"] = statistics.median(x[1] for x in samples[ctx][who])
+        rows.append(row)
+
+    base = rows[0]["tpt"]
+    hdr = f"| context | ours TTFT ms | ours ms/token | ours tok/s | vs ctx {rows[0]['ctx']} |"
+    if hf is not None:
+        hdr += " HF TTFT ms | HF ms/token | HF tok/s | TTFT speedup | decode speedup |"
+    print()
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        line = (
+            f"| {r['ctx']} | {r['ttft'] * 1e3:.2f} | {r['tpt'] * 1e3:.3f} | {args.batch / r['tpt']:.0f} | "
+            f"{r['tpt'] / base:.2f}x |"
+        )
+        if hf is not None:
+            line += (
+                f" {r['hf_ttft'] * 1e3:.1f} | {r['hf_tpt'] * 1e3:.3f} | {args.batch / r['hf_tpt']:.0f} | "
+                f"{r['hf_ttft'] / r['ttft']:.1f}x | {r['hf_tpt'] / r['tpt']:.1f}x |"
+            )
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

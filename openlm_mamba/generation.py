@@ -1,0 +1,296 @@
+"""Recurrent inference: a fixed-size per-layer cache and ``generate()`` (greedy and sampling).
+
+A Mamba decodes with a constant-size state instead of a growing KV cache: per layer a conv state
+(batch, d_inner, d_conv) holding the last d_conv conv inputs (newest last; the same layout as
+mamba_ssm and transformers) and an SSM state (batch, d_inner, d_state) in float32. The prompt is
+run once through the scan (prefill), then each new token is one O(1) recurrent step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .ops import dispatch
+
+STATE_UPDATE_OP = "selective_state_update"
+
+
+@dataclass
+class MambaCache:
+    """Per-layer recurrent state of a :class:`~openlm_mamba.model.MambaLM`; updated in place.
+
+    ``conv_states[i]`` (batch, d_inner, d_conv) in the model's dtype, ``ssm_states[i]``
+    (batch, d_inner, d_state) float32, ``seqlen_offset`` = tokens consumed so far,
+    ``state_update`` = the resolved ``selective_state_update`` backend used per step, ``params`` =
+    step-invariant per-layer tensors (e.g. A = -exp(A_log)) taken when the cache is allocated:
+    allocate a new cache (or call :meth:`refresh`) after changing the model's weights.
+    Pass it to ``model(input_ids, past_key_values=cache, use_cache=True)`` to continue decoding.
+    """
+
+    conv_states: list[torch.Tensor]
+    ssm_states: list[torch.Tensor]
+    state_update: Callable
+    backend: str
+    params: list[tuple[torch.Tensor, ...]]  # per layer, from MambaMixer.step_params() at allocation
+    seqlen_offset: int = 0
+
+    @classmethod
+    def allocate(
+        cls,
+        model: torch.nn.Module,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> MambaCache:
+        """Zeroed cache for ``batch_size`` sequences.
+
+        ``backend`` (of the per-step ``selective_state_update``) defaults to the model's backend, else
+        $OPENLM_MAMBA_BACKEND, else auto; a backend the step op lacks (e.g. "cuda") falls back to auto.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"MambaCache: batch_size must be a positive int, got {batch_size!r}")
+        cfg = model.cfg
+        weight = model.model.backbone.embedding.weight
+        dtype = dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        if backend is None:
+            backend = model.layers[0].mixer.backend if len(model.layers) else None
+        wanted = dispatch.requested_backend(backend)
+        if wanted != "auto" and wanted not in dispatch._REGISTRY.get(STATE_UPDATE_OP, {}):
+            backend = "auto"  # e.g. "cuda" (mamba_ssm kernels for the scan): the step has no such backend
+        name, fn = dispatch.resolve(STATE_UPDATE_OP, device, backend)
+        conv = [torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, dtype=dtype, device=device) for _ in model.layers]
+        ssm = [
+            torch.zeros(batch_size, cfg.d_inner, cfg.d_state, dtype=torch.float32, device=device) for _ in model.layers
+        ]
+        params = [layer.mixer.step_params() for layer in model.layers]
+        return cls(conv, ssm, fn, name, params)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_states[0].shape[0] if self.ssm_states else 0
+
+    def __len__(self) -> int:
+        return len(self.ssm_states)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conv_state, ssm_state)`` of one layer (list-like, as OpenLM's per-layer past_key_values)."""
+        return self.conv_states[layer], self.ssm_states[layer]
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """Re-read the step-invariant parameters from ``model`` (after its weights changed)."""
+        self.params = [layer.mixer.step_params() for layer in model.layers]
+
+    def reset(self) -> None:
+        """Zero every state so the cache can be reused for new prompts of the same batch size."""
+        for t in (*self.conv_states, *self.ssm_states):
+            t.zero_()
+        self.seqlen_offset = 0
+
+    def check(self, model: torch.nn.Module, batch_size: int) -> None:
+        """Raise a clear error if this cache does not fit ``model`` and a batch of ``batch_size``."""
+        if not isinstance(self, MambaCache):
+            raise TypeError(f"past_key_values must be a MambaCache, got {type(self).__name__}")
+        cfg = model.cfg
+        if len(self) != cfg.n_layer:
+            raise ValueError(f"past_key_values: cache has {len(self)} layers, the model has {cfg.n_layer}")
+        if self.batch_size != batch_size:
+            raise ValueError(
+                f"past_key_values: cache was allocated for batch {self.batch_size}, got batch {batch_size}"
+            )
+        want_conv, want_ssm = (cfg.d_inner, cfg.d_conv), (cfg.d_inner, cfg.d_state)
+        if tuple(self.conv_states[0].shape[1:]) != want_conv or tuple(self.ssm_states[0].shape[1:]) != want_ssm:
+            raise ValueError("past_key_values: cache state shapes do not match the model config")
+
+
+def _check_number(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"generate: {name} must be a finite number, got {value!r}")
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"generate: {name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _eos_tensor(eos_token_id, vocab: int, device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+            raise ValueError(
+                f"generate: eos_token_id must be an int (or list of ints) in [0, {vocab}), got {eos_token_id!r}"
+            )
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+class _Sampler:
+    """Logits -> next token with transformers' processing order: repetition penalty, temperature, top-k, top-p."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, vocab, generator):
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_k = top_k if 0 < top_k < vocab else 0
+        self.top_p = top_p
+        self.penalty = repetition_penalty
+        self.vocab = vocab
+        self.generator = generator
+        self.seen: torch.Tensor | None = None  # (batch, vocab) bool: tokens in prompt + output
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Record tokens (batch, n) for the repetition penalty."""
+        if self.penalty == 1.0:
+            return
+        if self.seen is None:
+            self.seen = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.bool, device=tokens.device)
+        self.seen.scatter_(1, tokens, True)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[:, : self.vocab]
+        if self.seen is not None:
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(self.seen, penalized, scores)
+        if not self.do_sample:
+            return scores.argmax(dim=-1)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cum <= 1.0 - self.top_p
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            drop = drop_sorted.scatter(1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def check_settings(
+    max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float, repetition_penalty: float
+) -> tuple[float, int, float, float]:
+    """Validate decoding settings (clear errors); returns normalised (temperature, top_k, top_p, repetition_penalty)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"generate: do_sample must be a bool, got {do_sample!r}")
+    top_k = 0 if top_k is None else top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"generate: top_k must be an int >= 0 (0 or None disables it), got {top_k!r}")
+    if do_sample:
+        temperature = _check_number("temperature", temperature, 0.0, math.inf, True, True)
+        top_p = _check_number("top_p", top_p, 0.0, 1.0, True, False)
+    repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, math.inf, True, True)
+    return temperature, top_k, top_p, repetition_penalty
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 50,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens; returns prompt + new tokens.
+
+    Greedy (``do_sample=False``) or sampling with ``temperature``, ``top_k`` (0/None: off; 50 is
+    transformers' default), ``top_p`` in (0, 1] and ``repetition_penalty`` (transformers' semantics
+    and order). Each sequence stops at one of ``eos_token_id``; finished rows are filled with
+    ``pad_token_id`` (default: the first EOS id) until all are done. Prompts in a batch must have
+    equal length (no padding). ``seed`` or ``generator`` makes sampling reproducible.
+    ``streamer(tokens)`` is called with each new (batch,) token tensor as soon as it is chosen.
+    Logits over padded vocabulary rows (ids >= ``cfg.vocab_size``) are never sampled.
+    """
+    if not hasattr(model, "forward_with_cache") or not hasattr(model, "allocate_cache"):
+        raise TypeError(f"generate: model must be an openlm_mamba MambaLM, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"generate: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    model.check_input_ids(input_ids)
+    batch, prompt_len = input_ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise ValueError(
+            f"generate: input_ids must hold at least one token per sequence, got shape {tuple(input_ids.shape)}"
+        )
+    temperature, top_k, top_p, repetition_penalty = check_settings(
+        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty
+    )
+    if seed is not None and generator is not None:
+        raise ValueError("generate: pass either seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"generate: seed must be an int, got {seed!r}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, prompt_len):
+            got = (
+                tuple(attention_mask.shape)
+                if isinstance(attention_mask, torch.Tensor)
+                else type(attention_mask).__name__
+            )
+            raise ValueError(f"generate: attention_mask must have shape {(batch, prompt_len)}, got {got}")
+        if not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "generate: attention_mask has padded positions; left/right padding is not supported "
+                "(a recurrent state would absorb the pad tokens). Pass equal-length prompts, or one prompt per call."
+            )
+    vocab = model.cfg.vocab_size
+    device = input_ids.device
+    eos = _eos_tensor(eos_token_id, vocab, device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    elif (
+        isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < model.vocab_size
+    ):
+        raise ValueError(f"generate: pad_token_id must be an int in [0, {model.vocab_size}), got {pad_token_id!r}")
+    if do_sample and generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    sampler = _Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, vocab, generator)
+
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    with torch.inference_mode():
+        out = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :prompt_len] = input_ids
+        cache = model.allocate_cache(batch, device=device, backend=backend)
+        logits = model.forward_with_cache(input_ids, cache, last_only=True)[0][:, -1]
+        sampler.observe(input_ids)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None
+        n = 0
+        while True:
+            tok = sampler(logits)
+            if finished is not None:
+                tok = tok.masked_fill(finished, pad_token_id)
+            out[:, prompt_len + n] = tok
+            n += 1
+            if streamer is not None:
+                streamer(tok)
+            if finished is not None:
+                finished |= torch.isin(tok, eos)
+                if bool(finished.all()):
+                    break
+            if n == max_new_tokens:
+                break
+            tok = tok.unsqueeze(1)
+            sampler.observe(tok)
+            logits = model.forward_with_cache(tok, cache)[0][:, -1]
+    return out[:, : prompt_len + n].clone()  # a normal tensor, not an inference-mode one

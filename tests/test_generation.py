@@ -1,0 +1,343 @@
+"""Recurrent decoding (cache, step path) and generate(): against the full forward and transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from openlm_mamba import MambaCache, MambaConfig, MambaLM, generate
+
+from .conftest import has_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny decode steps gain nothing from threads; on a busy 2-core box extra threads only add waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(vocab_size: int = 512, seed: int = 0, **overrides) -> MambaLM:
+    torch.manual_seed(seed)
+    cfg = MambaConfig.load("mamba_tiny").replace(vocab_size=vocab_size, **overrides)
+    return MambaLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> MambaLM:
+    return tiny_model()
+
+
+def prompt(batch: int, length: int, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_vs_full(model: MambaLM, backend: str | None = None, steps: int = 66, batch: int = 2, mixed: bool = True):
+    """Max |logit diff| against the full forward of token-by-token decoding, and (``mixed``) of
+    prefill, a second prefill chunk, single steps, another chunk, single steps."""
+    ids = prompt(batch, steps, model.cfg.vocab_size)
+    with torch.no_grad():
+        full = model(ids)[0]
+        cache = model.allocate_cache(batch, backend=backend)
+        step = torch.cat([model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)[0] for t in range(steps)], 1)
+        assert cache.seqlen_offset == steps
+        if not mixed:
+            return (step - full).abs().max().item(), 0.0
+        cache = model.allocate_cache(batch, backend=backend)
+        parts = [model(ids[:, :20], past_key_values=cache)[0], model(ids[:, 20:33], past_key_values=cache)[0]]
+        parts += [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(33, 50)]
+        parts.append(model(ids[:, 50:58], past_key_values=cache)[0])  # a chunk after single steps
+        parts += [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(58, steps)]
+        mixed_logits = torch.cat(parts, 1)
+    return (step - full).abs().max().item(), (mixed_logits - full).abs().max().item()
+
+
+# -- acceptance 1: step-by-step decode == full forward ----------------------------------------------
+def test_decode_logits_equal_full_forward_torch(model):
+    step_diff, mixed_diff = decode_vs_full(model, backend="torch")
+    assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
+
+
+TRITON_DECODE = textwrap.dedent(
+    """
+    from tests.test_generation import decode_vs_full, tiny_model
+    m = tiny_model(n_layer=1)  # the interpreter is slow: one layer, 64 single-token steps
+    step_diff, mixed_diff = decode_vs_full(m, backend="triton", steps=64, batch=1, mixed=False)
+    assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
+    cache = m.allocate_cache(1, backend="triton")
+    assert cache.backend == "triton", cache.backend
+    print("TRITON_DECODE_OK", step_diff, mixed_diff)
+    """
+)
+
+
+def test_decode_logits_equal_full_forward_triton_interpreted():
+    """Same check with the Triton state-update kernel (TRITON_INTERPRET=1 set before triton loads)."""
+    if not has_module("triton"):
+        pytest.skip("triton is not installed")
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_DECODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "TRITON_DECODE_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- the OpenLM forward contract ---------------------------------------------------------------------
+def test_training_forward_unchanged_and_cache_returned(model):
+    ids = prompt(2, 10)
+    with torch.no_grad():
+        logits, _, cache = model(ids)
+        assert cache is None and logits.dtype == torch.float32 and logits.shape == (2, 10, model.vocab_size)
+        logits2, _, cache2 = model(ids, use_cache=True)  # OpenLM: use_cache without past -> new cache
+        assert isinstance(cache2, MambaCache) and cache2.seqlen_offset == 10 and len(cache2) == model.cfg.n_layer
+        torch.testing.assert_close(logits2, logits, rtol=0, atol=1e-5)
+        conv, ssm = cache2[0]
+        assert conv.shape == (2, model.cfg.d_inner, model.cfg.d_conv)
+        assert ssm.shape == (2, model.cfg.d_inner, model.cfg.d_state) and ssm.dtype == torch.float32
+        # inputs_embeds and an all-ones attention mask give the same logits
+        emb = model.model.backbone.embedding(ids)
+        logits3, _, none = model(inputs_embeds=emb, attention_mask=torch.ones(2, 10))
+        assert none is None
+        torch.testing.assert_close(logits3, logits, rtol=0, atol=1e-5)
+
+
+def test_state_size_is_constant_while_decoding(model):
+    with torch.no_grad():
+        _, _, cache = model(prompt(1, 8), use_cache=True)
+        shapes = [t.shape for t in cache.conv_states + cache.ssm_states]
+        tok = prompt(1, 1)
+        for _ in range(40):
+            model(tok, past_key_values=cache)
+        assert [t.shape for t in cache.conv_states + cache.ssm_states] == shapes and cache.seqlen_offset == 48
+        cache.reset()
+        assert cache.seqlen_offset == 0 and all(not t.any() for t in cache.ssm_states)
+
+
+def test_cache_backend_choice():
+    m = tiny_model(n_layer=1)
+    assert m.allocate_cache(1).backend == "torch"
+    m.set_backend("cuda")  # the scan's mamba_ssm backend; the step op has none, so auto picks
+    assert m.allocate_cache(1).backend == "torch"
+    from openlm_mamba.ops.dispatch import BackendUnavailableError
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="selective_state_update: backend 'triton'"):
+            m.allocate_cache(1, backend="triton")
+
+
+def test_forward_with_cache_rejects_bad_input(model):
+    cache = model.allocate_cache(2)
+    with pytest.raises(ValueError, match="padding"):
+        model(prompt(2, 4), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), use_cache=True)
+    with pytest.raises(ValueError, match="allocated for batch 2, got batch 3"):
+        model(prompt(3, 4), past_key_values=cache)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(prompt(2, 4), inputs_embeds=torch.zeros(2, 4, 64), use_cache=True)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.full((2, 1), 10_000), past_key_values=cache)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        model.allocate_cache(0)
+
+
+# -- acceptance 2: equality with transformers --------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_pair(model):
+    if not has_module("transformers"):
+        pytest.skip("transformers is not installed")
+    import warnings
+
+    from transformers import MambaConfig as HFConfig
+    from transformers import MambaForCausalLM
+
+    cfg = model.cfg
+    assert cfg.vocab_size == cfg.padded_vocab_size  # so both sample over the same vocabulary
+    hc = HFConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.d_model,
+        state_size=cfg.d_state,
+        num_hidden_layers=cfg.n_layer,
+        conv_kernel=cfg.d_conv,
+        expand=cfg.expand,
+        time_step_rank=cfg.dt_rank_value,
+        use_bias=False,
+        use_conv_bias=True,
+        residual_in_fp32=True,
+        layer_norm_epsilon=cfg.norm_epsilon,
+        tie_word_embeddings=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = MambaForCausalLM(hc).eval()
+    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return model, hf
+
+
+def hf_generate(hf, ids, **kw):
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kw)
+
+
+def test_greedy_equals_transformers(hf_pair):
+    model, hf = hf_pair
+    ids = prompt(2, 12, seed=3)
+    for penalty in (1.0, 1.3):
+        theirs = hf_generate(hf, ids, max_new_tokens=32, do_sample=False, repetition_penalty=penalty)
+        ours = generate(model, ids, max_new_tokens=32, repetition_penalty=penalty, eos_token_id=hf.config.eos_token_id)
+        assert ours.shape == theirs.shape and ours.shape[1] > 30
+        assert torch.equal(ours, theirs), penalty
+
+
+def test_model_card_sampling_equals_transformers_with_same_seed(hf_pair):
+    """Same processing order and RNG use as transformers: identical samples for the same seed."""
+    model, hf = hf_pair
+    ids = prompt(2, 12, seed=4)
+    kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.1}
+    torch.manual_seed(7)
+    theirs = hf_generate(hf, ids, max_new_tokens=24, **kw)
+    ours = generate(model, ids, max_new_tokens=24, seed=7, eos_token_id=hf.config.eos_token_id, **kw)
+    assert ours.shape[1] > 20  # no early EOS, so the comparison covers many sampled steps
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "do_sample,temperature,top_k,top_p,penalty",
+    [(True, 0.8, 50, 0.8, 1.1), (True, 1.3, 0, 0.5, 1.0), (True, 0.5, 7, 1.0, 0.8), (False, 1.0, 0, 1.0, 1.2)],
+)
+def test_token_choice_equals_transformers_processors(do_sample, temperature, top_k, top_p, penalty):
+    """On identical logits our sampler picks what transformers' processors + multinomial pick (same seed)."""
+    if not has_module("transformers"):
+        pytest.skip("transformers is not installed")
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from openlm_mamba.generation import _Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g) * 3
+    history = torch.randint(0, 300, (4, 20), generator=g)
+    procs = LogitsProcessorList()
+    if penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty))
+    if do_sample:
+        procs += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        procs += [TopKLogitsWarper(top_k)] if top_k else []
+        procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    scores = procs(history, logits.clone())
+    torch.manual_seed(11)
+    theirs = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1)
+    sampler = _Sampler(do_sample, temperature, top_k, top_p, penalty, 300, torch.Generator().manual_seed(11))
+    sampler.observe(history)
+    assert torch.equal(sampler(logits.clone()), theirs)
+
+
+# -- generate() behaviour ------------------------------------------------------------------------------
+def test_fixed_seed_reproduces_sampling(model):
+    ids = prompt(2, 5)
+    kw = {"max_new_tokens": 30, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "top_k": 0}
+    a, b = generate(model, ids, seed=123, **kw), generate(model, ids, seed=123, **kw)
+    c = generate(model, ids, seed=124, **kw)
+    d = generate(model, ids, generator=torch.Generator().manual_seed(123), **kw)
+    assert torch.equal(a, b) and torch.equal(a, d)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy_and_batch_equals_single(model):
+    ids = prompt(3, 7)
+    greedy = generate(model, ids, max_new_tokens=20)
+    assert torch.equal(generate(model, ids, max_new_tokens=20, do_sample=True, top_k=1, seed=0), greedy)
+    for i in range(3):
+        assert torch.equal(generate(model, ids[i], max_new_tokens=20), greedy[i : i + 1])
+
+
+def test_eos_stops_each_sequence(model):
+    ids = prompt(2, 6, seed=5)
+    free = generate(model, ids, max_new_tokens=24)[:, 6:]
+    eos = int(free[0, 3])  # row 0 emits this token at step 3 (or earlier)
+    first0 = int((free[0] == eos).nonzero()[0])
+    hits1 = (free[1] == eos).nonzero()
+    out = generate(model, ids, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)[:, 6:]
+    assert torch.equal(out[0, : first0 + 1], free[0, : first0 + 1])
+    assert (out[0, first0 + 1 :] == 0).all()
+    stop1 = int(hits1[0]) if len(hits1) else 23
+    assert torch.equal(out[1, : stop1 + 1], free[1, : stop1 + 1])
+    assert out.shape[1] == max(first0, stop1) + 1  # stops as soon as every row is done
+
+
+def test_streamer_and_zero_new_tokens(model):
+    ids = prompt(2, 4)
+    seen = []
+    out = generate(model, ids, max_new_tokens=5, streamer=lambda t: seen.append(t.clone()))
+    assert torch.equal(torch.stack(seen, 1), out[:, 4:])
+    assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+def test_padded_vocab_rows_are_never_chosen(model, monkeypatch):
+    small = tiny_model(vocab_size=500)  # padded to 504
+    real = small.forward_with_cache
+
+    def boosted(*a, **k):
+        logits, hidden = real(*a, **k)
+        logits[..., 500:] = 1e4
+        return logits, hidden
+
+    monkeypatch.setattr(small, "forward_with_cache", boosted)
+    out = generate(small, prompt(2, 3, 500), max_new_tokens=8)
+    assert (out < 500).all()
+    out = generate(small, prompt(2, 3, 500), max_new_tokens=8, do_sample=True, seed=0)
+    assert (out < 500).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"do_sample": True, "temperature": 0.0}, r"temperature must be in \(0.0, inf\)"),
+        ({"do_sample": True, "temperature": -1}, "temperature"),
+        ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0.0, 1.0\]"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k must be an int >= 0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be an int >= 0"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"eos_token_id": 99999}, r"eos_token_id must be an int .* in \[0, 512\)"),
+        ({"pad_token_id": 512}, r"pad_token_id must be an int in \[0, 512\)"),
+        ({"seed": 1, "generator": torch.Generator()}, "either seed or generator"),
+        ({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}, "padding is not supported"),
+        ({"attention_mask": torch.ones(2, 4)}, r"attention_mask must have shape \(2, 3\)"),
+        ({"do_sample": 1}, "do_sample must be a bool"),
+    ],
+)
+def test_invalid_settings_raise_clear_errors(model, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        generate(model, prompt(2, 3), max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
+
+
+def test_invalid_inputs_raise_clear_errors(model):
+    with pytest.raises(TypeError, match=r"input_ids must be a torch\.Tensor"):
+        generate(model, [[1, 2]])
+    with pytest.raises(TypeError, match="integer tensor"):
+        generate(model, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="must be an openlm_mamba MambaLM"):
+        generate(torch.nn.Linear(2, 2), prompt(1, 2))

@@ -1,0 +1,232 @@
+"""``openlm-mamba generate`` end to end: offline tokenizer, OpenLM-format checkpoints (one trained by open_lm)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from openlm_mamba import MambaConfig, MambaLM, generate
+from openlm_mamba.cli import main as cli_main
+
+from .conftest import has_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    not (has_module("tokenizers") and has_module("transformers")), reason="needs tokenizers and transformers"
+)
+
+TEXT = [
+    "The Toyota Supra is a sports car made by Toyota.",
+    "Mamba is a selective state space model for language modelling.",
+    "A recurrent state of fixed size replaces the growing key value cache.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 300 < mamba_tiny's 512) trained offline and saved HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT * 10, trainer)
+    out = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def openlm_style_checkpoint(tmp_path_factory) -> tuple[Path, MambaLM]:
+    """A random mamba_tiny saved the way open_lm.main saves epoch_N.pt (DDP ``module.`` prefix)."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.load("mamba_tiny")).eval()
+    sd = {"module." + k: v for k, v in model.state_dict().items() if k != "model.lm_head.weight"}
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": sd}, path)
+    return path, model
+
+
+class Recorder(io.StringIO):
+    """stdout that remembers each write (to see that tokens are streamed, not printed once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def run_cli(monkeypatch, argv: list[str]) -> tuple[int, Recorder]:
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = cli_main(["generate", *argv])
+    return rc, out
+
+
+def test_cli_greedy_streams_the_same_text_as_generate(monkeypatch, tokenizer_dir, openlm_style_checkpoint):
+    from transformers import AutoTokenizer
+
+    path, model = openlm_style_checkpoint
+    prompt = "The Toyota Supra"
+    args = ["--model", "mamba_tiny", "--checkpoint", str(path), "--tokenizer", str(tokenizer_dir)]
+    rc, out = run_cli(monkeypatch, [*args, "--prompt", prompt, "--greedy", "--max-new-tokens", "12"])
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    expected = generate(model, ids, max_new_tokens=12, eos_token_id=tok.eos_token_id)
+    text = prompt + tok.decode(expected[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    assert out.getvalue() == text + "\n"
+    assert len(out.writes) >= 3  # prompt, then pieces as tokens arrive
+
+
+def test_cli_model_card_sampling_is_reproducible(monkeypatch, tokenizer_dir, openlm_style_checkpoint):
+    path, _ = openlm_style_checkpoint
+    args = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", "Mamba is", "--seed", "3"]
+    rc1, out1 = run_cli(monkeypatch, [*args, "--max-new-tokens", "10"])
+    rc2, out2 = run_cli(monkeypatch, [*args, "--max-new-tokens", "10", "--no-stream"])
+    assert rc1 == rc2 == 0
+    assert out1.getvalue() == out2.getvalue() and out1.getvalue().startswith("Mamba is")
+
+
+def test_cli_accepts_compiled_model_prefix_and_bare_state_dict(monkeypatch, tmp_path, tokenizer_dir):
+    torch.manual_seed(1)
+    model = MambaLM(MambaConfig.load("mamba_tiny"))
+    compiled = tmp_path / "epoch_2.pt"
+    torch.save(
+        {"epoch": 2, "state_dict": {"module._orig_mod." + k: v for k, v in model.state_dict().items()}}, compiled
+    )
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    outs = []
+    for path in (compiled, bare):
+        argv = ["--model", "mamba_tiny", "--checkpoint", str(path), "--tokenizer", str(tokenizer_dir)]
+        rc, out = run_cli(monkeypatch, [*argv, "--prompt", "Mamba", "--greedy", "--max-new-tokens", "6"])
+        assert rc == 0
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1]
+
+
+def test_cli_accepts_hf_directory(monkeypatch, tmp_path, tokenizer_dir, openlm_style_checkpoint):
+    """An HF MambaForCausalLM directory (made by openlm_mamba.convert) generates the same text."""
+    try:
+        from openlm_mamba.convert import convert
+    except ImportError:
+        pytest.skip("openlm_mamba.convert is not available")
+    path, _ = openlm_style_checkpoint
+    hf_dir = convert(path, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    outs = []
+    for ckpt in (path, hf_dir):
+        argv = ["--model", "mamba_tiny", "--checkpoint", str(ckpt), "--tokenizer", str(tokenizer_dir)]
+        rc, out = run_cli(monkeypatch, [*argv, "--prompt", "Mamba", "--greedy", "--max-new-tokens", "6"])
+        assert rc == 0
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1]
+
+
+def test_fallback_loader_without_convert(openlm_style_checkpoint):
+    """The CLI's own .pt loader (used only if openlm_mamba.convert cannot be imported) loads the same weights."""
+    from openlm_mamba.commands.generate import load_openlm_file
+
+    path, model = openlm_style_checkpoint
+    loaded = load_openlm_file(path, "mamba_tiny", "cpu", torch.float32)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(SystemExit, match="--model is required"):
+        load_openlm_file(path, None, "cpu", torch.float32)
+
+
+def test_cli_clear_errors(monkeypatch, tmp_path, tokenizer_dir, openlm_style_checkpoint):
+    path, _ = openlm_style_checkpoint
+    base = ["--checkpoint", str(path), "--prompt", "x"]
+    with pytest.raises(SystemExit, match=r"--tokenizer 'no-such-org/no-such-tokenizer'.*HF_HUB_OFFLINE"):
+        run_cli(monkeypatch, [*base, "--tokenizer", "no-such-org/no-such-tokenizer"])
+    with pytest.raises(SystemExit, match=r"--tokenizer .*cannot load a tokenizer from this directory"):
+        run_cli(monkeypatch, [*base, "--tokenizer", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"top_p must be in \(0.0, 1.0\]"):
+        run_cli(monkeypatch, [*base, "--tokenizer", str(tokenizer_dir), "--top-p", "0"])
+    with pytest.raises(SystemExit, match="no such file"):
+        run_cli(
+            monkeypatch,
+            ["--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "x", "--tokenizer", str(tokenizer_dir)],
+        )
+    with pytest.raises(SystemExit, match="d_model"):  # checkpoint does not match --model
+        run_cli(monkeypatch, [*base, "--tokenizer", str(tokenizer_dir), "--model", "mamba_130m"])
+
+
+def tiny_recipe():
+    """examples/make_tiny_data.py (the tiny CPU recipe's data + offline tokenizer builder), if present."""
+    import importlib.util
+
+    path = Path(ROOT) / "examples" / "make_tiny_data.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("make_tiny_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.openlm
+def test_cli_on_checkpoint_trained_by_open_lm(monkeypatch, tmp_path, tokenizer_dir):
+    """Acceptance 5: the tiny CPU recipe (its offline tokenizer and data) for a few steps of open_lm.main,
+    then generate from the epoch_1.pt it wrote."""
+    if not has_module("open_lm"):
+        pytest.skip("open_lm (OpenLM) is not importable")
+    recipe = tiny_recipe()
+    if recipe is not None:  # real text, tokenizer.json trained offline, webdataset shards
+        info = recipe.make_tiny_dataset(tmp_path / "data", max_chars=50_000)
+        data = ["--train-data", info["train_data"], "--data-key", "json.gz", "--global-batch-size", "16"]
+        tokenizer = info["tokenizer"]
+    else:  # recipe not available: OpenLM's synthetic data and this module's tokenizer
+        data = ["--dataset-type", "synthetic", "--global-batch-size", "16"]
+        tokenizer = str(tokenizer_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "openlm_mamba.train",  # registers the plugin, then runs open_lm.main unmodified
+        "--model",
+        "mamba_tiny",
+        *data,
+        "--train-num-samples",
+        "4096",  # tokens: 2 steps of 16 sequences x 128
+        "--epochs",
+        "1",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0" if recipe is None else "1",
+        "--seed",
+        "0",
+        "--logs",
+        str(tmp_path),
+        "--name",
+        "tiny",
+        "--report-to",
+        "",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "epoch_1.pt"
+    assert proc.returncode == 0 and ckpt.is_file(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    argv = ["--model", "mamba_tiny", "--checkpoint", str(ckpt), "--tokenizer", tokenizer]
+    rc, out = run_cli(monkeypatch, [*argv, "--prompt", "The Toyota Supra", "--seed", "0", "--max-new-tokens", "8"])
+    assert rc == 0 and out.getvalue().startswith("The Toyota Supra") and len(out.writes) >= 2

@@ -1,0 +1,160 @@
+"""selective_state_update: every backend against the reference step, and the step against the scan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from openlm_mamba.ops import selective_scan_ref, selective_state_update, selective_state_update_ref
+from openlm_mamba.ops.state_update import selective_state_update_torch
+
+from .conftest import has_module
+
+
+def make_inputs(batch, dim, dstate, groups=0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    state = r(batch, dim, dstate)
+    x, dt, z = (r(batch, dim).to(dtype) for _ in range(3))
+    A = -torch.rand(dim, dstate, generator=g) - 0.1
+    shape = (batch, groups, dstate) if groups else (batch, dstate)
+    B, C = r(*shape).to(dtype), r(*shape).to(dtype)
+    D, dt_bias = r(dim), r(dim) * 0.5
+    return state, x, dt, A, B, C, D, z, dt_bias
+
+
+CASES = [
+    # batch, dim, d_state, groups, with D/z/dt_bias, softplus
+    (1, 8, 4, 0, True, True),
+    (3, 37, 16, 0, True, True),
+    (2, 64, 5, 4, True, False),
+    (2, 16, 16, 0, False, True),
+]
+
+
+@pytest.mark.parametrize("batch,dim,dstate,groups,extras,softplus", CASES)
+def test_torch_backend_matches_reference(batch, dim, dstate, groups, extras, softplus):
+    state, x, dt, A, B, C, D, z, dt_bias = make_inputs(batch, dim, dstate, groups)
+    if not extras:
+        D = z = dt_bias = None
+    s_ref, s_fast = state.clone(), state.clone()
+    out_ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, softplus)
+    out = selective_state_update(s_fast, x, dt, A, B, C, D, z, dt_bias, softplus, backend="torch")
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(s_fast, state), "state must be updated in place"
+
+
+def test_bf16_inputs_keep_fp32_state():
+    state, x, dt, A, B, C, D, z, dt_bias = make_inputs(2, 32, 8, dtype=torch.bfloat16)
+    s_ref, s_fast = state.clone(), state.clone()
+    out_ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, True)
+    out = selective_state_update_torch(s_fast, x, dt, A, B, C, D, z, dt_bias, True)
+    assert out.dtype == torch.bfloat16 and s_fast.dtype == torch.float32
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_steps_equal_the_scan(groups):
+    """L steps of the state update reproduce selective_scan_ref's outputs and last state."""
+    torch.manual_seed(1)
+    batch, dim, dstate, L = 2, 12, 6, 9
+    u, delta, z = torch.randn(batch, dim, L), torch.randn(batch, dim, L), torch.randn(batch, dim, L)
+    A = -torch.rand(dim, dstate) - 0.1
+    shape = (batch, groups, dstate, L) if groups else (batch, dstate, L)
+    B, C = torch.randn(*shape), torch.randn(*shape)
+    D, bias = torch.randn(dim), torch.randn(dim)
+    init = torch.randn(batch, dim, dstate)
+    out, last = selective_scan_ref(u, delta, A, B, C, D, z, bias, True, True, init)
+    state = init.clone()
+    ys = [
+        selective_state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t], bias, True)
+        for t in range(L)
+    ]
+    torch.testing.assert_close(torch.stack(ys, -1), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: a.update(x=a["x"][:, :-1]), r"x must have shape \(2, 8\)"),
+        (lambda a: a.update(A=a["A"][:, :-1]), r"A must have shape \(8, 4\)"),
+        (lambda a: a.update(B=a["B"][..., None, None]), "B must have 2 or 3 dimensions"),
+        (lambda a: a.update(C=torch.randn(2, 3, 4)), "C has 3 groups, which must divide dim=8"),
+        (lambda a: a.update(D=torch.randn(7)), r"D must have shape \(8,\)"),
+        (lambda a: a.update(z=torch.randn(2, 9)), r"z must have shape \(2, 8\)"),
+        (lambda a: a.update(state=[1.0]), "state must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, match):
+    names = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    args = dict(zip(names, make_inputs(2, 8, 4)))
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        selective_state_update(**args)
+
+
+def test_triton_backend_unavailable_on_cpu_without_interpreter(monkeypatch):
+    if not has_module("triton"):
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from openlm_mamba.ops.dispatch import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        selective_state_update(*make_inputs(1, 4, 2), backend="triton")
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from tests.test_state_update import CASES, make_inputs
+    from openlm_mamba.ops import selective_state_update, selective_state_update_ref
+
+    for batch, dim, dstate, groups, extras, softplus in CASES + [(1, 300, 16, 0, True, True)]:
+        state, x, dt, A, B, C, D, z, dt_bias = make_inputs(batch, dim, dstate, groups)
+        if not extras:
+            D = z = dt_bias = None
+        s_ref, s_tri = state.clone(), state.clone()
+        ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, softplus)
+        out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, softplus, backend="triton")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-5)
+    # non-contiguous x / z (slices of one projection, as in the model's step)
+    state, x, dt, A, B, C, D, z, dt_bias = make_inputs(2, 16, 8)
+    xz = torch.randn(2, 32)
+    x, z = xz.chunk(2, dim=-1)
+    s_ref, s_tri = state.clone(), state.clone()
+    ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, True)
+    out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-5)
+    print("TRITON_OK")
+    """
+)
+
+
+def test_triton_backend_matches_reference_interpreted():
+    """The Triton kernel under TRITON_INTERPRET=1 (set before triton is imported: a subprocess)."""
+    if not has_module("triton"):
+        pytest.skip("triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout + proc.stderr
