@@ -1,0 +1,250 @@
+"""Everything that touches OpenLM (`open_lm`): config registry, ``create_model`` hook, FSDP block class.
+
+Importing this module imports ``open_lm.model``; the rest of the package never imports it, so
+``openlm_mamba`` works without OpenLM. :func:`register` is idempotent and is normally run for
+you by the post-import hook that the installed ``.pth`` file arms (see ``_autoload.py``).
+
+What :func:`register` changes, all in memory (OpenLM's files stay untouched):
+
+* ``open_lm.model._MODEL_CONFIGS`` gains our ``model_configs/*.json`` (ours replace upstream's
+  four-field ``mamba_*`` entries of the same name), also after a later ``_rescan_model_configs()``.
+* ``open_lm.model.create_model`` builds :class:`~openlm_mamba.model.MambaLM` for a Mamba config
+  (a registered name whose JSON says ``"model_type": "mamba"``, or ``--model path/to/x.json``
+  with that marker); any other model goes to OpenLM's own ``create_model``.
+* Each residual layer is an :class:`OpenLMMambaBlock`, a subclass of ``open_lm.model.Block``, so
+  OpenLM's unmodified FSDP wrap policy makes every layer its own FSDP unit.
+* Compatibility shims, in memory: FSDP full-state-dict saving and DDP on CPU-only machines
+  (:func:`_patch_cpu_distributed`), and webdataset's end-of-shard marker in OpenLM's tar reader
+  (:func:`_patch_wds_eof_marker`). Each docstring says what fails without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import open_lm.model as _olm
+import torch
+from open_lm.model import Block as _OpenLMBlock
+
+from .config import MambaConfig, config_dir, is_mamba_config
+from .model import MambaLM, ResidualBlock
+
+__all__ = ["OpenLMMambaBlock", "build_model", "create_model", "register", "resolve_config"]
+
+_log = logging.getLogger(__name__)
+_STATE_PREFIXES = ("module.", "_orig_mod.")
+
+
+class OpenLMMambaBlock(ResidualBlock, _OpenLMBlock):
+    """A Mamba residual layer that is also an ``open_lm.model.Block`` (one FSDP unit per layer).
+
+    Only the type matters: ``ResidualBlock`` comes first in the MRO, so its ``__init__``,
+    ``forward`` and ``reset_parameters`` are used and ``Block.__init__`` never runs.
+    """
+
+
+def our_configs() -> dict[str, dict[str, Any]]:
+    """Our shipped model configs as raw JSON dicts, by name."""
+    out = {}
+    for path in sorted(config_dir().glob("*.json")):
+        out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+def resolve_config(model: str) -> MambaConfig | None:
+    """The MambaConfig that OpenLM's ``--model`` value names, or None when it is not a Mamba config."""
+    if not isinstance(model, str):
+        return None
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            return None  # OpenLM reports the missing file itself
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return MambaConfig.load(path) if is_mamba_config(data) else None
+    data = _olm._MODEL_CONFIGS.get(model)
+    if is_mamba_config(data):
+        return MambaConfig.from_dict(data, source=f"{model}.json")
+    return None
+
+
+def _strip_prefixes_hook(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: accept keys saved through DDP (``module.``) or torch.compile (``_orig_mod.``)."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        changed = True
+        while changed:
+            changed = False
+            for p in _STATE_PREFIXES:
+                if rest.startswith(p):
+                    rest, changed = rest[len(p) :], True
+        if prefix + rest != key:
+            state_dict[prefix + rest] = state_dict.pop(key)
+
+
+def build_model(cfg: MambaConfig, backend: str | None = None) -> MambaLM:
+    """A MambaLM whose layers are OpenLM Blocks, loading upstream-OpenLM Mamba checkpoints with or without prefixes."""
+    model = MambaLM(cfg, block_cls=OpenLMMambaBlock, backend=backend)
+    model.register_load_state_dict_pre_hook(_strip_prefixes_hook)
+    return model
+
+
+def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
+    """OpenLM's ``create_model(args)``: our MambaLM for Mamba configs, otherwise OpenLM's own model."""
+    model_arg = args.model
+    cfg = resolve_config(model_arg)
+    if cfg is None:
+        fallback = _fallback or _ORIGINAL.get("create_model")
+        if fallback is None:
+            raise ValueError(f"--model {model_arg!r} is not a Mamba config and OpenLM's create_model is unavailable")
+        return fallback(args)
+    if model_arg.endswith(".json"):
+        args.model = Path(model_arg).stem  # as OpenLM's create_params does for JSON paths
+        _olm._MODEL_CONFIGS[args.model] = cfg.to_dict()
+    return build_model(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+_ORIGINAL: dict[str, Callable] = {}
+
+
+def _add_configs(registry: dict) -> None:
+    registry.update(our_configs())
+
+
+def register(module: Any = None) -> None:
+    """Make OpenLM build our Mamba models (idempotent). ``module`` is ``open_lm.model`` (default: import it)."""
+    olm = module if module is not None else _olm
+    if getattr(olm, "_openlm_mamba_registered", False):
+        return
+    _add_configs(olm._MODEL_CONFIGS)
+
+    original_create = olm.create_model
+    original_rescan = olm._rescan_model_configs
+    _ORIGINAL["create_model"] = original_create
+    _ORIGINAL["_rescan_model_configs"] = original_rescan
+
+    def create_model_hook(args):
+        return create_model(args, _fallback=original_create)
+
+    def rescan_hook(model_config_paths=None):
+        original_rescan(model_config_paths)
+        if model_config_paths is None:
+            _add_configs(olm._MODEL_CONFIGS)
+
+    create_model_hook.__doc__ = create_model.__doc__
+    create_model_hook.__wrapped__ = original_create
+    rescan_hook.__wrapped__ = original_rescan
+    olm.create_model = create_model_hook
+    olm._rescan_model_configs = rescan_hook
+    olm._openlm_mamba_registered = True
+
+    main = sys.modules.get("open_lm.main")
+    if main is not None and getattr(main, "create_model", None) is original_create:
+        main.create_model = create_model_hook  # registered after open_lm.main was loaded (openlm_mamba.train)
+    _when_imported("open_lm.main", _patch_cpu_distributed)
+    entry = sys.modules.get("__main__")
+    if getattr(getattr(entry, "__spec__", None), "name", None) == "open_lm.main":  # python/torchrun -m open_lm.main
+        _patch_cpu_distributed(entry)
+    _when_imported("open_lm.data", _patch_wds_eof_marker)
+
+
+def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
+    """Run ``fn(module)`` now if ``name`` is loaded, else right after it loads (a wrapt post-import hook)."""
+    try:
+        module = sys.modules.get(name)
+        if module is not None:
+            fn(module)
+        else:
+            import wrapt
+
+            wrapt.register_post_import_hook(fn, name)
+    except Exception as e:  # never break OpenLM over an optional workaround
+        _log.warning("openlm_mamba: could not apply the %s compatibility patch (%s)", name, e)
+
+
+def _patch_cpu_distributed(main: Any) -> None:
+    """Without CUDA, let ``open_lm.main``'s distributed paths run on CPU (gloo). Two shims, applied only then:
+
+    * FSDP save: ``FullStateDictConfig(offload_to_cpu=True, rank0_only=True)`` in ``save_checkpoint``
+      fails for parameters that already live on the CPU. We rebind the name ``FullStateDictConfig``
+      in ``open_lm.main`` (not torch's class) to a factory that turns ``offload_to_cpu`` off.
+    * DDP: ``open_lm.main`` passes ``device_ids=[device]``, which DDP rejects for a CPU device. We set
+      ``torch.nn.parallel.DistributedDataParallel`` to a subclass that drops CPU ``device_ids``
+      (what DDP expects for CPU modules); isinstance checks against DDP still hold.
+    """
+    if getattr(main, "_openlm_mamba_cpu_patch", False) or torch.cuda.is_available():
+        return
+    original = getattr(main, "FullStateDictConfig", None)
+    if original is not None:
+
+        def full_state_dict_config(*args, **kwargs):
+            kwargs["offload_to_cpu"] = False
+            return original(*args, **kwargs)
+
+        full_state_dict_config.__wrapped__ = original
+        main.FullStateDictConfig = full_state_dict_config
+    _patch_cpu_ddp()
+    main._openlm_mamba_cpu_patch = True
+
+
+def _patch_cpu_ddp() -> None:
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if getattr(ddp, "_openlm_mamba_cpu_ddp", False):
+        return
+
+    class DistributedDataParallel(ddp):
+        """torch's DDP, accepting ``device_ids=[cpu device]`` as OpenLM passes it (dropped: CPU modules take none)."""
+
+        _openlm_mamba_cpu_ddp = True
+
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    DistributedDataParallel.__module__ = ddp.__module__
+    DistributedDataParallel.__qualname__ = ddp.__qualname__
+    torch.nn.parallel.DistributedDataParallel = DistributedDataParallel
+
+
+def _patch_wds_eof_marker(data: Any) -> None:
+    """Let OpenLM's ``group_by_keys_nothrow`` skip webdataset's end-of-shard markers.
+
+    webdataset >= 0.2.90 ends every shard in ``tar_file_expander`` with an EOF marker (``{}``, no
+    ``"fname"``); OpenLM's own grouping (used for ``--train-data`` / ``--dataset-manifest``) indexes
+    ``filesample["fname"]`` and dies with ``KeyError: 'fname'`` at the end of the first shard. We
+    drop samples without ``"fname"`` before OpenLM's function sees them; its behaviour is otherwise
+    unchanged (samples are still flushed when the key prefix changes).
+    """
+    original = getattr(data, "group_by_keys_nothrow", None)
+    if original is None or getattr(data, "_openlm_mamba_wds_patch", False):
+        return
+
+    def group_by_keys_nothrow(files, *args, **kwargs):
+        return original((f for f in files if "fname" in f), *args, **kwargs)
+
+    group_by_keys_nothrow.__wrapped__ = original
+    group_by_keys_nothrow.__doc__ = original.__doc__
+    data.group_by_keys_nothrow = group_by_keys_nothrow
+    data._openlm_mamba_wds_patch = True
+
+
+def _finish_deferred_autoload() -> None:
+    from . import _autoload
+
+    if _autoload.take_pending():
+        register()
+
+
+_finish_deferred_autoload()

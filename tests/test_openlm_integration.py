@@ -1,0 +1,306 @@
+"""OpenLM registration, model building, example configs and the auto-activation hook (in-process and fresh interpreters)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PTH = ROOT / "openlm_mamba_autoload.pth"
+HAS_OPEN_LM = importlib.util.find_spec("open_lm") is not None
+needs_open_lm = pytest.mark.skipif(not HAS_OPEN_LM, reason="open_lm is not importable")
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.pop("OPENLM_MAMBA_AUTOLOAD", None)
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=180,
+    )
+
+
+@pytest.fixture(scope="module")
+def olm():
+    if not HAS_OPEN_LM:
+        pytest.skip("open_lm is not importable")
+    import open_lm.model
+
+    from openlm_mamba.openlm import register
+
+    register()  # idempotent: the .pth hook normally did it already
+    return open_lm.model
+
+
+def _args(model: str):
+    from open_lm.params import parse_args
+
+    return parse_args(["--model", model])
+
+
+@needs_open_lm
+def test_registry_has_our_configs_taking_precedence(olm):
+    from openlm_mamba import available_configs
+
+    for name in available_configs():
+        assert olm._MODEL_CONFIGS[name]["model_type"] == "mamba", name
+    assert olm._MODEL_CONFIGS["mamba_7b"]["n_layer"] == 64
+    olm._rescan_model_configs()  # OpenLM re-reading its own folder must not bring its mamba_7b back
+    assert olm._MODEL_CONFIGS["mamba_7b"]["model_type"] == "mamba"
+    assert "open_lm_test_tiny" in olm._MODEL_CONFIGS
+
+
+@needs_open_lm
+def test_create_model_builds_mamba_with_openlm_blocks(olm):
+    from openlm_mamba import MambaLM
+    from openlm_mamba.model import ResidualBlock
+
+    model = olm.create_model(_args("mamba_tiny"))
+    assert isinstance(model, MambaLM)
+    assert len(model.layers) == 2
+    for layer in model.layers:
+        assert isinstance(layer, olm.Block) and isinstance(layer, ResidualBlock)
+    assert model.vocab_size == model.cfg.padded_vocab_size and model.seq_len == 128
+    logits, _, _ = model(torch.randint(0, 512, (2, 16)))
+    assert logits.dtype == torch.float32 and logits.reshape(-1, model.vocab_size).shape == (32, 512)
+
+
+@needs_open_lm
+def test_other_openlm_models_untouched(olm, tmp_path):
+    assert type(olm.create_model(_args("open_lm_test_tiny"))) is olm.Transformer
+    custom = tmp_path / "my_transformer.json"
+    shutil.copy(Path(olm.__file__).parent / "model_configs" / "open_lm_test_tiny.json", custom)
+    assert type(olm.create_model(_args(str(custom)))) is olm.Transformer
+
+
+@needs_open_lm
+def test_custom_json_mamba_config(olm, tmp_path):
+    from openlm_mamba import MambaConfig, MambaLM
+
+    cfg = MambaConfig.load("mamba_tiny").replace(d_model=48, n_layer=3, vocab_size=100)
+    path = tmp_path / "my_mamba.json"
+    cfg.save(path)
+    args = _args(str(path))
+    model = olm.create_model(args)
+    assert isinstance(model, MambaLM)
+    assert (model.cfg.d_model, model.cfg.n_layer, model.vocab_size) == (48, 3, 104)
+    assert args.model == "my_mamba"  # as OpenLM does for JSON paths
+
+
+@needs_open_lm
+def test_invalid_mamba_json_reports_field(olm, tmp_path):
+    from openlm_mamba import ConfigError
+
+    path = tmp_path / "bad.json"
+    data = json.loads((ROOT / "model_configs" / "mamba_tiny.json").read_text())
+    data["d_state"] = "16"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="d_state must be int"):
+        olm.create_model(_args(str(path)))
+
+
+@needs_open_lm
+def test_mamba_7b_yaml_parses_and_builds_on_meta(olm):
+    from open_lm.params import parse_args
+
+    args = parse_args(["--config", str(ROOT / "examples" / "mamba_7b.yaml")])
+    assert args.model == "mamba_7b" and args.precision == "amp_bfloat16" and args.fsdp
+    assert (args.lr, args.lr_cooldown_end, args.warmup, args.z_loss_coefficient) == (3e-4, 1e-5, 2000, 1e-4)
+    assert args.global_batch_size == 1024
+    with torch.device("meta"):
+        model = olm.create_model(args)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == model.cfg.num_parameters()
+    assert 6.9e9 < n < 7.0e9, n
+    assert model.seq_len == 2048
+    assert model.model.lm_head.weight is model.model.backbone.embedding.weight
+
+
+@needs_open_lm
+def test_tiny_cpu_yaml_parses(olm):
+    from open_lm.params import parse_args
+
+    args = parse_args(["--config", str(ROOT / "examples" / "tiny_cpu.yaml")])
+    assert args.model == "mamba_tiny" and args.train_data and args.val_data and args.precision == "fp32"
+
+
+@needs_open_lm
+def test_pretrained_keys_with_prefixes_load(olm):
+    from openlm_mamba import MambaConfig
+    from openlm_mamba.openlm import build_model
+
+    cfg = MambaConfig.load("mamba_tiny")
+    torch.manual_seed(0)
+    src = build_model(cfg)
+    dst = build_model(cfg)
+    sd = src.state_dict()
+    assert set(sd) >= {"model.backbone.embedding.weight", "model.lm_head.weight", "model.backbone.norm_f.weight"}
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        dst.load_state_dict({prefix + k: v for k, v in sd.items()})
+        for k, v in dst.state_dict().items():
+            assert torch.equal(v, sd[k]), (prefix, k)
+    assert dst.model.lm_head.weight is dst.model.backbone.embedding.weight
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        dst.load_state_dict({"other." + k: v for k, v in sd.items()})
+
+
+@needs_open_lm
+def test_wds_eof_marker_patch(olm):
+    import open_lm.data as data
+
+    files = [
+        {"fname": "a.json.gz", "data": b"1", "__url__": "s0"},
+        {},
+        {"fname": "b.json.gz", "data": b"2", "__url__": "s1"},
+    ]
+    samples = list(data.group_by_keys_nothrow(iter(files)))
+    assert [s["__key__"] for s in samples] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The .pth hook, in fresh interpreters
+
+
+def test_pth_line_is_cheap_and_arms_on_open_lm_import():
+    code = f"""
+        import sys
+        exec(open({str(PTH)!r}).read())
+        armed = [f for f in sys.meta_path if type(f).__name__ == "_OpenLMMambaArm"]
+        print(len(armed), "torch" in sys.modules, "wrapt" in sys.modules, "openlm_mamba" in sys.modules)
+    """
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "False", "False", "False"]  # armed, nothing heavy imported
+    off = _python(code, OPENLM_MAMBA_AUTOLOAD="0")
+    assert off.returncode == 0 and off.stdout.split()[0] == "0", off.stdout + off.stderr
+
+
+@needs_open_lm
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_pth_line_registers_with_open_lm(switch):
+    code = f"""
+        import sys
+        exec(open({str(PTH)!r}).read())
+        import open_lm.model as m
+        print("RESULT", getattr(m, "_openlm_mamba_registered", False), "mamba_tiny" in m._MODEL_CONFIGS)
+    """
+    out = _python(code, OPENLM_MAMBA_AUTOLOAD="1" if switch == "on" else "off")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
+    assert result == (["True", "True"] if switch == "on" else ["False", "False"])
+
+
+@needs_open_lm
+def test_hook_when_our_openlm_module_is_imported_first():
+    """Importing openlm_mamba.openlm first (it imports open_lm.model) registers once, without a warning."""
+    code = f"""
+        import sys
+        exec(open({str(PTH)!r}).read())
+        import openlm_mamba
+        openlm_mamba.register()
+        import open_lm.model as m
+        print("RESULT", m._openlm_mamba_registered, m.create_model.__name__)
+    """
+    out = _python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT True create_model_hook" in out.stdout
+    assert "registration with OpenLM failed" not in out.stderr
+
+
+def test_pth_installed_matches_source():
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    installed = [Path(d) / PTH.name for d in dirs if (Path(d) / PTH.name).is_file()]
+    if not installed:
+        pytest.skip(f"{PTH.name} is not installed in {dirs} (package not pip-installed here)")
+    assert installed[0].read_text() == PTH.read_text()
+
+
+def test_package_works_without_open_lm():
+    """Acceptance 6: with open_lm unimportable, the package and its model work; OpenLM parts fail clearly."""
+    code = """
+        import sys, importlib.abc, subprocess
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "open_lm" or name.startswith("open_lm."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, Block())
+        import torch, openlm_mamba
+        model = openlm_mamba.MambaLM("mamba_tiny")
+        print("LOGITS", tuple(model(torch.zeros(1, 4, dtype=torch.long))[0].shape))
+        try:
+            import openlm_mamba.openlm
+        except ImportError as e:
+            print("OPENLM", type(e).__name__)
+        from openlm_mamba import train
+        try:
+            train.main(["--model", "mamba_tiny"])
+        except SystemExit as e:
+            print("TRAIN", e)
+    """
+    out = _python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOGITS (1, 4, 512)" in out.stdout
+    assert "OPENLM ModuleNotFoundError" in out.stdout
+    assert "open_lm) is not importable" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Install modes: build + install the package (no deps, no build isolation) into two fresh venvs.
+# ~10 s each on an idle 2-core box, about a minute under load: slow-marked (python -m pytest --full).
+
+
+@pytest.mark.slow
+@needs_open_lm
+@pytest.mark.parametrize("mode", ["wheel", "editable"])
+def test_pth_hook_after_install(tmp_path, mode):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
+    py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    if mode == "editable":
+        subprocess.run([*pip, "-e", ROOT], check=True, cwd=tmp_path)
+    else:
+        src = tmp_path / "src"  # build from a copy: `pip wheel` leaves build/ in the source tree
+        skip = shutil.ignore_patterns(".git", "logs", "build", "tiny_data", "*.egg-info", "__pycache__", ".venv")
+        shutil.copytree(ROOT, src, ignore=skip)
+        subprocess.run(
+            [str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "w", src],
+            check=True,
+        )
+        wheel = next((tmp_path / "w").glob("openlm_mamba-*.whl"))
+        subprocess.run([*pip, wheel], check=True, cwd=tmp_path)
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert (Path(purelib) / PTH.name).is_file()
+    code = "import sys; import open_lm.model as m; print('RESULT', 'torch' in sys.modules, m._openlm_mamba_registered)"
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT True True" in out.stdout
+    loc = subprocess.run(
+        [str(py), "-c", "import openlm_mamba; print(openlm_mamba.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    expected = str(ROOT) if mode == "editable" else str(venv)
+    assert loc.stdout.strip().startswith(expected), loc.stdout
