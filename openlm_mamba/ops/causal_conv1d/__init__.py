@@ -54,3 +54,18 @@ def causal_conv1d(
 dispatch.register(OP, "torch", causal_conv1d_torch)
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch"]
+
+# Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
+# import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.
+from ..triton_utils import triton_available  # noqa: E402
+from .cuda import causal_conv1d_cuda, cuda_available  # noqa: E402
+
+
+def _causal_conv1d_triton(*args, **kwargs):
+    from .triton import causal_conv1d_triton
+
+    return causal_conv1d_triton(*args, **kwargs)
+
+
+dispatch.register(OP, "triton", _causal_conv1d_triton, triton_available)
+dispatch.register(OP, "cuda", causal_conv1d_cuda, cuda_available)

@@ -36,3 +36,16 @@ def add_norm(
 dispatch.register(OP, "torch", add_norm_ref)
 
 __all__ = ["add_norm", "add_norm_ref"]
+
+# Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
+# import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.
+from ..triton_utils import triton_available  # noqa: E402
+
+
+def _add_norm_triton(*args, **kwargs):
+    from .triton import add_norm_triton
+
+    return add_norm_triton(*args, **kwargs)
+
+
+dispatch.register(OP, "triton", _add_norm_triton, triton_available)

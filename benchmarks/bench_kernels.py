@@ -1,0 +1,242 @@
+"""Kernel benchmark: selective scan, causal conv1d and add+RMSNorm, each backend side by side.
+
+For every op and backend (the PyTorch path, Triton, and mamba-ssm / causal-conv1d when
+installed) it measures the forward and forward+backward time, the achieved memory bandwidth
+(minimum bytes the op must move / time) as a fraction of the device's peak, and the memory the
+op keeps for its backward (bytes of the tensors autograd saves). Default shapes are one Mamba-7B
+layer at 16K tokens per step: d_model 4096, d_inner 8192, d_state 16, width 4, bf16.
+
+    python benchmarks/bench_kernels.py                  # GPU, Mamba-7B shapes
+    python benchmarks/bench_kernels.py --quick          # CPU, tiny shapes, Triton interpreter
+    python benchmarks/bench_kernels.py --json out.json  # also write the rows as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Peak HBM bandwidth (bytes/s) of common training GPUs, matched by substring of the device name.
+PEAK_BANDWIDTH = (
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+    ("L40S", 0.864e12),
+    ("A10G", 0.6e12),
+    ("RTX 4090", 1.008e12),
+)
+
+FULL = {
+    "tokens": 16384,
+    "seqlen": 2048,
+    "d_model": 4096,
+    "d_inner": 8192,
+    "d_state": 16,
+    "dtype": "bfloat16",
+    "repeats": 5,
+}
+QUICK = {"tokens": 16, "seqlen": 8, "d_model": 32, "d_inner": 32, "d_state": 4, "dtype": "float32", "repeats": 1}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    p.add_argument("--tokens", type=int, help="tokens per step (batch * seqlen); default 16384 (--quick: 16)")
+    p.add_argument("--seqlen", type=int, help="default 2048 (--quick: 8)")
+    p.add_argument("--d-model", type=int, help="default 4096 (--quick: 32)")
+    p.add_argument("--d-inner", type=int, help="default 8192 (--quick: 32)")
+    p.add_argument("--d-state", type=int, help="default 16 (--quick: 4)")
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bfloat16 (--quick: float32)")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement; default 5 (--quick: 1)")
+    p.add_argument("--ops", default="selective_scan,causal_conv1d,add_norm")
+    p.add_argument("--backends", default="torch,triton,cuda")
+    p.add_argument("--json", default=None, help="write the result rows to this file")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tokens % args.seqlen:
+        p.error(f"--tokens ({args.tokens}) must be a multiple of --seqlen ({args.seqlen})")
+    return args
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, bw in PEAK_BANDWIDTH:
+        if key in name:
+            return bw
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Median seconds of ``fn()`` (after one warm-up call unless ``warmup`` is False)."""
+    if warmup:
+        fn()
+        sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while running ``fn``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def make_inputs(op: str, args, device: torch.device, dtype: torch.dtype) -> tuple[list, dict, int, int]:
+    """(tensors, kwargs, bytes moved by a forward, bytes moved by forward+backward) for ``op``."""
+    batch, L = args.tokens // args.seqlen, args.seqlen
+    di, N, dm = args.d_inner, args.d_state, args.d_model
+    esz = torch.finfo(dtype).bits // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt).requires_grad_()
+
+    def bdl(scale=1.0):  # the model's layout: (batch, d_inner, L) views of (batch, L, d_inner)
+        return (
+            (torch.randn(batch, L, di, generator=g) * scale)
+            .to(device=device, dtype=dtype)
+            .transpose(1, 2)
+            .requires_grad_()
+        )
+
+    if op == "selective_scan":
+        A = (-(torch.rand(di, N, generator=g) + 0.5)).to(device).requires_grad_()
+        tensors = [
+            bdl(),
+            bdl(0.5),
+            A,
+            r(batch, N, L),
+            r(batch, N, L),
+            r(di, dt=torch.float32),
+            bdl(),
+            r(di, dt=torch.float32),
+        ]
+        big = batch * di * L * esz
+        small = 2 * batch * N * L * esz
+        return tensors, {"delta_softplus": True}, 4 * big + small, 11 * big + 4 * small
+    if op == "causal_conv1d":
+        tensors = [bdl(), r(di, args.width), r(di)]
+        big = batch * di * L * esz
+        return tensors, {"activation": "silu"}, 2 * big, 5 * big
+    if op == "add_norm":
+        x = r(batch, L, dm)
+        res = r(batch, L, dm, dt=torch.float32)
+        rows = batch * L * dm
+        return [x, r(dm), None, res], {}, rows * (2 * esz + 8), rows * (3 * esz + 16)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def run_op(op: str, backend: str, args, device, dtype) -> dict:
+    from openlm_mamba import ops
+
+    fn = {"selective_scan": ops.selective_scan, "causal_conv1d": ops.causal_conv1d, "add_norm": ops.add_norm}[op]
+    tensors, kwargs, fwd_bytes, total_bytes = make_inputs(op, args, device, dtype)
+    row = {"op": op, "backend": backend}
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*tensors, **kwargs, backend=backend)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def fwd_bwd():
+        out = first(fn(*tensors, **kwargs, backend=backend))
+        out.backward(torch.ones_like(out))
+
+    try:
+        row["fwd_ms"] = timeit(fwd, device, args.repeats, not args.quick) * 1e3
+        row["fwd_bwd_ms"] = timeit(fwd_bwd, device, args.repeats, not args.quick) * 1e3
+        row["saved_MiB"] = saved_bytes(lambda: first(fn(*tensors, **kwargs, backend=backend))) / 2**20
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+        torch.cuda.empty_cache()
+        return row
+    peak = peak_bandwidth(device)
+    if peak:
+        row["fwd_bw_frac"] = fwd_bytes / (row["fwd_ms"] / 1e3) / peak
+        row["fwd_bwd_bw_frac"] = total_bytes / (row["fwd_bwd_ms"] / 1e3) / peak
+    return row
+
+
+def fmt(v, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return "-".rjust(width) if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+    from openlm_mamba.ops import available_backends
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    batch = args.tokens // args.seqlen
+    print(
+        f"device: {name}; tokens {args.tokens} (batch {batch} x seqlen {args.seqlen}), d_model {args.d_model}, "
+        f"d_inner {args.d_inner}, d_state {args.d_state}, width {args.width}, {args.dtype}; median of {args.repeats}"
+    )
+    rows = []
+    for op in args.ops.split(","):
+        have = available_backends(op, device)
+        for backend in args.backends.split(","):
+            if backend not in have:
+                rows.append({"op": op, "backend": backend, "error": "unavailable"})
+                continue
+            rows.append(run_op(op, backend, args, device, dtype))
+    header = f"{'op':16s} {'backend':8s} {'fwd ms':>10s} {'fwd+bwd ms':>11s} {'fwd BW':>7s} {'f+b BW':>7s} {'saved MiB':>10s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:16s} {r['backend']:8s} {r['error']}")
+            continue
+        print(
+            f"{r['op']:16s} {r['backend']:8s} {fmt(r['fwd_ms'], '10.3f')} {fmt(r['fwd_bwd_ms'], '11.3f')} "
+            f"{fmt(r.get('fwd_bw_frac'), '7.1%')} {fmt(r.get('fwd_bwd_bw_frac'), '7.1%')} {fmt(r['saved_MiB'], '10.2f')}"
+        )
+    print("BW = minimum bytes the op must move / time, as a fraction of the device's peak HBM bandwidth")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=1)
+    failed = [r for r in rows if r.get("error") not in (None, "unavailable")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Triton kernels against the reference ops: forward and every gradient.
+
+On a GPU the kernels run natively. Without one they run through Triton's CPU interpreter, which
+must be switched on (TRITON_INTERPRET=1) before triton is first imported, so on CPU this file
+runs only in a process started with it: tests/test_triton_model.py starts one. CI runs a
+representative subset; ``--full`` runs the full grid (>= 40 scan cases):
+
+    python -m pytest --full tests/test_triton_model.py            # CPU: runs this file, full grid
+    TRITON_INTERPRET=1 python -m pytest --full tests/test_triton_ops.py
+
+Tolerances: float64 inputs (accumulated in float64) to 1e-10; float32 inputs to 1e-4 relative
+(rtol 1e-4, atol 1e-4 * max|reference|); bfloat16 inputs to 2e-2 relative (rtol 2e-2, atol 2e-2 * max|reference|) and float16 to 5e-3,
+the reference being the same op computed in float32 from the same low-precision inputs (bf16
+keeps 8 significant bits, so rounding alone is 4e-3 per stored value; fp16 keeps 11).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from openlm_mamba.ops import BackendUnavailableError, add_norm, causal_conv1d, selective_scan
+from openlm_mamba.ops.causal_conv1d.reference import causal_conv1d_ref
+from openlm_mamba.ops.rms_norm.reference import add_norm_ref
+from openlm_mamba.ops.selective_scan.reference import selective_scan_ref
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0").strip() in ("", "0"):
+    # Triton reads TRITON_INTERPRET when triton.language and each kernel are defined, so it must be
+    # set before anything imports triton; tests/test_triton_model.py runs this file in such a process.
+    pytest.skip(
+        "no GPU and TRITON_INTERPRET is not set: run by test_triton_model.py::test_op_grid_through_interpreter "
+        "(or TRITON_INTERPRET=1 python -m pytest tests/test_triton_ops.py)",
+        allow_module_level=True,
+    )
+
+
+def tol(dtype: torch.dtype) -> float:
+    return {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}.get(dtype, 1e-4)
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype} != {ref.dtype}"
+    got, ref = got.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    torch.testing.assert_close(got, ref, rtol=rel, atol=rel * max(scale, 1e-6), msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# selective scan
+
+
+def scan_case(batch, dim, seqlen, dstate, *, groups=0, z=True, D=True, bias=True, softplus=True, h0=True, dtype=None):
+    return {
+        "batch": batch,
+        "dim": dim,
+        "seqlen": seqlen,
+        "dstate": dstate,
+        "groups": groups,
+        "z": z,
+        "D": D,
+        "bias": bias,
+        "softplus": softplus,
+        "h0": h0,
+        "dtype": dtype or torch.float32,
+    }
+
+
+def case_id(c: dict) -> str:
+    flags = "".join(k for k in ("z", "D", "bias", "softplus", "h0") if c.get(k))
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[c["dtype"]]
+    extra = f"-g{c['groups']}" if c.get("groups") else ""
+    return f"b{c['batch']}-d{c['dim']}-L{c['seqlen']}-N{c['dstate']}{extra}-{flags or 'plain'}-{dt}"
+
+
+# Tests use chunk=16 so "longer than a chunk" stays cheap in the interpreter; one case keeps the
+# default chunk (128) with seqlen 129. block_d=16 makes d_inner=20/40 span several partial blocks.
+SCAN_CI = [
+    scan_case(2, 20, 37, 16),  # every option, 3 chunks (last one partial), 2 channel blocks
+    scan_case(1, 20, 7, 4, z=False, D=False, bias=False, softplus=False, h0=False),
+    scan_case(3, 8, 1, 1, softplus=False),
+    scan_case(2, 24, 21, 4, groups=2, h0=False),  # grouped B/C
+    scan_case(1, 20, 19, 16, dtype=torch.bfloat16),
+    scan_case(1, 12, 129, 4, z=False, h0=False),  # runs with the default chunk (128)
+    scan_case(1, 8, 7, 4, dtype=torch.float16),
+    scan_case(1, 8, 9, 4, dtype=torch.float64),  # float64 inputs accumulate in float64 (tolerance 1e-10)
+]
+
+
+def _full_scan_grid() -> list[dict]:
+    flags = list(itertools.product([True, False], repeat=5))
+    cases, i = [], 0
+    for seqlen in (1, 7, 37, 129):
+        for dstate in (1, 4, 16):
+            for _ in range(4):
+                z, D, bias, softplus, h0 = flags[(i * 7) % len(flags)]
+                groups = 2 if i % 5 == 4 else 0
+                dtype = torch.bfloat16 if i % 4 == 3 else (torch.float16 if i % 8 == 5 else torch.float32)
+                dim = 40 if groups else (20 if i % 2 else 13)
+                cases.append(
+                    scan_case(
+                        1 + i % 3,
+                        dim,
+                        seqlen,
+                        dstate,
+                        groups=groups,
+                        z=z,
+                        D=D,
+                        bias=bias,
+                        softplus=softplus,
+                        h0=h0,
+                        dtype=dtype,
+                    )
+                )
+                i += 1
+    return cases
+
+
+SCAN_FULL = _full_scan_grid()
+
+
+def make_scan_inputs(c: dict, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b, d, L, N, G, dt = c["batch"], c["dim"], c["seqlen"], c["dstate"], c["groups"], c["dtype"]
+
+    def r(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    bc = (b, G, N, L) if G else (b, N, L)
+    # the model's layout: (batch, dim, seqlen) views of (batch, seqlen, dim) tensors
+    inputs = {
+        "u": r(b, L, d).transpose(1, 2),
+        "delta": r(b, L, d, scale=0.5).transpose(1, 2),
+        "A": -(torch.rand(d, N, generator=g) + 0.2).to(DEVICE),
+        "B": r(*bc),
+        "C": r(*bc),
+        "D": r(d, dtype=torch.float32) if c["D"] else None,
+        "z": r(b, L, d).transpose(1, 2) if c["z"] else None,
+        "delta_bias": r(d, scale=0.3, dtype=torch.float32) if c["bias"] else None,
+        "initial_state": r(b, d, N, dtype=torch.float32) if c["h0"] else None,
+    }
+    if not c["softplus"]:
+        inputs["delta"] = inputs["delta"].abs()  # keep dt >= 0 without the softplus
+        if inputs["delta_bias"] is not None:
+            inputs["delta_bias"] = inputs["delta_bias"].abs()
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
+
+
+def check_scan(c: dict, chunk: int = 16, block_d: int = 16) -> None:
+    from openlm_mamba.ops.selective_scan.triton import selective_scan_triton
+
+    inputs = make_scan_inputs(c)
+    names = [k for k, v in inputs.items() if v is not None]
+    kw = {k: inputs[k] for k in ("D", "z", "delta_bias", "initial_state")}
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    out, last = selective_scan_triton(
+        *args, **kw, delta_softplus=c["softplus"], return_last_state=True, chunk=chunk, block_d=block_d
+    )
+    ref_out, ref_last = selective_scan_ref(*args, **kw, delta_softplus=c["softplus"], return_last_state=True)
+    rel = tol(c["dtype"])
+    assert_close(out, ref_out, rel, "out")
+    assert_close(last, ref_last, rel, "last_state")
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(out.shape, generator=g).to(DEVICE)
+    g_last = torch.randn(last.shape, generator=g).to(DEVICE)
+    tensors = [inputs[k] for k in names]
+    grads = torch.autograd.grad((out.float() * g_out).sum() + (last * g_last).sum(), tensors)
+    ref_grads = torch.autograd.grad((ref_out.float() * g_out).sum() + (ref_last * g_last).sum(), tensors)
+    for name, got, ref in zip(names, grads, ref_grads):
+        assert_close(got, ref, rel, f"d{name}")
+
+
+@pytest.mark.parametrize("c", SCAN_CI, ids=case_id)
+def test_scan_matches_reference(c):
+    check_scan(c, chunk=128 if c["seqlen"] == 129 else 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", SCAN_FULL, ids=case_id)
+def test_scan_matches_reference_full(c):
+    check_scan(c, chunk=128 if c["seqlen"] == 129 and c["batch"] == 1 else 16)
+
+
+def test_full_grid_covers_the_acceptance_matrix():
+    cases = SCAN_FULL
+    assert len(cases) >= 40
+    assert {1, 7, 129} <= {c["seqlen"] for c in cases} and max(c["seqlen"] for c in cases) > 16
+    assert {c["dstate"] for c in cases} == {1, 4, 16}
+    assert {c["batch"] for c in cases} == {1, 2, 3}
+    assert any(c["dim"] % 16 for c in cases)
+    for key in ("z", "D", "bias", "softplus", "h0"):
+        assert {c[key] for c in cases} == {True, False}, key
+    assert {c["dtype"] for c in cases} == {torch.float32, torch.bfloat16, torch.float16}
+    assert any(c["groups"] for c in cases)
+
+
+def test_scan_dispatch_and_saved_memory():
+    """backend="triton" goes through the public op; forward saves only chunk-boundary states."""
+    from openlm_mamba.ops.selective_scan.triton import selective_scan_fwd
+
+    c = scan_case(1, 8, 20, 4)
+    x = make_scan_inputs(c)
+    out = selective_scan(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, backend="triton"
+    )
+    ref = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+    assert_close(out, ref, 1e-4, "out")
+    with torch.no_grad():
+        args = (x["u"], x["delta"], x["A"], x["B"], x["C"], None, None, None, None, True)
+        _, _, states = selective_scan_fwd(*args, True, 8, 0)
+        assert tuple(states.shape) == (1, math.ceil(20 / 8), 8, 4)  # (batch, chunks, dim, N), not (.., seqlen, N)
+        _, _, none = selective_scan_fwd(*args, False, 8, 0)
+        assert none.numel() == 0
+
+
+@pytest.mark.parametrize("groups", [(0, 3), (2, 0), (2, 3)], ids=lambda g: f"B{g[0]}-C{g[1]}")
+def test_scan_mixed_group_layouts(groups):
+    """B and C may each be ungrouped or grouped with their own group count."""
+    from openlm_mamba.ops.selective_scan.triton import selective_scan_triton
+
+    g = torch.Generator().manual_seed(0)
+    b, d, L, N = 1, 12, 6, 4
+
+    def bc(G):
+        return torch.randn(*((b, G, N, L) if G else (b, N, L)), generator=g).to(DEVICE).requires_grad_()
+
+    u = torch.randn(b, d, L, generator=g).to(DEVICE).requires_grad_()
+    delta = torch.rand(b, d, L, generator=g).to(DEVICE).requires_grad_()
+    A = (-torch.rand(d, N, generator=g) - 0.2).to(DEVICE).requires_grad_()
+    B, C = bc(groups[0]), bc(groups[1])
+    out = selective_scan_triton(u, delta, A, B, C, block_d=4)
+    ref = selective_scan_ref(u, delta, A, B, C)
+    assert_close(out, ref, 1e-4, "out")
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+    for name, got, want in zip(
+        ["u", "delta", "A", "B", "C"],
+        torch.autograd.grad((out * go).sum(), (u, delta, A, B, C)),
+        torch.autograd.grad((ref * go).sum(), (u, delta, A, B, C)),
+    ):
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+def test_triton_backend_needs_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    u = torch.randn(1, 2, 3)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        selective_scan(u, u, -torch.ones(2, 1), torch.ones(1, 1, 3), torch.ones(1, 1, 3), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------
+# causal conv1d
+
+
+def conv_case(batch, dim, seqlen, width, bias=True, init=True, silu=True, dtype=torch.float32):
+    return {
+        "batch": batch,
+        "dim": dim,
+        "seqlen": seqlen,
+        "width": width,
+        "bias": bias,
+        "init": init,
+        "silu": silu,
+        "dtype": dtype,
+    }
+
+
+def conv_id(c: dict) -> str:
+    flags = "".join(k for k in ("bias", "init", "silu") if c[k]) or "plain"
+    return f"b{c['batch']}-d{c['dim']}-L{c['seqlen']}-w{c['width']}-{flags}-{str(c['dtype'])[6:]}"
+
+
+CONV_CI = [
+    conv_case(2, 20, 37, 4),
+    conv_case(1, 5, 2, 4, bias=False, silu=False),  # seqlen < width - 1: final state mixes initial state and x
+    conv_case(3, 7, 9, 2, init=False),
+    conv_case(2, 12, 33, 3, dtype=torch.bfloat16),
+    conv_case(1, 8, 9, 4, dtype=torch.float64),
+]
+CONV_FULL = [
+    conv_case(1 + i % 3, (5, 16, 20, 33)[i % 4], seqlen, width, bias=i % 2 == 0, init=i % 3 != 1, silu=i % 4 != 3,
+              dtype=torch.bfloat16 if i % 5 == 4 else (torch.float16 if i % 7 == 6 else torch.float32))
+    for i, (seqlen, width) in enumerate(itertools.product((1, 3, 7, 129, 300), (1, 2, 3, 4)))
+]  # fmt: skip
+
+
+def check_conv(c: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, d, L, W, dt = c["batch"], c["dim"], c["seqlen"], c["width"], c["dtype"]
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
+
+    x = r(b, L, d).transpose(1, 2).requires_grad_()
+    w = r(d, W).requires_grad_()
+    bias = r(d).requires_grad_() if c["bias"] else None
+    init = r(b, d, W - 1).requires_grad_() if c["init"] else None
+    act = "silu" if c["silu"] else None
+    out, final = causal_conv1d(x, w, bias, init, True, act, backend="triton")
+    ref, ref_final = causal_conv1d_ref(x, w, bias, init, True, act)
+    rel = tol(dt)
+    assert_close(out, ref, rel, "out")
+    assert_close(final, ref_final, rel, "final_states")
+    tensors = [t for t in (x, w, bias, init) if t is not None]
+    names = [n for n, t in zip(("x", "weight", "bias", "initial_states"), (x, w, bias, init)) if t is not None]
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+    gf = torch.randn(final.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((out.float() * go).sum() + (final.float() * gf).sum(), tensors)
+    ref_grads = torch.autograd.grad((ref.float() * go).sum() + (ref_final.float() * gf).sum(), tensors)
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close(got, want, rel, f"d{name}")
+
+
+@pytest.mark.parametrize("c", CONV_CI, ids=conv_id)
+def test_conv_matches_reference(c):
+    check_conv(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", CONV_FULL, ids=conv_id)
+def test_conv_matches_reference_full(c):
+    check_conv(c)
+
+
+# --------------------------------------------------------------------------------------------
+# residual add + RMSNorm / LayerNorm
+
+NORM_CASES = [
+    # shape, residual, bias, rms, residual_in_fp32, dtype, in CI
+    ((2, 7, 40), True, False, True, True, torch.float32, True),
+    ((3, 33), False, True, False, True, torch.float32, True),
+    ((70, 64), True, False, True, True, torch.bfloat16, True),
+    ((2, 5, 24), True, True, False, False, torch.float32, False),
+    ((1, 1, 8), True, False, True, False, torch.bfloat16, False),
+    ((130, 100), True, True, False, True, torch.float32, False),
+    ((2, 3, 257), False, False, True, True, torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=() if c[-1] else pytest.mark.slow) for c in NORM_CASES],
+    ids=lambda c: (
+        f"{'x'.join(map(str, c[0]))}-res{int(c[1])}-bias{int(c[2])}-{'rms' if c[3] else 'ln'}-fp32res{int(c[4])}-{str(c[5])[6:]}"
+    ),
+)
+def test_add_norm_matches_reference(case):
+    shape, has_res, has_bias, rms, res_fp32, dt, _ = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dt).to(DEVICE).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dt).to(DEVICE).requires_grad_()
+    b = torch.randn(shape[-1], generator=g).to(dt).to(DEVICE).requires_grad_() if has_bias else None
+    res = torch.randn(shape, generator=g).to(DEVICE).requires_grad_() if has_res else None
+    out, new_res = add_norm(x, w, b, res, 1e-5, res_fp32, rms, backend="triton")
+    ref, ref_res = add_norm_ref(x, w, b, res, 1e-5, res_fp32, rms)
+    rel = tol(dt)
+    assert_close(out, ref, rel, "out")
+    assert_close(new_res, ref_res, rel, "residual")
+    tensors = [t for t in (x, w, b, res) if t is not None]
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+    gr = torch.randn(new_res.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((out.float() * go).sum() + (new_res.float() * gr).sum(), tensors)
+    ref_grads = torch.autograd.grad((ref.float() * go).sum() + (ref_res.float() * gr).sum(), tensors)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, rel, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the custom ops keep a compiled function in one graph
+
+
+def test_compiled_triton_ops_have_no_graph_breaks():
+    c = scan_case(1, 8, 6, 4)
+    x = make_scan_inputs(c)
+    w = torch.randn(8, 4, device=DEVICE)
+
+    def f(u, delta, A, B, C, D, z, delta_bias):
+        h = causal_conv1d(u, w, None, activation="silu", backend="triton")
+        y = selective_scan(h, delta, A, B, C, D, z, delta_bias, True, backend="triton")
+        return add_norm(y.transpose(1, 2), torch.ones(8, device=DEVICE), backend="triton")[0]
+
+    args = [x[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    explanation = torch._dynamo.explain(f)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    assert_close(compiled(*args), f(*args), 1e-5, "compiled")
