@@ -39,29 +39,11 @@ def build_model(args) -> MambaLM:
 def hf_model(model: MambaLM):
     """transformers' MambaForCausalLM holding the same weights (None if transformers is missing)."""
     try:
-        from transformers import MambaConfig as HFConfig
-        from transformers import MambaForCausalLM
+        from openlm_mamba.convert import to_transformers
+
+        return to_transformers(model)
     except ImportError:
         return None
-    cfg = model.cfg
-    hc = HFConfig(
-        vocab_size=cfg.padded_vocab_size,
-        hidden_size=cfg.d_model,
-        state_size=cfg.d_state,
-        num_hidden_layers=cfg.n_layer,
-        conv_kernel=cfg.d_conv,
-        expand=cfg.expand,
-        time_step_rank=cfg.dt_rank_value,
-        use_bias=False,
-        use_conv_bias=True,
-        residual_in_fp32=True,
-        layer_norm_epsilon=cfg.norm_epsilon,
-        tie_word_embeddings=True,
-    )
-    hf = MambaForCausalLM(hc)
-    hf.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()}, strict=False)
-    p = next(model.parameters())
-    return hf.to(p.device, p.dtype).eval()
 
 
 class Clock:

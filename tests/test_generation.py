@@ -158,33 +158,10 @@ def test_forward_with_cache_rejects_bad_input(model):
 def hf_pair(model):
     if not has_module("transformers"):
         pytest.skip("transformers is not installed")
-    import warnings
+    from openlm_mamba.convert import to_transformers
 
-    from transformers import MambaConfig as HFConfig
-    from transformers import MambaForCausalLM
-
-    cfg = model.cfg
-    assert cfg.vocab_size == cfg.padded_vocab_size  # so both sample over the same vocabulary
-    hc = HFConfig(
-        vocab_size=cfg.padded_vocab_size,
-        hidden_size=cfg.d_model,
-        state_size=cfg.d_state,
-        num_hidden_layers=cfg.n_layer,
-        conv_kernel=cfg.d_conv,
-        expand=cfg.expand,
-        time_step_rank=cfg.dt_rank_value,
-        use_bias=False,
-        use_conv_bias=True,
-        residual_in_fp32=True,
-        layer_norm_epsilon=cfg.norm_epsilon,
-        tie_word_embeddings=True,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = MambaForCausalLM(hc).eval()
-    sd = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert model.cfg.vocab_size == model.cfg.padded_vocab_size  # so both sample over the same vocabulary
+    hf = to_transformers(model)
     return model, hf
 
 

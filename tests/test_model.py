@@ -20,30 +20,10 @@ def tiny(**changes) -> MambaConfig:
 
 
 def hf_twin(model: MambaLM):
-    """transformers' MambaForCausalLM with the same weights (keys: ours minus the leading 'model.')."""
-    from transformers import MambaConfig as HFConfig
-    from transformers import MambaForCausalLM
+    """transformers' MambaForCausalLM with the same weights, through our HF config mapping."""
+    from openlm_mamba.convert import to_transformers
 
-    c = model.cfg
-    hf = MambaForCausalLM(
-        HFConfig(
-            vocab_size=c.padded_vocab_size,
-            hidden_size=c.d_model,
-            state_size=c.d_state,
-            num_hidden_layers=c.n_layer,
-            conv_kernel=c.d_conv,
-            expand=c.expand,
-            time_step_rank=c.dt_rank_value,
-            use_bias=c.bias,
-            use_conv_bias=c.conv_bias,
-            residual_in_fp32=c.residual_in_fp32,
-            layer_norm_epsilon=c.norm_epsilon,
-            tie_word_embeddings=c.tie_embeddings,
-        )
-    )
-    missing, unexpected = hf.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()})
-    assert not missing and not unexpected
-    return hf
+    return to_transformers(model)
 
 
 @requires_hf

@@ -27,7 +27,7 @@ from .common import (
     parse_size,
     read_json,
 )
-from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, write_hf
+from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, to_transformers, write_hf
 from .mamba_ssm import config_from_mamba_ssm, is_mamba_ssm_dir, mamba_ssm_config, read_mamba_ssm, write_mamba_ssm
 from .openlm import openlm_checkpoint, read_openlm, write_openlm
 
@@ -48,6 +48,7 @@ __all__ = [
     "mamba_ssm_config",
     "openlm_checkpoint",
     "read_checkpoint",
+    "to_transformers",
 ]
 
 

@@ -249,3 +249,22 @@ def write_hf(
         weight_map.update({k: name for k, _ in shard})
     index = {"metadata": {"total_size": sum(info.nbytes for _, info in items)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def to_transformers(model: torch.nn.Module):
+    """An in-memory transformers ``MambaForCausalLM`` holding ``model``'s weights (same device and dtype)."""
+    import warnings
+
+    from transformers import MambaConfig as HFConfig
+    from transformers import MambaForCausalLM
+
+    config = {k: v for k, v in hf_config(model.cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' "falling back to the PyTorch path" notices
+        hf = MambaForCausalLM(HFConfig(**config))
+    state = {to_hf_key(k.removeprefix("model.")): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ConversionError(f"to_transformers: missing keys {missing}, unexpected keys {unexpected}")
+    p = next(model.parameters())
+    return hf.to(p.device, p.dtype).eval()
