@@ -8,4 +8,20 @@ from .model import MambaLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "MambaCache", "MambaConfig", "MambaLM", "__version__", "available_configs", "generate"]
+__all__ = [
+    "ConfigError",
+    "MambaCache",
+    "MambaConfig",
+    "MambaLM",
+    "__version__",
+    "available_configs",
+    "generate",
+    "register",
+]
+
+
+def register() -> None:
+    """Make OpenLM build our Mamba models (imports ``open_lm``; done automatically after pip install)."""
+    from .openlm import register as _register
+
+    _register()

@@ -6,6 +6,7 @@ import torch
 
 from .. import dispatch
 from ..checks import check_shape, check_tensor
+from .cpu import selective_scan_cpu
 from .reference import selective_scan_ref
 
 OP = "selective_scan"
@@ -73,6 +74,21 @@ def selective_scan(
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 
 
-dispatch.register(OP, "torch", selective_scan_ref)
+dispatch.register(OP, "torch", selective_scan_cpu)  # chunked scan, C++ inner loop (pure PyTorch fallback)
 
 __all__ = ["selective_scan", "selective_scan_ref"]
+
+# Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
+# import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.
+from ..triton_utils import triton_available  # noqa: E402
+from .cuda import cuda_available, selective_scan_cuda  # noqa: E402
+
+
+def _selective_scan_triton(*args, **kwargs):
+    from .triton import selective_scan_triton
+
+    return selective_scan_triton(*args, **kwargs)
+
+
+dispatch.register(OP, "triton", _selective_scan_triton, triton_available)
+dispatch.register(OP, "cuda", selective_scan_cuda, cuda_available)

@@ -1,0 +1,250 @@
+"""The fast CPU selective scan (the "torch" backend) against the reference recurrence.
+
+Tolerance: for every output and every gradient, max |fast - ref| <= RTOL * max |ref| (normwise
+relative error), with the fast path in float32 and the reference in float64 (the exact answer to
+float32 rounding); float64 inputs must agree to 1e-10.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from openlm_mamba.ops import dispatch
+from openlm_mamba.ops.selective_scan import cpu as scan_cpu
+from openlm_mamba.ops.selective_scan import selective_scan
+from openlm_mamba.ops.selective_scan.cpu import selective_scan_cpu
+from openlm_mamba.ops.selective_scan.reference import selective_scan_ref
+
+RTOL = 1e-4
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(
+    batch=2,
+    dim=20,
+    L=64,
+    N=4,
+    groups=None,
+    D=True,
+    z=True,
+    bias=True,
+    x0=True,
+    dtype=torch.float64,
+    delta_scale=0.5,
+    A_scale=1.0,
+    seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    bc = (batch, N, L) if groups is None else (batch, groups, N, L)
+    A = (-(torch.rand(dim, N, generator=g, dtype=torch.float64) + 0.2) * A_scale).to(dtype)
+    return {
+        "u": rnd(batch, dim, L),
+        "delta": rnd(batch, dim, L, scale=delta_scale),
+        "A": A,
+        "B": rnd(*bc),
+        "C": rnd(*bc),
+        "D": rnd(dim) if D else None,
+        "z": rnd(batch, dim, L) if z else None,
+        "delta_bias": rnd(dim, scale=0.3) if bias else None,
+        "initial_state": rnd(batch, dim, N) if x0 else None,
+    }
+
+
+def run(fn, inputs, softplus=True, grads=True, to=None):
+    """(out, last_state, grads of every given input) of ``fn``; inputs cast to ``to`` first."""
+    leaves = {k: (None if v is None else v.detach().to(to or v.dtype).requires_grad_(grads)) for k, v in inputs.items()}
+    out, last = fn(**leaves, delta_softplus=softplus, return_last_state=True)
+    res = {"out": out, "last_state": last}
+    if grads:
+        g = torch.Generator().manual_seed(123)
+        go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
+        names = [k for k, v in leaves.items() if v is not None]
+        gs = torch.autograd.grad((out * go).sum() + (last * gl).sum(), [leaves[k] for k in names])
+        res.update({f"d{k}": v for k, v in zip(names, gs)})
+    return res
+
+
+def assert_close(fast: dict, ref: dict, rtol: float) -> None:
+    assert fast.keys() == ref.keys()
+    for k in ref:
+        a, b = fast[k].double(), ref[k].double()
+        assert a.shape == b.shape, k
+        assert torch.isfinite(a).all(), f"{k}: non-finite values"
+        err = (a - b).abs().max().item() if b.numel() else 0.0
+        scale = b.abs().max().item() if b.numel() else 0.0
+        assert err <= rtol * max(scale, 1e-30), f"{k}: max abs err {err:.3e} > {rtol} * max|ref| {scale:.3e}"
+
+
+CASES = [
+    # (batch, dim, L, N, groups, D, z, bias, x0, softplus)
+    (2, 20, 1, 4, None, True, True, True, True, True),
+    (2, 20, 63, 4, None, True, True, True, True, True),
+    (1, 33, 64, 16, None, False, False, False, False, False),
+    (2, 40, 129, 8, 2, True, True, True, True, True),
+    (1, 16, 200, 5, 4, True, False, True, False, True),
+    (3, 7, 65, 1, None, False, True, False, True, False),
+    (1, 18, 512, 3, None, True, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}-d{}-L{}-N{}-g{}-{}".format(
+        *c[:5], "".join("DzbxS"[i] if f else "-" for i, f in enumerate(c[5:]))
+    ),
+)
+def test_fp32_matches_fp64_reference(case):
+    batch, dim, L, N, groups, D, z, bias, x0, sp = case
+    inputs = make_inputs(batch, dim, L, N, groups, D, z, bias, x0)
+    ref = run(selective_scan_ref, inputs, sp)
+    fast = run(selective_scan_cpu, inputs, sp, to=torch.float32)
+    assert fast["out"].dtype == torch.float32 and fast["last_state"].dtype == torch.float32
+    assert_close(fast, ref, RTOL)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fp64_matches_reference_exactly(groups):
+    inputs = make_inputs(2, 36, 150, 6, groups)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs)
+    assert fast["last_state"].dtype == torch.float64
+    assert_close(fast, ref, 1e-10)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    inputs = make_inputs(2, 24, 100, 4, dtype=torch.bfloat16)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs)
+    assert fast["out"].dtype == torch.bfloat16
+    assert fast["last_state"].dtype == torch.float32
+    assert fast["du"].dtype == torch.bfloat16
+    # same fp32 math on the same bf16 inputs: only the final bf16 rounding of outputs / grads differs
+    assert_close({"last_state": fast["last_state"]}, {"last_state": ref["last_state"]}, 1e-5)
+    assert_close(fast, ref, 2e-2)
+
+
+@pytest.mark.slow
+def test_length_4096_with_gradients():
+    inputs = make_inputs(1, 18, 4096, 3, x0=True, seed=1)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs, to=torch.float32)
+    assert_close(fast, ref, RTOL)
+
+
+@pytest.mark.parametrize(
+    ("delta_scale", "A_scale", "softplus"),
+    [(8.0, 50.0, True), (1e-7, 1.0, False), (1e-7, 1e-3, False)],
+    ids=["strong-decay", "near-zero-delta", "near-zero-delta-slow-A"],
+)
+def test_long_sequences_stay_finite_and_accurate(delta_scale, A_scale, softplus):
+    inputs = make_inputs(2, 17, 4096, 4, delta_scale=delta_scale, A_scale=A_scale, seed=2)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()  # a raw delta must be >= 0
+        inputs["delta_bias"] = None
+    ref = run(selective_scan_ref, inputs, softplus, grads=False)
+    fast = run(selective_scan_cpu, inputs, softplus, to=torch.float32)
+    for v in fast.values():
+        assert torch.isfinite(v).all()
+    assert_close({k: fast[k] for k in ref}, ref, RTOL)
+
+
+def test_no_state_sized_tensor_saved_for_backward():
+    """Memory stays bounded: autograd keeps nothing of size (batch, dim, L, N)."""
+    batch, dim, L, N = 2, 32, 1024, 16
+    inputs = make_inputs(batch, dim, L, N, dtype=torch.float32)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = selective_scan_cpu(**leaves, delta_softplus=True)
+    out.sum().backward()
+    assert max(saved) <= batch * dim * L  # the largest saved tensors are (batch, dim, L) inputs
+    assert sum(saved) < batch * dim * L * N / 2
+
+
+def test_is_the_torch_backend_and_dispatch_uses_it():
+    name, fn = dispatch.resolve("selective_scan", torch.device("cpu"), "torch")
+    assert name == "torch" and fn is selective_scan_cpu
+    inputs = make_inputs(1, 8, 40, 4, dtype=torch.float32)
+    a = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    b = selective_scan_ref(**inputs, delta_softplus=True)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    inputs = make_inputs(2, 20, 50, 4, dtype=torch.float32)
+    strided = {k: (None if v is None else v.transpose(0, -1).contiguous().transpose(0, -1)) for k, v in inputs.items()}
+    strided["u"] = torch.cat([inputs["u"], inputs["u"]], 1)[:, ::2]
+    inputs["u"] = strided["u"].contiguous()
+    assert not strided["u"].is_contiguous()
+    torch.testing.assert_close(run(selective_scan_cpu, strided), run(selective_scan_cpu, inputs))
+
+
+def test_c_extension_is_used_here():
+    """CI machines have a compiler: the fast path must not silently run the slow fallback."""
+    if scan_cpu.cpp_disabled():
+        pytest.skip(f"${scan_cpu.DISABLE_ENV} is set")
+    assert scan_cpu.load_extension(), scan_cpu._ext_state.get("reason")
+
+
+@pytest.fixture
+def forced_fallback(monkeypatch):
+    """Pretend no compiler is present (as $OPENLM_MAMBA_DISABLE_CPP=1 does), then restore."""
+    saved = dict(scan_cpu._ext_state)
+    scan_cpu._ext_state.clear()
+    monkeypatch.setenv(scan_cpu.DISABLE_ENV, "1")
+    yield
+    scan_cpu._ext_state.clear()
+    scan_cpu._ext_state.update(saved)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_pure_pytorch_fallback_warns_once_and_matches(forced_fallback, groups):
+    inputs = make_inputs(2, 20, 70, 4, groups)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = run(selective_scan_cpu, inputs)
+        run(selective_scan_cpu, inputs, grads=False)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "pure PyTorch path" in msgs[0] and "\n" not in msgs[0], msgs
+    assert not scan_cpu.load_extension()
+    assert_close(fast, run(selective_scan_ref, inputs), 1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("L", [1, 2, 63, 64, 65, 127, 511, 1000, 2048, 4096])
+@pytest.mark.parametrize("N", [1, 16])
+@pytest.mark.parametrize("groups", [None, 1, 4])
+def test_full_grid(L, N, groups):
+    inputs = make_inputs(2, 48, L, N, groups, seed=L)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs, to=torch.float32)
+    assert_close(fast, ref, RTOL)
+
+
+def test_bench_cpu_quick_runs(capsys):
+    """benchmarks/bench_cpu.py --quick: the side-by-side table and the scaling table come out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    contenders = ["openlm_mamba"] + (["mambapy"] if importlib.util.find_spec("mambapy") else [])
+    rc = bench.main(["--quick", "--contenders", ",".join(contenders), "--scaling", "32,64"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for name in contenders:
+        assert f"| train   | {name}" in out and f"| prefill | {name}" in out, out
+    assert "| 64  |" in out  # the scaling table's last row
+    if len(contenders) > 1:
+        assert "same weights, result spread" in out
