@@ -16,17 +16,11 @@ COMMANDS = {
     "convert": "convert",
     "generate": "generate",
     "eval": "evaluate",
-    "bench": "bench",
 }
 
 
 def _load(name: str):
-    try:
-        return importlib.import_module(f"openlm_mamba.commands.{COMMANDS[name]}")
-    except ModuleNotFoundError as e:
-        if e.name == f"openlm_mamba.commands.{COMMANDS[name]}":
-            return None
-        raise
+    return importlib.import_module(f"openlm_mamba.commands.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _load(name)
-        if module is None:
-            continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

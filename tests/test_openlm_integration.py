@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .installs import install_into_fresh_venv
+
 ROOT = Path(__file__).resolve().parent.parent
 PTH = ROOT / "openlm_mamba_autoload.pth"
 HAS_OPEN_LM = importlib.util.find_spec("open_lm") is not None
@@ -269,22 +271,8 @@ def test_package_works_without_open_lm():
 @needs_open_lm
 @pytest.mark.parametrize("mode", ["wheel", "editable"])
 def test_pth_hook_after_install(tmp_path, mode):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
-    py = venv / "bin" / "python"
-    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-    if mode == "editable":
-        subprocess.run([*pip, "-e", ROOT], check=True, cwd=tmp_path)
-    else:
-        src = tmp_path / "src"  # build from a copy: `pip wheel` leaves build/ in the source tree
-        skip = shutil.ignore_patterns(".git", "logs", "build", "tiny_data", "*.egg-info", "__pycache__", ".venv")
-        shutil.copytree(ROOT, src, ignore=skip)
-        subprocess.run(
-            [str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "w", src],
-            check=True,
-        )
-        wheel = next((tmp_path / "w").glob("openlm_mamba-*.whl"))
-        subprocess.run([*pip, wheel], check=True, cwd=tmp_path)
+    py = install_into_fresh_venv(tmp_path, mode)
+    venv = py.parent.parent
     purelib = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
