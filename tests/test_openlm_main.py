@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -275,6 +276,18 @@ def test_torchrun_fsdp_per_layer_units_meta_device_amp(workdir):
     sd = state_dict(out / "checkpoints" / "epoch_1.pt")  # full state dict saved through FSDP on CPU
     assert torch.equal(sd["model.lm_head.weight"], sd["model.backbone.embedding.weight"])
     assert sd["model.backbone.embedding.weight"].abs().sum() > 0
+
+
+def test_torchrun_fsdp_pure_bf16(workdir):
+    run(
+        torchrun(*_distributed_args(workdir, "fsdp_bf16"), "--precision", "amp_bfloat16", "--fsdp", "--fsdp-pure-bf16"),
+        workdir,
+    )
+    out = workdir / "logs" / "fsdp_bf16"
+    found = losses(out)
+    assert len(found) == 2 and all(math.isfinite(x) for x in found), found
+    sd = state_dict(out / "checkpoints" / "epoch_1.pt")
+    assert torch.isfinite(sd["model.backbone.layers.1.mixer.out_proj.weight"]).all()
 
 
 @pytest.mark.slow
