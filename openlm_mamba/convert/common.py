@@ -448,6 +448,18 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def dir_config(path: Path) -> dict[str, Any] | None:
+    """``path/config.json`` as a dict, or None when it is absent or not a JSON object (format probing)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"10KiB"`` or an int -> bytes."""
     if isinstance(text, int):

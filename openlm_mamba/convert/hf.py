@@ -18,6 +18,7 @@ from .common import (
     TensorSource,
     add_safetensors_file,
     add_state_dict,
+    dir_config,
     read_json,
     torch_load,
     write_safetensors,
@@ -140,14 +141,8 @@ def to_hf_key(key: str) -> str:
 
 
 def is_hf_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "hidden_size" in data
+    data = dir_config(path)
+    return data is not None and "hidden_size" in data
 
 
 def read_hf(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, TensorSource]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..config import MambaConfig
-from .common import ConversionError, TensorSource, add_state_dict, read_json, torch_load
+from .common import ConversionError, TensorSource, add_state_dict, dir_config, read_json, torch_load
 
 # ssm_cfg keys of mamba_ssm's Mamba (Mamba-1) layer -> our MambaConfig fields
 _SSM_KEYS = {
@@ -87,14 +87,8 @@ def config_from_mamba_ssm(
 
 
 def is_mamba_ssm_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "d_model" in data and "n_layer" in data and "hidden_size" not in data
+    data = dir_config(path)
+    return data is not None and "d_model" in data and "n_layer" in data and "hidden_size" not in data
 
 
 def read_mamba_ssm(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, TensorSource]:

@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from ..checks import compute_dtype
 
 
-def expand_groups(M: torch.Tensor, dim: int) -> torch.Tensor:
-    """(batch, N, L) -> (batch, 1, N, L); grouped (batch, G, N, L) -> (batch, dim, N, L)."""
-    if M.dim() == 3:
+def expand_groups(M: torch.Tensor, dim: int, ungrouped_ndim: int = 3) -> torch.Tensor:
+    """(batch, N, L) -> (batch, 1, N, L); grouped (batch, G, N, L) -> (batch, dim, N, L).
+
+    ``ungrouped_ndim=2`` does the same for one step: (batch, N) or grouped (batch, G, N).
+    """
+    if M.dim() == ungrouped_ndim:
         return M.unsqueeze(1)
     return M.repeat_interleave(dim // M.shape[1], dim=1)
 

@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
-
-
-def _expand_groups(M: torch.Tensor, dim: int) -> torch.Tensor:
-    """(batch, N) -> (batch, 1, N); grouped (batch, G, N) -> (batch, dim, N)."""
-    if M.dim() == 2:
-        return M.unsqueeze(1)
-    return M.repeat_interleave(dim // M.shape[1], dim=1)
+from ..selective_scan.reference import expand_groups
 
 
 def selective_state_update_ref(
@@ -46,7 +40,7 @@ def selective_state_update_ref(
     if dt_softplus:
         dt_ = F.softplus(dt_)
     x_ = x.to(ct)
-    B_, C_ = _expand_groups(B.to(ct), dim), _expand_groups(C.to(ct), dim)
+    B_, C_ = expand_groups(B.to(ct), dim, 2), expand_groups(C.to(ct), dim, 2)
     dA = torch.exp(dt_[..., None] * A.to(ct))  # (batch, dim, d_state)
     new_state = state.to(ct) * dA + (dt_ * x_)[..., None] * B_
     state.copy_(new_state)
