@@ -146,11 +146,14 @@ class MambaMixer(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2))
 
-    def forward_cached(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, fresh: bool):
+    def forward_cached(
+        self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, fresh: bool, last_only=False
+    ):
         """Prefill: like ``forward`` but starting from and updating the layer's cache in place.
 
         conv_state (batch, d_inner, d_conv) holds the last d_conv conv inputs, newest last;
         ssm_state (batch, d_inner, d_state) float32. ``fresh``: the cache holds no tokens yet.
+        ``last_only``: project the output of the last position only (batch, 1, d_model).
         """
         xz = self.in_proj(hidden).transpose(1, 2)
         x, z = xz.chunk(2, dim=1)
@@ -178,7 +181,7 @@ class MambaMixer(nn.Module):
             backend=self.backend,
         )
         ssm_state.copy_(last)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj((y[:, :, -1:] if last_only else y).transpose(1, 2))
 
     def step_params(self) -> tuple:
         """Tensors one decoding step needs, gathered once per cache (weights by reference; A = -exp(A_log),
@@ -247,12 +250,15 @@ class ResidualBlock(nn.Module):
     def reset_parameters(self) -> None:  # owns no parameters directly; children reset themselves
         pass
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, cache=None):
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, cache=None, last_only=False):
+        """(hidden, residual) -> (mixer output, new residual); with a ``cache``, prefill from and into it,
+        and with ``last_only`` as well, return the last position only (the cache still sees all)."""
         normed, residual = self.norm(hidden, residual, self.residual_in_fp32)
         if cache is None:
             return self.mixer(normed), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
-        return self.mixer.forward_cached(normed, cache.conv_states[i], cache.ssm_states[i], fresh), residual
+        out = self.mixer.forward_cached(normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only)
+        return out, (residual[:, -1:] if last_only else residual)
 
 
 def _make_norm(cfg: MambaConfig, device=None, dtype=None) -> nn.Module:
@@ -445,7 +451,8 @@ class MambaLM(nn.Module):
         """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden).
 
         One token (seq length 1) takes the O(1) recurrent step; longer inputs run the scan from the
-        cached state (prefill). ``last_only`` computes logits for the last position only.
+        cached state (prefill). ``last_only`` computes logits (and returns hidden) for the last
+        position only, and skips the last layer's output projection elsewhere.
         """
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
@@ -458,9 +465,9 @@ class MambaLM(nn.Module):
                 hidden = step(normed, conv, ssm, params, update)
             hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
         else:
-            residual = None
-            for layer in backbone.layers:
-                hidden, residual = layer(hidden, residual, cache)
+            residual, n = None, len(backbone.layers)
+            for i, layer in enumerate(backbone.layers):
+                hidden, residual = layer(hidden, residual, cache, last_only and i == n - 1)
             hidden, _ = backbone.norm_f(hidden, residual, True)
         cache.seqlen_offset += seqlen
         head_in = hidden[:, -1:] if last_only else hidden

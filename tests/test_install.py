@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 
@@ -12,10 +13,10 @@ CHECK = textwrap.dedent(
     import sys, torch, openlm_mamba
     from openlm_mamba import MambaConfig, MambaLM
     from openlm_mamba.config import config_dir
-    from openlm_mamba.ops.selective_scan import cpu
+    from openlm_mamba.ops import cpp
     print("PKG", openlm_mamba.__file__)
     print("CONFIGS", config_dir())
-    print("CSRC", cpu.__file__)
+    print("CPP_BUILT", cpp.load_extension())
     with torch.device("meta"):
         big = MambaLM(MambaConfig.load("mamba_7b"))
     n = sum(p.numel() for p in big.parameters())
@@ -30,14 +31,19 @@ CHECK = textwrap.dedent(
 
 def test_wheel_install_in_fresh_venv(tmp_path):
     py = install_into_fresh_venv(tmp_path, "wheel")
-    out = subprocess.run([str(py), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}  # build from the installed sources
+    out = subprocess.run([str(py), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
     venv = str(py.parent.parent)
+    assert lines["CPP_BUILT"] == "True", "the C++ kernels build from the wheel's sources"
     assert lines["PKG"].startswith(venv), "the installed copy is imported, not the source tree"
     assert lines["CONFIGS"].startswith(venv), "model configs ship inside the wheel"
-    csrc = next(py.parent.parent.glob("lib/python*/site-packages/openlm_mamba/ops/selective_scan/csrc/*.cpp"))
-    assert csrc.stat().st_size > 0, "the C++ scan source ships inside the wheel"
+    from openlm_mamba.ops.cpp import SOURCES
+
+    csrc = next(py.parent.parent.glob("lib/python*/site-packages/openlm_mamba/ops/csrc"))
+    for name in (*SOURCES, "common.h"):
+        assert (csrc / name).stat().st_size > 0, f"the C++ kernel source {name} ships inside the wheel"
     params = int(lines["PARAMS"])
     print(f"mamba_7b parameters: {params:,}")
     assert abs(params - 6.95e9) / 6.95e9 < 0.01

@@ -248,3 +248,28 @@ def test_bench_cpu_quick_runs(capsys):
     assert "| 64  |" in out  # the scaling table's last row
     if len(contenders) > 1:
         assert "same weights, result spread" in out
+
+
+def test_model_views_are_read_in_place(monkeypatch):
+    """The model's u, delta, z, B and C are views of its projections: no time-major copies are made."""
+    seen = {}
+    real = scan_cpu._fwd_impl
+
+    def spy(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K):
+        seen.update(u=u, delta=delta, z=z, B=Bt, C=Ct)
+        return real(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K)
+
+    monkeypatch.setattr(scan_cpu, "_fwd_impl", spy)
+    batch, dim, L, N = 2, 32, 50, 4
+    xz = torch.randn(batch, L, 2 * dim)
+    x_dbl = torch.randn(batch, L, 2 + 2 * N)
+    delta = torch.randn(batch, L, dim)
+    u, z = xz[..., :dim].transpose(1, 2), xz[..., dim:].transpose(1, 2)
+    B, C = x_dbl[..., 2 : 2 + N].transpose(1, 2), x_dbl[..., 2 + N :].transpose(1, 2)
+    args = (u, delta.transpose(1, 2), -torch.rand(dim, N) - 0.5, B, C, torch.randn(dim), z, torch.randn(dim), True)
+    out = selective_scan_cpu(*args)
+    assert seen["u"].data_ptr() == xz.data_ptr() and seen["z"].data_ptr() == xz[..., dim:].data_ptr()
+    assert seen["delta"].data_ptr() == delta.data_ptr()
+    assert seen["B"].data_ptr() == B.data_ptr() and seen["C"].data_ptr() == C.data_ptr()
+    ref = selective_scan_ref(*(a.double() if torch.is_tensor(a) else a for a in args))
+    assert (out.double() - ref).abs().max() <= RTOL * ref.abs().max()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
+from .cpu import causal_conv1d_cpu, cpp_conv_applies
 
 
 def causal_conv1d_ref(
@@ -45,7 +46,11 @@ def causal_conv1d_torch(
     return_final_states: bool = False,
     activation: str | None = None,
 ):
-    """PyTorch backend: one grouped ``F.conv1d`` call (same semantics as the reference)."""
+    """PyTorch backend: the C++ kernel on CPU (see ``cpu.py``), else one grouped ``F.conv1d`` call
+    (same semantics as the reference)."""
+    if cpp_conv_applies(x, weight):
+        silu = activation in ("silu", "swish")
+        return causal_conv1d_cpu(x, weight, bias, initial_states, return_final_states, silu)
     dim = x.shape[1]
     width = weight.shape[1]
     if initial_states is None:

@@ -1,11 +1,10 @@
 """Fast selective scan for the "torch" backend: a chunked loop over time with a hand-written backward.
 
-The inner loop runs in C++ (``csrc/selective_scan_cpu.cpp``), compiled with
-``torch.utils.cpp_extension`` on first use and cached under the torch extensions directory
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); it works time-major,
-vectorised over blocks of 16 channels, parallel over (batch, channel block) with
-``at::parallel_for``, with delta_bias + softplus, D and the SiLU(z) gate fused. Where it cannot be
-built (no compiler, non-CPU tensors, or ``OPENLM_MAMBA_DISABLE_CPP=1``) the same algorithm runs as
+The inner loop runs in C++ (``ops/csrc/selective_scan_cpu.cpp``, built on first use by
+:mod:`openlm_mamba.ops.cpp`); it works time-major, vectorised over blocks of 16 channels,
+parallel over (batch, channel block), with delta_bias + softplus, D and the SiLU(z) gate fused,
+and reads strided time-major views in place (the model's projections are never copied). Where it
+cannot be built (no compiler, or ``OPENLM_MAMBA_DISABLE_CPP=1``) the same algorithm runs as
 vectorised PyTorch, after a one-line warning.
 
 Memory stays linear in the sequence length: the forward keeps only the state entering each chunk
@@ -16,87 +15,15 @@ recurrence backwards in time. Eager mode runs it through a ``torch.autograd.Func
 ``torch.compile`` treats the scan as one opaque node without graph breaks.
 """
 
-import hashlib
-import os
-import platform
-import shutil
-import threading
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
+from ..cpp import DISABLE_ENV, _ext_state, cpp_disabled, load_extension, use_cpp
 
 CHUNK = 64  # time steps between saved states
-DISABLE_ENV = "OPENLM_MAMBA_DISABLE_CPP"
-_SRC = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-
-_lock = threading.Lock()
-_ext_state: dict[str, object] = {}  # "ok": bool, "reason": str
-
-
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction set, so a cached build is never loaded on another CPU."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
-def cpp_disabled() -> bool:
-    """True when $OPENLM_MAMBA_DISABLE_CPP asks for the pure PyTorch path."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def load_extension() -> bool:
-    """Build (first call, then cached on disk) and load the C++ kernels; False, with one warning, if impossible."""
-    with _lock:
-        if "ok" in _ext_state:
-            return bool(_ext_state["ok"])
-        try:
-            if cpp_disabled():
-                raise RuntimeError(f"disabled by ${DISABLE_ENV}")
-            from torch.utils.cpp_extension import load, verify_ninja_availability
-
-            cxx = os.environ.get("CXX", "c++")
-            if shutil.which(cxx) is None:
-                raise RuntimeError(f"no C++ compiler: {cxx!r} not found")
-            verify_ninja_availability()
-            flags = ["-O3", "-ffast-math", "-fopenmp-simd"]
-            if platform.machine() in ("x86_64", "AMD64"):
-                flags.append("-march=native")
-            load(
-                name=f"openlm_mamba_scan_cpu_{_cpu_tag()}",
-                sources=[str(_SRC)],
-                extra_cflags=flags,
-                is_python_module=False,
-                verbose=False,
-            )
-            _ext_state["ok"] = True
-        except Exception as exc:  # no compiler / ninja / headers: fall back, say so once
-            _ext_state["ok"] = False
-            _ext_state["reason"] = (
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            )
-            warnings.warn(
-                f"openlm_mamba: C++ selective-scan kernel unavailable ({_ext_state['reason']}); "
-                "using the slower pure PyTorch path",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return bool(_ext_state["ok"])
-
-
-def _use_cpp(u: torch.Tensor) -> bool:
-    return u.device.type == "cpu" and load_extension()
 
 
 # -- pure PyTorch implementation of the two kernels (same layouts and results) -------------------------
@@ -241,7 +168,7 @@ def _partitions(batch: int, groups: int, blocks: int) -> int:
 
 def _fwd_impl(u, delta, At, Bt, Ct, D, z, bias, sp: bool, x0, K: int):
     """(out (batch, L, dim), last state (batch, N, dim), chunk states (batch, nc, N, dim))."""
-    if _use_cpp(u):
+    if use_cpp(u):
         out, last, ck = torch.ops.openlm_mamba_cpu.scan_fwd(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K)
         return out, last, ck
     return _fwd_torch_tm(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K)
@@ -251,7 +178,7 @@ def _bwd_impl(gout, glast, u, delta, At, Bt, Ct, D, z, bias, sp: bool, ck, K: in
     """(du, ddelta, dAt, dBt, dCt, dD, dbias, dz, dx0); dD / dbias / dz are None when D / bias / z are None."""
     gout = gout.contiguous()
     glast = None if glast is None else glast.contiguous()
-    if not _use_cpp(u):
+    if not use_cpp(u):
         return _bwd_torch_tm(gout, glast, u, delta, At, Bt, Ct, D, z, bias, sp, ck, K)
     batch, _, dim = u.shape
     G = Bt.shape[1]
@@ -319,7 +246,7 @@ def _(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K):
     batch, L, dim = u.shape
     N = At.shape[0]
     nc = (L + K - 1) // K
-    return torch.empty_like(u), u.new_empty(batch, N, dim), u.new_empty(batch, nc, N, dim)
+    return u.new_empty(batch, L, dim), u.new_empty(batch, N, dim), u.new_empty(batch, nc, N, dim)
 
 
 @torch.library.custom_op("openlm_mamba::torch_scan_bwd", mutates_args=())
@@ -347,14 +274,14 @@ def scan_bwd(
 def _(gout, glast, u, delta, At, Bt, Ct, D, z, bias, sp, ck, K):
     empty = u.new_empty
     return [
-        torch.empty_like(u),
-        torch.empty_like(u),
-        torch.empty_like(At),
-        torch.empty_like(Bt),
-        torch.empty_like(Ct),
-        torch.empty_like(D) if D is not None else empty(0),
-        torch.empty_like(bias) if bias is not None else empty(0),
-        torch.empty_like(u) if z is not None else empty(0),
+        empty(u.shape),
+        empty(u.shape),
+        empty(At.shape),
+        empty(Bt.shape),
+        empty(Ct.shape),
+        empty(D.shape) if D is not None else empty(0),
+        empty(bias.shape) if bias is not None else empty(0),
+        empty(u.shape) if z is not None else empty(0),
         empty(u.shape[0], At.shape[0], u.shape[2]),
     ]
 
@@ -409,14 +336,15 @@ def selective_scan_cpu(
     """Selective scan with ``selective_scan_ref``'s arguments and results, fast and memory-bounded."""
     dt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
-    def time_major(t: torch.Tensor) -> torch.Tensor:  # (batch, dim, L) -> contiguous (batch, L, dim)
-        return t.to(dt).transpose(1, 2).contiguous()
+    def unit_last(t: torch.Tensor) -> torch.Tensor:  # a view when the last stride is 1 already
+        t = t.to(dt).transpose(-1, -2)
+        return t if t.stride(-1) == 1 else t.contiguous()
 
-    u_, delta_ = time_major(u), time_major(delta)
-    z_ = None if z is None else time_major(z)
+    u_, delta_ = unit_last(u), unit_last(delta)  # (batch, L, dim)
+    z_ = None if z is None else unit_last(z)
     At = A.to(dt).t().contiguous()
-    Bt = (B.unsqueeze(1) if B.dim() == 3 else B).to(dt).transpose(-1, -2).contiguous()
-    Ct = (C.unsqueeze(1) if C.dim() == 3 else C).to(dt).transpose(-1, -2).contiguous()
+    Bt = unit_last(B.unsqueeze(1) if B.dim() == 3 else B)  # (batch, G, L, N)
+    Ct = unit_last(C.unsqueeze(1) if C.dim() == 3 else C)
     D_ = None if D is None else D.to(dt).contiguous()
     bias = None if delta_bias is None else delta_bias.to(dt).contiguous()
     x0 = None if initial_state is None else initial_state.to(dt).transpose(1, 2).contiguous()
@@ -429,4 +357,4 @@ def selective_scan_cpu(
     return (out, last.transpose(1, 2)) if return_last_state else out
 
 
-__all__ = ["CHUNK", "DISABLE_ENV", "cpp_disabled", "load_extension", "selective_scan_cpu"]
+__all__ = ["CHUNK", "DISABLE_ENV", "_ext_state", "cpp_disabled", "load_extension", "selective_scan_cpu"]

@@ -1,0 +1,104 @@
+"""The C++ CPU kernels (selective scan, causal conv1d): built on first use, cached, optional.
+
+``csrc/*.cpp`` are compiled with ``torch.utils.cpp_extension`` the first time a CPU op needs
+them and cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), keyed by this CPU's instruction set and the sources' hash. They
+register the torch ops ``openlm_mamba_cpu::*``. Where they cannot be built (no compiler or ninja,
+or ``OPENLM_MAMBA_DISABLE_CPP=1``) every op runs its pure PyTorch path, after one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+DISABLE_ENV = "OPENLM_MAMBA_DISABLE_CPP"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp")
+
+_lock = threading.Lock()
+_ext_state: dict[str, object] = {}  # "ok": bool, "reason": str
+
+
+def _build_tag() -> str:
+    """A short hash of this CPU's instruction set and the sources: a cached build is never reused
+    on another CPU or after an edit."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    h = hashlib.sha1(f"{platform.machine()} {flags}".encode())
+    for p in sorted(CSRC.iterdir()):
+        if p.suffix in (".cpp", ".h"):
+            h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def cpp_disabled() -> bool:
+    """True when $OPENLM_MAMBA_DISABLE_CPP asks for the pure PyTorch paths."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def load_extension() -> bool:
+    """Build (first call, then cached on disk) and load the C++ kernels; False, with one warning, if impossible."""
+    with _lock:
+        if "ok" in _ext_state:
+            return bool(_ext_state["ok"])
+        try:
+            if cpp_disabled():
+                raise RuntimeError(f"disabled by ${DISABLE_ENV}")
+            from torch.utils.cpp_extension import load, verify_ninja_availability
+
+            cxx = os.environ.get("CXX", "c++")
+            if shutil.which(cxx) is None:
+                raise RuntimeError(f"no C++ compiler: {cxx!r} not found")
+            verify_ninja_availability()
+            flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd"]
+            ldflags = []
+            if platform.system() == "Linux":
+                # at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
+                # libgomp.so.1 resolves to the copy torch has already loaded (one OpenMP runtime).
+                flags.append("-fopenmp")
+                ldflags.append("-fopenmp")
+            if platform.machine() in ("x86_64", "AMD64"):
+                flags += ["-march=native", "-mprefer-vector-width=512"]
+            load(
+                name=f"openlm_mamba_cpu_{_build_tag()}",
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=flags,
+                extra_include_paths=[str(CSRC)],
+                extra_ldflags=ldflags,
+                is_python_module=False,
+                verbose=False,
+            )
+            _ext_state["ok"] = True
+        except Exception as exc:  # no compiler / ninja / headers: fall back, say so once
+            _ext_state["ok"] = False
+            msg = str(exc).strip()
+            _ext_state["reason"] = f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}"
+            warnings.warn(
+                f"openlm_mamba: C++ CPU kernels unavailable ({_ext_state['reason']}); "
+                "using the slower pure PyTorch path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return bool(_ext_state["ok"])
+
+
+def use_cpp(t: torch.Tensor) -> bool:
+    """True when the C++ kernels can run on ``t`` (a CPU float32 / float64 tensor) and are built."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and load_extension()
+
+
+__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "use_cpp"]

@@ -1,0 +1,208 @@
+// Shared helpers of the C++ CPU kernels: dynamic parallel loop, vectorisable float math.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define OLM_AVX512 1
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define OLM_INLINE inline __attribute__((always_inline))
+#else
+#define OLM_INLINE inline
+#endif
+
+namespace olm {
+
+// Run fn(task, task + 1) for every task in [0, n) on torch's threads, handing tasks out one at a
+// time: a thread the OS deschedules (busy shared machine) then holds up one task, not half the work.
+template <typename F>
+void parallel_dynamic(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, t + 1);
+  });
+}
+
+// A per-thread scratch buffer of n elements, 64-byte aligned (whole-vector loads never split a cache line).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : buf_(n + 64 / sizeof(T)) {}
+  T* data() {
+    const auto p = reinterpret_cast<std::uintptr_t>(buf_.data());
+    return reinterpret_cast<T*>((p + 63) & ~std::uintptr_t(63));
+  }
+
+ private:
+  std::vector<T> buf_;
+};
+
+// Ask for the cache lines of n elements at p (for writing when `write`).
+template <typename T>
+OLM_INLINE void prefetch(const T* p, int64_t n, bool write = false) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < int64_t(n * sizeof(T)); i += 64) {
+    if (write)
+      __builtin_prefetch(c + i, 1);
+    else
+      __builtin_prefetch(c + i, 0);
+  }
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+// Copy a row of V lanes (only the first wn are real) into a vector buffer, zeros past wn, and back.
+template <int64_t V, typename T>
+OLM_INLINE void load_lanes(const T* __restrict__ src, int64_t wn, T* __restrict__ dst) {
+  if (wn == V) {
+#pragma omp simd
+    for (int64_t w = 0; w < V; ++w) dst[w] = src[w];
+  } else {
+    for (int64_t w = 0; w < V; ++w) dst[w] = w < wn ? src[w] : T(0);
+  }
+}
+
+template <int64_t V, typename T>
+OLM_INLINE void store_lanes(const T* __restrict__ src, int64_t wn, T* __restrict__ dst) {
+  if (wn == V) {
+#pragma omp simd
+    for (int64_t w = 0; w < V; ++w) dst[w] = src[w];
+  } else {
+    for (int64_t w = 0; w < wn; ++w) dst[w] = src[w];
+  }
+}
+
+// exp that the compiler vectorises inside `omp simd` loops (glibc has no vector expf, so std::exp
+// on float would be one scalar call per lane): Cody-Waite reduction and the Cephes polynomial,
+// within 2 ulp on [-87, 88]; inputs are clamped to that range (exp(-87) = 1.6e-38: underflow to
+// zero is replaced by a denormal-free tiny number), NaN propagates. float64 uses std::exp, which
+// libmvec does vectorise.
+OLM_INLINE float vexp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fma(k, -0.693359375f, x);
+  r = std::fma(k, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+OLM_INLINE double vexp(double x) { return std::exp(x); }
+
+// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|); log1p(s) for s in (0, 1] as
+// 2 atanh(s / (2 + s)) by its series (|error| < 2e-7).
+OLM_INLINE float vsoftplus(float v) {
+  const float s = vexp(-std::fabs(v));
+  const float r = s / (2.0f + s), r2 = r * r;
+  float p = 1.0f / 13;
+  p = std::fma(p, r2, 1.0f / 11);
+  p = std::fma(p, r2, 1.0f / 9);
+  p = std::fma(p, r2, 1.0f / 7);
+  p = std::fma(p, r2, 1.0f / 5);
+  p = std::fma(p, r2, 1.0f / 3);
+  p = std::fma(p, r2, 1.0f);
+  return (v > 0.0f ? v : 0.0f) + 2.0f * r * p;
+}
+OLM_INLINE double vsoftplus(double v) { return v > 20.0 ? v : std::log1p(std::exp(v)); }
+
+template <typename T>
+OLM_INLINE T vsigmoid(T v) {
+  return T(1) / (T(1) + vexp(-v));
+}
+
+#ifdef OLM_AVX512
+// 32 log2(e) in float: exp(x) = 2^(x * kExp2x32 / 32).
+constexpr float kExp2x32 = 46.16624069213867f;
+
+// 2^(a b / 32) for 16 floats with AVX-512: k = round(a b), f = a b - k exactly (one fma), then
+// 2^(k div 32) (scalef) * T[k mod 32] (a 32-entry table of 2^(i/32), one permute) * 2^(f / 32) (a
+// quadratic, |f| <= 1/2). Relative error < 4e-7 for finite results (e^x with b = kExp2x32 and
+// |x| <= 88; an a b prepared elsewhere adds its own rounding); overflow gives inf, underflow 0.
+// Infinite a b gives NaN: callers that can see one clamp first.
+OLM_INLINE __m512 vexp2_32(__m512 a, __m512 b) {
+  const __m512 t0 = _mm512_setr_ps(1.0f, 1.02189715f, 1.04427378f, 1.0671404f, 1.09050773f, 1.11438674f, 1.13878863f,
+                                   1.16372486f, 1.18920712f, 1.21524736f, 1.24185781f, 1.26905096f, 1.29683955f,
+                                   1.32523664f, 1.35425555f, 1.38390988f);
+  const __m512 t1 = _mm512_setr_ps(1.41421356f, 1.44518081f, 1.47682615f, 1.50916443f, 1.54221083f, 1.57598085f,
+                                   1.61049033f, 1.64575548f, 1.68179283f, 1.7186193f, 1.75625216f, 1.79470908f,
+                                   1.83400809f, 1.87416763f, 1.91520656f, 1.95714412f);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(a, b), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(a, b, k);
+  const __m512 tv = _mm512_permutex2var_ps(t0, _mm512_cvtps_epi32(k), t1);
+  const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(2.3459619820224677e-4f), f, _mm512_set1_ps(2.166084939249829e-2f));
+  const __m512 p = _mm512_fmadd_ps(q, _mm512_mul_ps(f, tv), tv);
+  return _mm512_scalef_ps(p, _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32)));  // scalef: * 2^floor(k / 32)
+}
+
+// e^x for 16 floats, x clamped to [-87, 88] (so e^-inf = 1.6e-38, not NaN).
+OLM_INLINE __m512 vexp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  return vexp2_32(x, _mm512_set1_ps(kExp2x32));
+}
+
+// 1 / d for AVX-512: the 14-bit estimate and one Newton step (relative error ~1e-8; vdivps is slow).
+OLM_INLINE __m512 vrcp16(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+#endif
+
+// Elementwise functions over V lanes (V a multiple of 16), with AVX-512 versions for float.
+template <int64_t V, typename T>
+OLM_INLINE void sigmoid_lanes(const T* __restrict__ in, T* __restrict__ out) {
+#pragma omp simd
+  for (int64_t w = 0; w < V; ++w) out[w] = vsigmoid(in[w]);
+}
+
+template <int64_t V, typename T>
+OLM_INLINE void softplus_lanes(const T* __restrict__ in, T* __restrict__ out) {
+#pragma omp simd
+  for (int64_t w = 0; w < V; ++w) out[w] = vsoftplus(in[w]);
+}
+
+#ifdef OLM_AVX512
+template <>
+OLM_INLINE void sigmoid_lanes<16, float>(const float* __restrict__ in, float* __restrict__ out) {
+  const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(in)));
+  _mm512_storeu_ps(out, vrcp16(_mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+}
+
+template <>
+OLM_INLINE void softplus_lanes<16, float>(const float* __restrict__ in, float* __restrict__ out) {
+  const __m512 v = _mm512_loadu_ps(in);
+  const __m512 s = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));  // e^-|v| in (0, 1]
+  const __m512 r = _mm512_mul_ps(s, vrcp16(_mm512_add_ps(s, _mm512_set1_ps(2.0f))));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(1.0f / 13);
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 11));
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 9));
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 7));
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 5));
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 3));
+  p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f));
+  const __m512 lg = _mm512_mul_ps(_mm512_add_ps(r, r), p);  // log1p(s)
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), lg));
+}
+#endif
+
+}  // namespace olm

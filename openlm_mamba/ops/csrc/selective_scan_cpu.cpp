@@ -1,0 +1,504 @@
+// Selective scan on CPU: a loop over time, vectorised over blocks of W channels, parallel over
+// (batch, channel block).
+//
+// Compiled on first use by openlm_mamba/ops/cpp.py (torch.utils.cpp_extension), registered as
+// torch ops `openlm_mamba_cpu::scan_fwd` / `scan_bwd`. Layouts (one dtype: float32 or float64),
+// time-major so that W neighbouring channels are one vector:
+//   u, delta, z      (batch, L, dim)      any batch / time strides, unit channel stride (the
+//                                         model passes views of its projections, not copies);
+//                                         delta raw: bias and softplus are applied here
+//   At               (N, dim)             A transposed, contiguous
+//   Bt, Ct           (batch, G, L, N)     any strides but a unit last one
+//   D, bias (dim,), x0 (batch, N, dim)    optional, contiguous
+// Outputs: out (batch, L, dim), last (batch, N, dim), ck (batch, nc, N, dim): the state entering
+// each chunk of K steps. The backward recomputes one chunk's states at a time from ck and runs the
+// adjoint recurrence backwards in time.
+
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using olm::load_lanes;
+using olm::opt_ptr;
+using olm::parallel_dynamic;
+using olm::store_lanes;
+using olm::vexp;
+using olm::sigmoid_lanes;
+using olm::softplus_lanes;
+
+constexpr int64_t W = 16;       // channels per vector block
+constexpr int64_t kAhead = 8;  // time steps to prefetch ahead
+
+struct Dims {
+  int64_t batch, L, dim, N, G, dpg, nblk;  // nblk: channel blocks per group
+};
+
+inline Dims dims_of(const at::Tensor& u, const at::Tensor& At, const at::Tensor& Bt) {
+  Dims s;
+  s.batch = u.size(0);
+  s.L = u.size(1);
+  s.dim = u.size(2);
+  s.N = At.size(0);
+  s.G = Bt.size(1);
+  s.dpg = s.dim / s.G;
+  s.nblk = (s.dpg + W - 1) / W;
+  return s;
+}
+
+// A (batch, L, dim) tensor with a unit channel stride.
+template <typename T>
+struct TimeMajor {
+  const T* p;
+  int64_t sb, st;
+  const T* row(int64_t b, int64_t t) const { return p + b * sb + t * st; }
+};
+
+template <typename T>
+TimeMajor<T> time_major(const at::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
+}
+
+template <typename T>
+std::optional<TimeMajor<T>> time_major(const std::optional<at::Tensor>& x) {
+  if (!x) return std::nullopt;
+  return time_major<T>(*x);
+}
+
+// B or C, (batch, G, L, N) with a unit last stride.
+template <typename T>
+struct StateMajor {
+  const T* p;
+  int64_t sb, sg, st;
+  const T* row(int64_t b, int64_t g, int64_t t) const { return p + b * sb + g * sg + t * st; }
+};
+
+template <typename T>
+StateMajor<T> state_major(const at::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// Per-task copies of a channel block's parameters, zero in lanes >= wn.
+template <typename T>
+inline void load_block(const T* src, int64_t wn, T* dst) {
+  for (int64_t w = 0; w < W; ++w) dst[w] = (src && w < wn) ? src[w] : T(0);
+}
+
+// Load one time step of a channel block: dt = softplus(delta + bias) (or delta + bias), raw =
+// delta + bias, u and dt * u; lanes >= wn are zero. bb: the block's bias (zeros without one).
+template <typename T>
+inline void load_step(const T* __restrict__ dr, const T* __restrict__ ur, const T* __restrict__ bb, bool sp,
+                      int64_t wn, T* __restrict__ dt, T* __restrict__ uv, T* __restrict__ du, T* __restrict__ raw) {
+  load_lanes<W>(dr, wn, raw);
+  load_lanes<W>(ur, wn, uv);
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) raw[w] += bb[w];
+  if (sp) {
+    softplus_lanes<W>(raw, dt);
+    if (wn < W)
+      for (int64_t w = wn; w < W; ++w) dt[w] = T(0);
+  } else {
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) dt[w] = raw[w];
+  }
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) du[w] = dt[w] * uv[w];
+}
+
+// A as the state steps below want it (Ae): A itself, or A * 32 log2(e) for the AVX-512 exp.
+template <typename T>
+OLM_INLINE T exp_arg_scale() {
+  return T(1);
+}
+
+// One time step of a channel block's N states: x[n] = exp(dt A[n]) x[n] + du B[n], y += C[n] x[n].
+// Ae = A * exp_arg_scale<T>() (the generic path takes A itself).
+template <typename T>
+OLM_INLINE void fwd_states(int64_t N, const T* __restrict__ dt, const T* __restrict__ du, const T* __restrict__ Ae,
+                           const T* __restrict__ Bv, const T* __restrict__ Cv, T* __restrict__ x, T* __restrict__ y) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T Bn = Bv[n], Cn = Cv[n];
+    T* __restrict__ xn = x + n * W;
+    const T* __restrict__ An = Ae + n * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) {
+      const T v = vexp(dt[w] * An[w]) * xn[w] + du[w] * Bn;
+      xn[w] = v;
+      y[w] += Cn * v;
+    }
+  }
+}
+
+// The same step keeping the states before (xp) and after (xn) it and the decays e[n] = exp(dt A[n]).
+template <typename T>
+OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restrict__ du, const T* __restrict__ Ae,
+                           const T* __restrict__ Bv, const T* __restrict__ xp, T* __restrict__ xn, T* __restrict__ e) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T Bn = Bv[n];
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) {
+      const T ev = vexp(dt[w] * Ae[n * W + w]);
+      e[n * W + w] = ev;
+      xn[n * W + w] = ev * xp[n * W + w] + du[w] * Bn;
+    }
+  }
+}
+
+#ifdef OLM_AVX512
+static_assert(W == 16, "one AVX-512 float vector per channel block");
+
+template <>
+OLM_INLINE float exp_arg_scale<float>() {
+  return olm::kExp2x32;
+}
+
+template <>
+OLM_INLINE void fwd_states<float>(int64_t N, const float* __restrict__ dt, const float* __restrict__ du,
+                                  const float* __restrict__ Ae, const float* __restrict__ Bv,
+                                  const float* __restrict__ Cv, float* __restrict__ x, float* __restrict__ y) {
+  const __m512 dtv = _mm512_loadu_ps(dt), duv = _mm512_loadu_ps(du);
+  __m512 ya = _mm512_loadu_ps(y), yb = _mm512_setzero_ps();  // two accumulators: shorter dependency chain
+  int64_t n = 0;
+  for (; n + 1 < N; n += 2) {
+    const __m512 e0 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
+    const __m512 e1 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + (n + 1) * W));
+    const __m512 x0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n])));
+    const __m512 x1 =
+        _mm512_fmadd_ps(e1, _mm512_loadu_ps(x + (n + 1) * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n + 1])));
+    _mm512_storeu_ps(x + n * W, x0);
+    _mm512_storeu_ps(x + (n + 1) * W, x1);
+    ya = _mm512_fmadd_ps(x0, _mm512_set1_ps(Cv[n]), ya);
+    yb = _mm512_fmadd_ps(x1, _mm512_set1_ps(Cv[n + 1]), yb);
+  }
+  if (n < N) {
+    const __m512 e0 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
+    const __m512 x0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n])));
+    _mm512_storeu_ps(x + n * W, x0);
+    ya = _mm512_fmadd_ps(x0, _mm512_set1_ps(Cv[n]), ya);
+  }
+  _mm512_storeu_ps(y, _mm512_add_ps(ya, yb));
+}
+
+template <>
+OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const float* __restrict__ du,
+                                  const float* __restrict__ Ae, const float* __restrict__ Bv,
+                                  const float* __restrict__ xp, float* __restrict__ xn, float* __restrict__ e) {
+  const __m512 dtv = _mm512_loadu_ps(dt), duv = _mm512_loadu_ps(du);
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 ev = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
+    _mm512_storeu_ps(e + n * W, ev);
+    _mm512_storeu_ps(xn + n * W,
+                    _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n]))));
+  }
+}
+#endif
+
+template <typename T>
+void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
+                const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                const std::optional<at::Tensor>& bias_t, bool sp, const std::optional<at::Tensor>& x0, int64_t K,
+                at::Tensor& out, at::Tensor& last, at::Tensor& ck) {
+  const Dims s = dims_of(u, At, Bt);
+  const int64_t L = s.L, dim = s.dim, N = s.N, G = s.G, nc = ck.size(1);
+  const auto uu = time_major<T>(u), dd = time_major<T>(delta);
+  const auto zz = time_major<T>(z);
+  const auto BB = state_major<T>(Bt), CC = state_major<T>(Ct);
+  const T* Ap = At.data_ptr<T>();
+  const T* Dp = opt_ptr<T>(D);
+  const T* bp = opt_ptr<T>(bias_t);
+  const T* x0p = opt_ptr<T>(x0);
+  T* op = out.data_ptr<T>();
+  T* lp = last.data_ptr<T>();
+  T* ckp = ck.data_ptr<T>();
+  // Each chunk of K steps runs in three passes: the per-step inputs (dt, u, dt * u; independent
+  // across steps, so they pipeline), the state recurrence, then the output (D skip, SiLU(z) gate).
+  parallel_dynamic(s.batch * G * s.nblk, [&](int64_t begin, int64_t end) {
+    olm::Scratch<T> xbuf(N * W), Abuf(N * W), stepbuf(4 * K * W);
+    T* __restrict__ x = xbuf.data();
+    T* __restrict__ Ae = Abuf.data();
+    T* __restrict__ dtc = stepbuf.data();
+    T* __restrict__ uc = dtc + K * W;
+    T* __restrict__ duc = uc + K * W;
+    T* __restrict__ yc = duc + K * W;
+    alignas(64) T raw[W], Dv[W], bb[W], zv[W], sg[W], yv[W];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (G * s.nblk), g = (task / s.nblk) % G, k = task % s.nblk;
+      const int64_t d0 = g * s.dpg + k * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+      for (int64_t n = 0; n < N; ++n) {
+        load_block(Ap + n * dim + d0, wn, Ae + n * W);
+        load_block(x0p ? x0p + (b * N + n) * dim + d0 : nullptr, wn, x + n * W);
+      }
+      for (int64_t i = 0; i < N * W; ++i) Ae[i] *= exp_arg_scale<T>();
+      load_block(Dp ? Dp + d0 : nullptr, wn, Dv);
+      load_block(bp ? bp + d0 : nullptr, wn, bb);
+      for (int64_t t0 = 0; t0 < L; t0 += K) {
+        const int64_t len = std::min(K, L - t0);
+        T* c = ckp + ((b * nc + t0 / K) * N) * dim + d0;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t w = 0; w < wn; ++w) c[n * dim + w] = x[n * W + w];
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = t0 + i;
+          if (t + kAhead < L) {  // rows are a page apart: the hardware prefetcher will not fetch them
+            olm::prefetch(dd.row(b, t + kAhead) + d0, W);
+            olm::prefetch(uu.row(b, t + kAhead) + d0, W);
+          }
+          load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dtc + i * W, uc + i * W, duc + i * W, raw);
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = t0 + i;
+          T* __restrict__ y = yc + i * W;
+          for (int64_t w = 0; w < W; ++w) y[w] = T(0);
+          fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, BB.row(b, g, t), CC.row(b, g, t), x, y);
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = t0 + i;
+          if (t + kAhead < L) {
+            if (zz) olm::prefetch(zz->row(b, t + kAhead) + d0, W);
+            olm::prefetch(op + (b * L + t + kAhead) * dim + d0, W, true);
+          }
+          const T* __restrict__ y = yc + i * W;
+          const T* __restrict__ ui = uc + i * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) yv[w] = y[w] + Dv[w] * ui[w];
+          if (zz) {
+            load_lanes<W>(zz->row(b, t) + d0, wn, zv);
+            sigmoid_lanes<W>(zv, sg);
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) yv[w] *= zv[w] * sg[w];
+          }
+          store_lanes<W>(yv, wn, op + (b * L + t) * dim + d0);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t w = 0; w < wn; ++w) lp[(b * N + n) * dim + d0 + w] = x[n * W + w];
+    }
+  });
+}
+
+template <typename T>
+void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, const at::Tensor& u,
+                const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt, const at::Tensor& Ct,
+                const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                const std::optional<at::Tensor>& bias_t, bool sp, const at::Tensor& ck, int64_t K, int64_t P,
+                at::Tensor& du, at::Tensor& ddelta, at::Tensor& dA_b, at::Tensor& dB_p, at::Tensor& dC_p,
+                at::Tensor& dD_b, at::Tensor& dbias_b, at::Tensor& dz, at::Tensor& dx0) {
+  const Dims s = dims_of(u, At, Bt);
+  const int64_t L = s.L, dim = s.dim, N = s.N, G = s.G, nc = ck.size(1);
+  const int64_t per = (s.nblk + P - 1) / P;  // channel blocks per task
+  const T* gp = gout.data_ptr<T>();
+  const T* glp = opt_ptr<T>(glast);
+  const auto uu = time_major<T>(u), dd = time_major<T>(delta);
+  const auto zz = time_major<T>(z);
+  const auto BB = state_major<T>(Bt), CC = state_major<T>(Ct);
+  const T* Ap = At.data_ptr<T>();
+  const T* Dp = opt_ptr<T>(D);
+  const T* bp = opt_ptr<T>(bias_t);
+  const T* ckp = ck.data_ptr<T>();
+  T* dup = du.data_ptr<T>();
+  T* ddp = ddelta.data_ptr<T>();
+  T* dAp = dA_b.data_ptr<T>();
+  T* dBp = dB_p.data_ptr<T>();
+  T* dCp = dC_p.data_ptr<T>();
+  T* dDp = dD_b.data_ptr<T>();
+  T* dbp = dbias_b.data_ptr<T>();
+  T* dzp = zz ? dz.data_ptr<T>() : nullptr;
+  T* dx0p = dx0.data_ptr<T>();
+  parallel_dynamic(s.batch * G * P, [&](int64_t begin, int64_t end) {
+    olm::Scratch<T> xs_buf((K + 1) * N * W), e_buf(K * N * W), h_buf(N * W), dA_buf(N * W), A_buf(2 * N * W);
+    olm::Scratch<T> dt_buf(K * W), u_buf(K * W), du_buf(K * W), raw_buf(K * W);
+    T* __restrict__ xs = xs_buf.data();
+    T* __restrict__ e = e_buf.data();
+    T* __restrict__ h = h_buf.data();
+    T* __restrict__ dAacc = dA_buf.data();
+    T* __restrict__ Ab = A_buf.data();
+    T* __restrict__ Ae = Ab + N * W;
+    T* __restrict__ dtc = dt_buf.data();
+    T* __restrict__ uc = u_buf.data();
+    T* __restrict__ duc = du_buf.data();
+    T* __restrict__ rawc = raw_buf.data();
+    alignas(64) T dy[W], duv[W], ddt[W], dDacc[W], dbacc[W], Dv[W], bb[W], y[W], zv[W], gv[W], dzv[W], sgv[W];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (G * P), g = (task / P) % G, p = task % P;
+      T* dBg = dBp + task * L * N;  // (batch, G, P, L, N)
+      T* dCg = dCp + task * L * N;
+      for (int64_t k = p * per; k < std::min(s.nblk, (p + 1) * per); ++k) {
+        const int64_t d0 = g * s.dpg + k * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+        for (int64_t n = 0; n < N; ++n) {
+          load_block(Ap + n * dim + d0, wn, Ab + n * W);
+          load_block(glp ? glp + (b * N + n) * dim + d0 : nullptr, wn, h + n * W);
+          for (int64_t w = 0; w < W; ++w) dAacc[n * W + w] = 0;
+        }
+        for (int64_t i = 0; i < N * W; ++i) Ae[i] = Ab[i] * exp_arg_scale<T>();
+        load_block(Dp ? Dp + d0 : nullptr, wn, Dv);
+        load_block(bp ? bp + d0 : nullptr, wn, bb);
+        for (int64_t w = 0; w < W; ++w) dDacc[w] = dbacc[w] = 0;
+        for (int64_t c = nc - 1; c >= 0; --c) {
+          const int64_t t0 = c * K, len = std::min(K, L - t0);
+          const T* start = ckp + ((b * nc + c) * N) * dim + d0;
+          for (int64_t n = 0; n < N; ++n) load_block(start + n * dim, wn, xs + n * W);
+          for (int64_t i = 0; i < len; ++i) {  // recompute the chunk's states
+            const int64_t t = t0 + i;
+            T* dti = dtc + i * W;
+            T* dui = duc + i * W;
+            if (t + kAhead < L) {
+              olm::prefetch(dd.row(b, t + kAhead) + d0, W);
+              olm::prefetch(uu.row(b, t + kAhead) + d0, W);
+            }
+            load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dti, uc + i * W, dui, rawc + i * W);
+            bwd_states<T>(N, dti, dui, Ae, BB.row(b, g, t), xs + i * N * W, xs + (i + 1) * N * W, e + i * N * W);
+          }
+          for (int64_t i = len - 1; i >= 0; --i) {  // adjoint recurrence, backwards in time
+            const int64_t t = t0 + i, orow = (b * L + t) * dim + d0;
+            const T* dti = dtc + i * W;
+            const T* ui = uc + i * W;
+            const T* dui = duc + i * W;
+            const T* __restrict__ Bv = BB.row(b, g, t);
+            const T* __restrict__ Cv = CC.row(b, g, t);
+            if (t >= kAhead) {
+              olm::prefetch(gp + orow - kAhead * dim, W);
+              if (zz) olm::prefetch(zz->row(b, t - kAhead) + d0, W);
+            }
+            load_lanes<W>(gp + orow, wn, gv);
+            if (zz) {
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) y[w] = Dv[w] * ui[w];
+              for (int64_t n = 0; n < N; ++n) {
+                const T Cn = Cv[n];
+                const T* __restrict__ xc = xs + ((i + 1) * N + n) * W;
+#pragma omp simd
+                for (int64_t w = 0; w < W; ++w) y[w] += Cn * xc[w];
+              }
+              load_lanes<W>(zz->row(b, t) + d0, wn, zv);
+              sigmoid_lanes<W>(zv, sgv);
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) {
+                const T zt = zv[w], sg = sgv[w], gt = gv[w];
+                dy[w] = gt * zt * sg;
+                dzv[w] = gt * y[w] * sg * (T(1) + zt * (T(1) - sg));
+              }
+              store_lanes<W>(dzv, wn, dzp + orow);
+            } else {
+              for (int64_t w = 0; w < W; ++w) dy[w] = gv[w];
+            }
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) {
+              dDacc[w] += dy[w] * ui[w];
+              duv[w] = dy[w] * Dv[w];
+              ddt[w] = 0;
+            }
+            T* dBv = dBg + t * N;
+            T* dCv = dCg + t * N;
+            for (int64_t n = 0; n < N; ++n) {
+              const T Bn = Bv[n], Cn = Cv[n];
+              const T* __restrict__ xc = xs + ((i + 1) * N + n) * W;
+              const T* __restrict__ xp = xs + (i * N + n) * W;
+              const T* __restrict__ en = e + (i * N + n) * W;
+              const T* __restrict__ An = Ab + n * W;
+              T* __restrict__ hn = h + n * W;
+              T* __restrict__ dAn = dAacc + n * W;
+              T sC = 0, sB = 0;
+#pragma omp simd reduction(+ : sC, sB)
+              for (int64_t w = 0; w < W; ++w) {
+                const T hv = hn[w] + dy[w] * Cn;
+                sC += dy[w] * xc[w];
+                sB += hv * dui[w];
+                duv[w] += dti[w] * hv * Bn;
+                const T ex = en[w] * xp[w];
+                ddt[w] += hv * (An[w] * ex + Bn * ui[w]);
+                dAn[w] += hv * dti[w] * ex;
+                hn[w] = en[w] * hv;
+              }
+              dCv[n] += sC;
+              dBv[n] += sB;
+            }
+            const T* rawi = rawc + i * W;
+            if (sp) {
+              sigmoid_lanes<W>(rawi, sgv);  // softplus'
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) ddt[w] *= sgv[w];
+            }
+            for (int64_t w = 0; w < W; ++w) dbacc[w] += ddt[w];
+            store_lanes<W>(ddt, wn, ddp + orow);
+            store_lanes<W>(duv, wn, dup + orow);
+          }
+        }
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t w = 0; w < wn; ++w) {
+            dx0p[(b * N + n) * dim + d0 + w] = h[n * W + w];
+            dAp[(b * N + n) * dim + d0 + w] = dAacc[n * W + w];
+          }
+        for (int64_t w = 0; w < wn; ++w) {
+          dDp[b * dim + d0 + w] = dDacc[w];
+          dbp[b * dim + d0 + w] = dbacc[w];
+        }
+      }
+    }
+  });
+}
+
+void check_layouts(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
+                   const at::Tensor& Ct, const std::optional<at::Tensor>& z) {
+  for (const at::Tensor* t : {&u, &delta, &Bt, &Ct})
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1, "openlm_mamba_cpu scan: inputs need a unit last stride");
+  TORCH_CHECK(!z || z->stride(-1) == 1 || z->size(-1) == 1, "openlm_mamba_cpu scan: z needs a unit last stride");
+  TORCH_CHECK(At.is_contiguous(), "openlm_mamba_cpu scan: At must be contiguous");
+}
+
+std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At,
+                                 const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                                 bool softplus, const std::optional<at::Tensor>& x0, int64_t K) {
+  check_layouts(u, delta, At, Bt, Ct, z);
+  const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), N = At.size(0);
+  const int64_t nc = (L + K - 1) / K;
+  auto out = at::empty({batch, L, dim}, u.options());
+  auto last = at::empty({batch, N, dim}, u.options());
+  auto ck = at::empty({batch, nc, N, dim}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_fwd", [&] {
+    fwd_kernel<scalar_t>(u, delta, At, Bt, Ct, D, z, bias, softplus, x0, K, out, last, ck);
+  });
+  return {out, last, ck};
+}
+
+std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const std::optional<at::Tensor>& glast, const at::Tensor& u,
+                                 const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
+                                 const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                                 bool softplus, const at::Tensor& ck, int64_t K, int64_t P) {
+  check_layouts(u, delta, At, Bt, Ct, z);
+  TORCH_CHECK(gout.is_contiguous() && gout.sizes() == u.sizes(), "scan_bwd: gout must be contiguous, like u");
+  const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), N = At.size(0), G = Bt.size(1);
+  auto du = at::empty_like(u);
+  auto ddelta = at::empty_like(u);
+  auto dA_b = at::empty({batch, N, dim}, u.options());
+  auto dB_p = at::zeros({batch, G, P, L, N}, u.options());
+  auto dC_p = at::zeros({batch, G, P, L, N}, u.options());
+  auto dD_b = at::empty({batch, dim}, u.options());
+  auto dbias_b = at::empty({batch, dim}, u.options());
+  auto dz = z ? at::empty_like(u) : at::empty({0}, u.options());
+  auto dx0 = at::empty({batch, N, dim}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_bwd", [&] {
+    bwd_kernel<scalar_t>(gout, glast, u, delta, At, Bt, Ct, D, z, bias, softplus, ck, K, P, du, ddelta, dA_b, dB_p,
+                         dC_p, dD_b, dbias_b, dz, dx0);
+  });
+  return {du, ddelta, dA_b, dB_p, dC_p, dD_b, dbias_b, dz, dx0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(openlm_mamba_cpu, m) {
+  m.def(
+      "scan_fwd(Tensor u, Tensor delta, Tensor At, Tensor Bt, Tensor Ct, Tensor? D, Tensor? z, Tensor? bias, "
+      "bool softplus, Tensor? x0, int K) -> Tensor[]");
+  m.def(
+      "scan_bwd(Tensor gout, Tensor? glast, Tensor u, Tensor delta, Tensor At, Tensor Bt, Tensor Ct, Tensor? D, "
+      "Tensor? z, Tensor? bias, bool softplus, Tensor ck, int K, int P) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(openlm_mamba_cpu, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd);
+  m.impl("scan_bwd", &scan_bwd);
+}
