@@ -19,6 +19,7 @@ from openlm_mamba.ops import (
     selective_scan_ref,
 )
 from openlm_mamba.ops.causal_conv1d import causal_conv1d_torch
+from openlm_mamba.ops.rms_norm import add_norm_torch
 
 
 def scan_inputs(batch=2, dim=4, seqlen=5, dstate=3, groups=None, dtype=torch.float64, seed=0):
@@ -168,6 +169,30 @@ def test_add_norm(residual_in_fp32, rms):
     torch.testing.assert_close(new_res.float(), s, atol=1e-2, rtol=1e-2)
     _, res0 = add_norm_ref(x, w)  # no residual: the residual is x itself
     torch.testing.assert_close(res0, x.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_torch_backend_add_norm_equals_reference(dtype, with_residual, with_bias):
+    """The torch backend (fused F.rms_norm) gives the reference's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [
+        torch.randn(2, 5, 16, generator=g).to(dtype),
+        torch.rand(16, generator=g) + 0.5,
+        torch.randn(16, generator=g) if with_bias else None,
+        torch.randn(2, 5, 16, generator=g) if with_residual else None,
+    ]
+    results = []
+    for fn in (add_norm_ref, add_norm_torch):
+        args = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+        out, res = fn(*args, 1e-5, True, True)
+        (out.float().square().sum() + res.float().sin().sum()).backward()
+        results.append([out, res] + [a.grad for a in args if a is not None])
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 # -- bad arguments ---------------------------------------------------------------------------------
