@@ -153,10 +153,15 @@ class MambaMixer(nn.Module):
 
         conv_state (batch, d_inner, d_conv) holds the last d_conv conv inputs, newest last;
         ssm_state (batch, d_inner, d_state) float32. ``fresh``: the cache holds no tokens yet.
-        ``last_only``: project the output of the last position only (batch, 1, d_model).
+        ``last_only``: the output of the last position only (batch, 1, d_model); the gate z and the
+        output projection are then computed for that position alone.
         """
-        xz = self.in_proj(hidden).transpose(1, 2)
-        x, z = xz.chunk(2, dim=1)
+        if last_only:
+            di, w, b = self.cfg.d_inner, self.in_proj.weight, self.in_proj.bias
+            x = F.linear(hidden, w[:di], None if b is None else b[:di]).transpose(1, 2)
+            z = F.linear(hidden[:, -1:], w[di:], None if b is None else b[di:]).transpose(1, 2)
+        else:
+            x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
         conv_w = self.conv1d.weight.squeeze(1)
         width = conv_w.shape[1]
         init = None if fresh else conv_state[:, :, 1:].to(x.dtype)
@@ -173,7 +178,7 @@ class MambaMixer(nn.Module):
             B,
             C,
             self.D.float(),
-            z=z,
+            z=None if last_only else z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=True,
@@ -181,7 +186,9 @@ class MambaMixer(nn.Module):
             backend=self.backend,
         )
         ssm_state.copy_(last)
-        return self.out_proj((y[:, :, -1:] if last_only else y).transpose(1, 2))
+        if last_only:
+            y = (y[:, :, -1:].float() * F.silu(z.float())).to(y.dtype)
+        return self.out_proj(y.transpose(1, 2))
 
     def step_params(self) -> tuple:
         """Tensors one decoding step needs, gathered once per cache (weights by reference; A = -exp(A_log),
