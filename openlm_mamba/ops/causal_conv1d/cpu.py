@@ -66,7 +66,11 @@ def causal_conv1d_cpu(
         x_tm = x_tm.contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     init = None if initial_states is None or width == 1 else initial_states.to(x.dtype).contiguous()
-    out = _ConvFn.apply(x_tm, weight.to(x.dtype).contiguous(), b, init, silu).transpose(1, 2)
+    args = (x_tm, weight.to(x.dtype).contiguous(), b, init)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        out = _ConvFn.apply(*args, silu).transpose(1, 2)
+    else:  # nothing to differentiate (inference): skip the autograd machinery
+        out = _conv_fwd(*args, silu).transpose(1, 2)
     if not return_final_states:
         return out
     L, keep = x.shape[-1], width - 1

@@ -351,8 +351,10 @@ def selective_scan_cpu(
     args = (u_, delta_, At, Bt, Ct, D_, z_, bias, bool(delta_softplus), x0, CHUNK)
     if torch.compiler.is_compiling():
         out, last, _ = scan_fwd(*args)
-    else:
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[:8], x0)):
         out, last, _ = _ScanFn.apply(*args)
+    else:  # nothing to differentiate (inference): skip the autograd machinery
+        out, last, _ = _fwd_impl(*args)
     out = out.transpose(1, 2).to(u.dtype)
     return (out, last.transpose(1, 2)) if return_last_state else out
 
