@@ -306,37 +306,61 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
   T* dbp = dbias_b.data_ptr<T>();
   T* dzp = zz ? dz.data_ptr<T>() : nullptr;
   T* dx0p = dx0.data_ptr<T>();
+  // A task owns `per` channel blocks of one (batch, group) and walks the chunks backwards, running
+  // every block through each chunk: dB and dC, sums over channels, then collect lane-wise across
+  // the task's blocks and need one horizontal sum per (step, state) per chunk, not one per block.
   parallel_dynamic(s.batch * G * P, [&](int64_t begin, int64_t end) {
-    olm::Scratch<T> xs_buf((K + 1) * N * W), e_buf(K * N * W), h_buf(N * W), dA_buf(N * W), A_buf(2 * N * W);
+    const int64_t NW = N * W;
+    olm::Scratch<T> xs_buf((K + 1) * NW), e_buf(K * NW), acc_buf(2 * K * NW), blk_buf(per * (4 * NW + 4 * W));
     olm::Scratch<T> dt_buf(K * W), u_buf(K * W), du_buf(K * W), raw_buf(K * W);
     T* __restrict__ xs = xs_buf.data();
     T* __restrict__ e = e_buf.data();
-    T* __restrict__ h = h_buf.data();
-    T* __restrict__ dAacc = dA_buf.data();
-    T* __restrict__ Ab = A_buf.data();
-    T* __restrict__ Ae = Ab + N * W;
+    T* __restrict__ dBl = acc_buf.data();  // (K, N, W) lane-wise dB and dC of the chunk
+    T* __restrict__ dCl = dBl + K * NW;
     T* __restrict__ dtc = dt_buf.data();
     T* __restrict__ uc = u_buf.data();
     T* __restrict__ duc = du_buf.data();
     T* __restrict__ rawc = raw_buf.data();
-    alignas(64) T dy[W], duv[W], ddt[W], dDacc[W], dbacc[W], Dv[W], bb[W], y[W], zv[W], gv[W], dzv[W], sgv[W];
+    alignas(64) T dy[W], duv[W], ddt[W], y[W], zv[W], gv[W], dzv[W], sgv[W];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (G * P), g = (task / P) % G, p = task % P;
+      const int64_t k0 = p * per, nk = std::max<int64_t>(0, std::min(s.nblk, k0 + per) - k0);
       T* dBg = dBp + task * L * N;  // (batch, G, P, L, N)
       T* dCg = dCp + task * L * N;
-      for (int64_t k = p * per; k < std::min(s.nblk, (p + 1) * per); ++k) {
-        const int64_t d0 = g * s.dpg + k * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+      // per block: h, dA accumulator, A, A for exp (N x W each); D, bias, dD and dbias accumulators (W each)
+      auto blk = [&](int64_t j) { return blk_buf.data() + j * (4 * NW + 4 * W); };
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t d0 = g * s.dpg + (k0 + j) * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+        T* h = blk(j);
+        T* dAacc = h + NW;
+        T* Ab = h + 2 * NW;
+        T* Ae = h + 3 * NW;
+        T* Dv = h + 4 * NW;
         for (int64_t n = 0; n < N; ++n) {
           load_block(Ap + n * dim + d0, wn, Ab + n * W);
           load_block(glp ? glp + (b * N + n) * dim + d0 : nullptr, wn, h + n * W);
-          for (int64_t w = 0; w < W; ++w) dAacc[n * W + w] = 0;
         }
-        for (int64_t i = 0; i < N * W; ++i) Ae[i] = Ab[i] * exp_arg_scale<T>();
+        for (int64_t i = 0; i < NW; ++i) {
+          dAacc[i] = T(0);
+          Ae[i] = Ab[i] * exp_arg_scale<T>();
+        }
         load_block(Dp ? Dp + d0 : nullptr, wn, Dv);
-        load_block(bp ? bp + d0 : nullptr, wn, bb);
-        for (int64_t w = 0; w < W; ++w) dDacc[w] = dbacc[w] = 0;
-        for (int64_t c = nc - 1; c >= 0; --c) {
-          const int64_t t0 = c * K, len = std::min(K, L - t0);
+        load_block(bp ? bp + d0 : nullptr, wn, Dv + W);
+        for (int64_t w = 0; w < 2 * W; ++w) Dv[2 * W + w] = T(0);
+      }
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const int64_t t0 = c * K, len = std::min(K, L - t0);
+        std::fill(dBl, dBl + 2 * K * NW, T(0));
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t d0 = g * s.dpg + (k0 + j) * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+          T* __restrict__ h = blk(j);
+          T* __restrict__ dAacc = h + NW;
+          const T* __restrict__ Ab = h + 2 * NW;
+          const T* __restrict__ Ae = h + 3 * NW;
+          T* __restrict__ Dv = h + 4 * NW;
+          const T* __restrict__ bb = Dv + W;
+          T* __restrict__ dDacc = Dv + 2 * W;
+          T* __restrict__ dbacc = Dv + 3 * W;
           const T* start = ckp + ((b * nc + c) * N) * dim + d0;
           for (int64_t n = 0; n < N; ++n) load_block(start + n * dim, wn, xs + n * W);
           for (int64_t i = 0; i < len; ++i) {  // recompute the chunk's states
@@ -348,7 +372,7 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
               olm::prefetch(uu.row(b, t + kAhead) + d0, W);
             }
             load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dti, uc + i * W, dui, rawc + i * W);
-            bwd_states<T>(N, dti, dui, Ae, BB.row(b, g, t), xs + i * N * W, xs + (i + 1) * N * W, e + i * N * W);
+            bwd_states<T>(N, dti, dui, Ae, BB.row(b, g, t), xs + i * NW, xs + (i + 1) * NW, e + i * NW);
           }
           for (int64_t i = len - 1; i >= 0; --i) {  // adjoint recurrence, backwards in time
             const int64_t t = t0 + i, orow = (b * L + t) * dim + d0;
@@ -367,7 +391,7 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
               for (int64_t w = 0; w < W; ++w) y[w] = Dv[w] * ui[w];
               for (int64_t n = 0; n < N; ++n) {
                 const T Cn = Cv[n];
-                const T* __restrict__ xc = xs + ((i + 1) * N + n) * W;
+                const T* __restrict__ xc = xs + (i + 1) * NW + n * W;
 #pragma omp simd
                 for (int64_t w = 0; w < W; ++w) y[w] += Cn * xc[w];
               }
@@ -389,30 +413,27 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
               duv[w] = dy[w] * Dv[w];
               ddt[w] = 0;
             }
-            T* dBv = dBg + t * N;
-            T* dCv = dCg + t * N;
             for (int64_t n = 0; n < N; ++n) {
               const T Bn = Bv[n], Cn = Cv[n];
-              const T* __restrict__ xc = xs + ((i + 1) * N + n) * W;
-              const T* __restrict__ xp = xs + (i * N + n) * W;
-              const T* __restrict__ en = e + (i * N + n) * W;
+              const T* __restrict__ xc = xs + (i + 1) * NW + n * W;
+              const T* __restrict__ xp = xs + i * NW + n * W;
+              const T* __restrict__ en = e + i * NW + n * W;
               const T* __restrict__ An = Ab + n * W;
               T* __restrict__ hn = h + n * W;
               T* __restrict__ dAn = dAacc + n * W;
-              T sC = 0, sB = 0;
-#pragma omp simd reduction(+ : sC, sB)
+              T* __restrict__ dBn = dBl + i * NW + n * W;
+              T* __restrict__ dCn = dCl + i * NW + n * W;
+#pragma omp simd
               for (int64_t w = 0; w < W; ++w) {
                 const T hv = hn[w] + dy[w] * Cn;
-                sC += dy[w] * xc[w];
-                sB += hv * dui[w];
+                dCn[w] += dy[w] * xc[w];
+                dBn[w] += hv * dui[w];
                 duv[w] += dti[w] * hv * Bn;
                 const T ex = en[w] * xp[w];
                 ddt[w] += hv * (An[w] * ex + Bn * ui[w]);
                 dAn[w] += hv * dti[w] * ex;
                 hn[w] = en[w] * hv;
               }
-              dCv[n] += sC;
-              dBv[n] += sB;
             }
             const T* rawi = rawc + i * W;
             if (sp) {
@@ -420,11 +441,32 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
 #pragma omp simd
               for (int64_t w = 0; w < W; ++w) ddt[w] *= sgv[w];
             }
+#pragma omp simd
             for (int64_t w = 0; w < W; ++w) dbacc[w] += ddt[w];
             store_lanes<W>(ddt, wn, ddp + orow);
             store_lanes<W>(duv, wn, dup + orow);
           }
         }
+        for (int64_t i = 0; i < len; ++i)  // one horizontal sum per (step, state) for all the task's blocks
+          for (int64_t n = 0; n < N; ++n) {
+            T sB = 0, sC = 0;
+            const T* __restrict__ dBn = dBl + i * NW + n * W;
+            const T* __restrict__ dCn = dCl + i * NW + n * W;
+#pragma omp simd reduction(+ : sB, sC)
+            for (int64_t w = 0; w < W; ++w) {
+              sB += dBn[w];
+              sC += dCn[w];
+            }
+            dBg[(t0 + i) * N + n] = sB;
+            dCg[(t0 + i) * N + n] = sC;
+          }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t d0 = g * s.dpg + (k0 + j) * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
+        const T* h = blk(j);
+        const T* dAacc = h + NW;
+        const T* dDacc = h + 4 * NW + 2 * W;
+        const T* dbacc = h + 4 * NW + 3 * W;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t w = 0; w < wn; ++w) {
             dx0p[(b * N + n) * dim + d0 + w] = h[n * W + w];
@@ -474,8 +516,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const std::optional<at:
   auto du = at::empty_like(u);
   auto ddelta = at::empty_like(u);
   auto dA_b = at::empty({batch, N, dim}, u.options());
-  auto dB_p = at::zeros({batch, G, P, L, N}, u.options());
-  auto dC_p = at::zeros({batch, G, P, L, N}, u.options());
+  auto dB_p = at::empty({batch, G, P, L, N}, u.options());  // every entry is written
+  auto dC_p = at::empty({batch, G, P, L, N}, u.options());
   auto dD_b = at::empty({batch, dim}, u.options());
   auto dbias_b = at::empty({batch, dim}, u.options());
   auto dz = z ? at::empty_like(u) : at::empty({0}, u.options());
