@@ -127,8 +127,9 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model)."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, L)
-        x, z = xz.chunk(2, dim=1)
+        # split the time-major projection, then transpose: the backward then concatenates time-major
+        # gradients (one copy) instead of channel-major ones plus a transposing copy
+        x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))  # (batch, d_inner, L)
         conv_w = self.conv1d.weight.squeeze(1)
         x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", backend=self.backend)
         delta, A, B, C = self.ssm_inputs(x)
@@ -161,7 +162,7 @@ class MambaMixer(nn.Module):
             x = F.linear(hidden, w[:di], None if b is None else b[:di]).transpose(1, 2)
             z = F.linear(hidden[:, -1:], w[di:], None if b is None else b[di:]).transpose(1, 2)
         else:
-            x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+            x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
         conv_w = self.conv1d.weight.squeeze(1)
         width = conv_w.shape[1]
         init = None if fresh else conv_state[:, :, 1:].to(x.dtype)
