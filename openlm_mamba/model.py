@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import MambaConfig
 from .ops import add_norm, causal_conv1d, selective_scan
+from .ops.causal_conv1d import causal_conv1d_update
 
 
 class RMSNorm(nn.Module):
@@ -221,10 +222,7 @@ class MambaMixer(nn.Module):
         """
         in_w, in_b, conv_w, conv_b, x_w, split, dt_w, A, D, dt_bias, out_w, out_b = params
         x, z = F.linear(hidden, in_w, in_b).chunk(2, dim=-1)  # (batch, d_inner) each
-        window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1)], dim=-1)  # the last d_conv conv inputs
-        conv_state.copy_(window)
-        x = (window * conv_w).sum(-1)
-        x = F.silu(x if conv_b is None else x + conv_b)
+        x = causal_conv1d_update(x, conv_state, conv_w, conv_b, "silu")
         dt, B, C = torch.split(F.linear(x, x_w), split, dim=-1)
         y = state_update(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
         return F.linear(y, out_w, out_b)

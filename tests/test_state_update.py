@@ -10,7 +10,14 @@ import textwrap
 import pytest
 import torch
 
-from openlm_mamba.ops import selective_scan_ref, selective_state_update, selective_state_update_ref
+from openlm_mamba.ops import (
+    causal_conv1d_ref,
+    cpp,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+from openlm_mamba.ops.causal_conv1d import causal_conv1d_update
 from openlm_mamba.ops.state_update import selective_state_update_torch
 
 from .conftest import has_module
@@ -51,6 +58,51 @@ def test_torch_backend_matches_reference(batch, dim, dstate, groups, extras, sof
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_fast, s_ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(s_fast, state), "state must be updated in place"
+
+
+@pytest.mark.parametrize("batch,dim,dstate,groups,extras,softplus", CASES)
+def test_cpp_step_kernel_in_float64_is_exact(batch, dim, dstate, groups, extras, softplus, monkeypatch):
+    """The C++ kernel behind the torch backend on CPU: float64 agrees with the reference to 1e-12,
+    and it is the path taken (the spy sees the call)."""
+    if cpp.cpp_disabled():
+        pytest.skip(f"${cpp.DISABLE_ENV} is set")
+    calls = []
+    real = torch.ops.openlm_mamba_cpu.state_step
+
+    class Spy:
+        def state_step(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops, "openlm_mamba_cpu", Spy())
+    state, x, dt, A, B, C, D, z, dt_bias = (t.double() for t in make_inputs(batch, dim, dstate, groups))
+    if not extras:
+        D = z = dt_bias = None
+    s_ref, s_fast = state.clone(), state.clone()
+    out_ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, softplus)
+    out = selective_state_update_torch(s_fast, x, dt, A, B, C, D, z, dt_bias, softplus)
+    assert calls, "the C++ step kernel ran"
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_update_equals_the_full_conv(width, dtype, bias):
+    """causal_conv1d_update, one token at a time, gives the full causal conv's outputs and keeps the
+    last `width` inputs as its state (C++ kernel for float32 / float64, torch ops for bf16)."""
+    g = torch.Generator().manual_seed(width)
+    batch, dim, L = 2, 37, 9
+    x = torch.randn(batch, dim, L, generator=g).to(dtype)
+    w, b = torch.randn(dim, width, generator=g).to(dtype), torch.randn(dim, generator=g).to(dtype)
+    b = b if bias else None
+    full = causal_conv1d_ref(x, w, b, activation="silu")
+    state = torch.zeros(batch, dim, width, dtype=dtype)
+    steps = torch.stack([causal_conv1d_update(x[:, :, t], state, w, b, "silu") for t in range(L)], -1)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(steps, full, rtol=tol, atol=tol)
+    torch.testing.assert_close(state, x[:, :, L - width :])
 
 
 def test_bf16_inputs_keep_fp32_state():

@@ -21,7 +21,7 @@ import torch
 
 DISABLE_ENV = "OPENLM_MAMBA_DISABLE_CPP"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp")
+SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp", "step_cpu.cpp")
 
 _lock = threading.Lock()
 _ext_state: dict[str, object] = {}  # "ok": bool, "reason": str

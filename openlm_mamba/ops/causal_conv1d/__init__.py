@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from ..checks import check_shape, check_tensor
+from .cpu import cpp_conv_applies
 from .reference import causal_conv1d_ref, causal_conv1d_torch
 
 OP = "causal_conv1d"
@@ -51,9 +53,33 @@ def causal_conv1d(
     return fn(x, weight, bias, initial_states, return_final_states, activation)
 
 
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decoding step: shift ``x`` (batch, dim) into ``conv_state`` (batch, dim, width), the last
+    ``width`` inputs newest last, in place, and return the conv output (batch, dim) at that step.
+
+    The C++ kernel runs it on CPU (float32 / float64, eager); elsewhere a few torch ops.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+    silu = activation is not None
+    if conv_state.is_contiguous() and cpp_conv_applies(conv_state, weight) and x.dtype == conv_state.dtype:
+        return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), bias, silu)
+    window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    out = (window * weight).sum(-1)
+    out = out if bias is None else out + bias
+    return (F.silu(out) if silu else out).to(x.dtype)
+
+
 dispatch.register(OP, "torch", causal_conv1d_torch)
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update"]
 
 # Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
 # import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.

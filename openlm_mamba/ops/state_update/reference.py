@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
+from ..cpp import use_cpp
 from ..selective_scan.reference import expand_groups
 
 
@@ -64,7 +65,20 @@ def selective_state_update_torch(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
 ) -> torch.Tensor:
-    """PyTorch backend: the reference with fewer temporaries (in-place state update when fp32)."""
+    """PyTorch backend: the C++ step kernel on CPU (float32 / float64 state), else the reference with
+    fewer temporaries (in-place state update when fp32)."""
+    if state.is_contiguous() and use_cpp(state) and not torch.compiler.is_compiling():
+        ct = state.dtype
+
+        def c(t):
+            return None if t is None else t.to(ct).contiguous()
+
+        Bg = B if B.dim() == 3 else B.unsqueeze(1)
+        Cg = C if C.dim() == 3 else C.unsqueeze(1)
+        out = torch.ops.openlm_mamba_cpu.state_step(
+            state, c(x), c(dt), c(A), c(Bg), c(Cg), c(D), c(z), c(dt_bias), bool(dt_softplus)
+        )
+        return out.to(x.dtype)
     if state.dtype not in (torch.float32, torch.float64) or B.dim() != 2 or x.dtype == torch.float64:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     ct = state.dtype
