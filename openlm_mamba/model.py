@@ -234,7 +234,7 @@ def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, r
         return norm(x, residual, residual_in_fp32)
     r = x.float() if residual is None else x.float() + residual.float()
     if isinstance(norm, RMSNorm):
-        out = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+        out = F.rms_norm(r, r.shape[-1:], norm.weight.float(), norm.eps)
     else:
         bias = None if norm.bias is None else norm.bias.float()
         out = F.layer_norm(r, (r.shape[-1],), norm.weight.float(), bias, norm.eps)
