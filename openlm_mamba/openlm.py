@@ -13,8 +13,8 @@ What :func:`register` changes, all in memory (OpenLM's files stay untouched):
   with that marker); any other model goes to OpenLM's own ``create_model``.
 * Each residual layer is an :class:`OpenLMMambaBlock`, a subclass of ``open_lm.model.Block``, so
   OpenLM's unmodified FSDP wrap policy makes every layer its own FSDP unit.
-* Compatibility shims, in memory: FSDP full-state-dict saving and DDP on CPU-only machines
-  (:func:`_patch_cpu_distributed`), and webdataset's end-of-shard marker in OpenLM's tar reader
+* Compatibility shims, in memory: FSDP full-state-dict saving, DDP and a clean gloo exit on
+  CPU-only machines (:func:`_patch_cpu_distributed`), and webdataset's end-of-shard marker in OpenLM's tar reader
   (:func:`_patch_wds_eof_marker`). Each docstring says what fails without it.
 """
 
@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
 
 
 def _patch_cpu_distributed(main: Any) -> None:
-    """Without CUDA, let ``open_lm.main``'s distributed paths run on CPU (gloo). Two shims, applied only then:
+    """Without CUDA, let ``open_lm.main``'s distributed paths run on CPU (gloo). Three shims, applied only then:
 
     * FSDP save: ``FullStateDictConfig(offload_to_cpu=True, rank0_only=True)`` in ``save_checkpoint``
       fails for parameters that already live on the CPU. We rebind the name ``FullStateDictConfig``
@@ -182,6 +183,11 @@ def _patch_cpu_distributed(main: Any) -> None:
     * DDP: ``open_lm.main`` passes ``device_ids=[device]``, which DDP rejects for a CPU device. We set
       ``torch.nn.parallel.DistributedDataParallel`` to a subclass that drops CPU ``device_ids``
       (what DDP expects for CPU modules); isinstance checks against DDP still hold.
+    * Exit: when ``main()`` returns, freeing the DDP model destroys the gloo process group, which
+      joins gloo's worker threads while holding the GIL. A worker that is still releasing a
+      finished barrier (decref of tensors, which needs the GIL) then deadlocks the process at exit
+      (seen with torchrun on 2 CPU processes). ``cleanup`` gets a barrier and a short GIL-free
+      wait first, so the workers are idle by then.
     """
     if getattr(main, "_openlm_mamba_cpu_patch", False) or torch.cuda.is_available():
         return
@@ -194,6 +200,18 @@ def _patch_cpu_distributed(main: Any) -> None:
 
         full_state_dict_config.__wrapped__ = original
         main.FullStateDictConfig = full_state_dict_config
+    cleanup = getattr(main, "cleanup", None)
+    if cleanup is not None:
+
+        def quiet_cleanup(sync_process, distributed=False, *args, **kwargs):
+            dist = torch.distributed
+            if distributed and dist.is_initialized() and dist.get_backend() == "gloo":
+                dist.barrier()
+                time.sleep(0.5)  # GIL released: gloo's workers finish dropping completed work
+            return cleanup(sync_process, distributed, *args, **kwargs)
+
+        quiet_cleanup.__wrapped__ = cleanup
+        main.cleanup = quiet_cleanup
     _patch_cpu_ddp()
     main._openlm_mamba_cpu_patch = True
 

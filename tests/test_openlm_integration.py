@@ -174,6 +174,23 @@ def test_wds_eof_marker_patch(olm):
     assert [s["__key__"] for s in samples] == ["a", "b"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")
+def test_cpu_cleanup_shim_waits_for_gloo_then_calls_openlm(olm, monkeypatch):
+    """open_lm.main.cleanup is wrapped: a barrier and a GIL-free pause before OpenLM's own cleanup
+    (the gloo exit deadlock it prevents is described in openlm_mamba.openlm._patch_cpu_distributed)."""
+    import open_lm.main as main
+
+    assert main.cleanup.__wrapped__.__module__ == "open_lm.main"
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr("time.sleep", lambda s: calls.append("sleep"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    main.cleanup(None, True)
+    assert calls == ["barrier", "sleep", "destroy"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The .pth hook, in fresh interpreters
 

@@ -7,6 +7,7 @@ only because the installed ``.pth`` hook activates the plugin (auto-activation).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -57,6 +58,21 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children before their own children."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        out += kids
+        todo += kids
+    return out
+
+
 def run(cmd: list[str], cwd: Path, timeout: int = 240, **env: str) -> str:
     """Run ``cmd`` in its own process group; fail with the output tail on error or timeout."""
     proc = subprocess.Popen(
@@ -71,8 +87,13 @@ def run(cmd: list[str], cwd: Path, timeout: int = 240, **env: str) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers run in their own sessions
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = "(no output: a process still holds the pipe)"
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
     if proc.returncode != 0:
         pytest.fail(f"exit code {proc.returncode}: {' '.join(map(str, cmd))}\n{out[-6000:]}")
