@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -50,6 +51,23 @@ def cpp_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _announce_build(name: str) -> None:
+    """One line on stderr before a build (not before loading a cached one): it takes tens of seconds."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build_dir = Path(_get_build_directory(name, False))
+        if any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd")):
+            return
+    except Exception:  # private helper: if it moves, just say nothing
+        return
+    print(
+        f"openlm_mamba: compiling the C++ CPU kernels (first use on this machine, ~30 s) into {build_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def load_extension() -> bool:
     """Build (first call, then cached on disk) and load the C++ kernels; False, with one warning, if impossible."""
     with _lock:
@@ -73,8 +91,10 @@ def load_extension() -> bool:
                 ldflags.append("-fopenmp")
             if platform.machine() in ("x86_64", "AMD64"):
                 flags += ["-march=native", "-mprefer-vector-width=512"]
+            name = f"openlm_mamba_cpu_{_build_tag()}"
+            _announce_build(name)
             load(
-                name=f"openlm_mamba_cpu_{_build_tag()}",
+                name=name,
                 sources=[str(CSRC / s) for s in SOURCES],
                 extra_cflags=flags,
                 extra_include_paths=[str(CSRC)],
