@@ -53,7 +53,7 @@ def _build(name: str, cfg):
     ours = MambaLM(cfg)
     ours.set_backend("torch")
     if name == "openlm_mamba":
-        from openlm_mamba.ops.selective_scan.cpu import load_extension
+        from openlm_mamba.ops.cpp import load_extension
 
         load_extension()  # load (built in the parent) before the baseline RSS is taken
         return ours, lambda ids: ours(ids)[0]
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         args.d_model, args.n_layer, args.vocab, args.batch, args.seq, args.prefill = 32, 2, 128, 2, 64, 128
         args.runs, args.hf_runs, args.scaling = 2, 1, "64,128"  # measured in-process: no memory columns
     # build the C++ kernel once up front so no contender's timing includes the compile
-    from openlm_mamba.ops.selective_scan.cpu import load_extension
+    from openlm_mamba.ops.cpp import load_extension
 
     load_extension()
 

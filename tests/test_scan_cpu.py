@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from openlm_mamba.ops import dispatch
+from openlm_mamba.ops import cpp, dispatch
 from openlm_mamba.ops.selective_scan import cpu as scan_cpu
 from openlm_mamba.ops.selective_scan import selective_scan
 from openlm_mamba.ops.selective_scan.cpu import selective_scan_cpu
@@ -190,20 +190,20 @@ def test_non_contiguous_inputs():
 
 def test_c_extension_is_used_here():
     """CI machines have a compiler: the fast path must not silently run the slow fallback."""
-    if scan_cpu.cpp_disabled():
-        pytest.skip(f"${scan_cpu.DISABLE_ENV} is set")
-    assert scan_cpu.load_extension(), scan_cpu._ext_state.get("reason")
+    if cpp.cpp_disabled():
+        pytest.skip(f"${cpp.DISABLE_ENV} is set")
+    assert cpp.load_extension(), cpp._ext_state.get("reason")
 
 
 @pytest.fixture
 def forced_fallback(monkeypatch):
     """Pretend no compiler is present (as $OPENLM_MAMBA_DISABLE_CPP=1 does), then restore."""
-    saved = dict(scan_cpu._ext_state)
-    scan_cpu._ext_state.clear()
-    monkeypatch.setenv(scan_cpu.DISABLE_ENV, "1")
+    saved = dict(cpp._ext_state)
+    cpp._ext_state.clear()
+    monkeypatch.setenv(cpp.DISABLE_ENV, "1")
     yield
-    scan_cpu._ext_state.clear()
-    scan_cpu._ext_state.update(saved)
+    cpp._ext_state.clear()
+    cpp._ext_state.update(saved)
 
 
 @pytest.mark.parametrize("groups", [None, 2])
@@ -215,7 +215,7 @@ def test_pure_pytorch_fallback_warns_once_and_matches(forced_fallback, groups):
         run(selective_scan_cpu, inputs, grads=False)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "pure PyTorch path" in msgs[0] and "\n" not in msgs[0], msgs
-    assert not scan_cpu.load_extension()
+    assert not cpp.load_extension()
     assert_close(fast, run(selective_scan_ref, inputs), 1e-10)
 
 

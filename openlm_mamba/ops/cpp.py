@@ -116,9 +116,15 @@ def load_extension() -> bool:
         return bool(_ext_state["ok"])
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd is on and one of ``tensors`` requires a gradient (else a kernel can skip
+    the ``autograd.Function`` machinery)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def use_cpp(t: torch.Tensor) -> bool:
     """True when the C++ kernels can run on ``t`` (a CPU float32 / float64 tensor) and are built."""
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and load_extension()
 
 
-__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "use_cpp"]
+__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "needs_grad", "use_cpp"]

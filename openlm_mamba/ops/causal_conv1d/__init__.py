@@ -14,6 +14,11 @@ OP = "causal_conv1d"
 ACTIVATIONS = (None, "silu", "swish")
 
 
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+
+
 def _check(x, weight, bias, initial_states, activation) -> None:
     check_tensor(OP, "x", x, 3)
     batch, dim, _ = x.shape
@@ -28,8 +33,7 @@ def _check(x, weight, bias, initial_states, activation) -> None:
     if initial_states is not None:
         check_tensor(OP, "initial_states", initial_states, 3, device=x.device)
         check_shape(OP, "initial_states", initial_states, (batch, dim, weight.shape[1] - 1), "(batch, dim, width - 1)")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+    _check_activation(activation)
 
 
 def causal_conv1d(
@@ -65,8 +69,7 @@ def causal_conv1d_update(
 
     The C++ kernel runs it on CPU (float32 / float64, eager); elsewhere a few torch ops.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+    _check_activation(activation)
     silu = activation is not None
     if conv_state.is_contiguous() and cpp_conv_applies(conv_state, weight) and x.dtype == conv_state.dtype:
         return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), bias, silu)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cpp import use_cpp
+from ..cpp import needs_grad, use_cpp
 
 
 def _conv_fwd(x_tm, weight, bias, init, silu: bool) -> torch.Tensor:
@@ -43,12 +43,7 @@ class _ConvFn(torch.autograd.Function):
 
 def cpp_conv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when the C++ kernel runs these inputs (eager CPU float32/float64, kernels built)."""
-    return (
-        not torch.compiler.is_compiling()
-        and x.dtype in (torch.float32, torch.float64)
-        and weight.dtype == x.dtype
-        and use_cpp(x)
-    )
+    return not torch.compiler.is_compiling() and weight.dtype == x.dtype and use_cpp(x)
 
 
 def causal_conv1d_cpu(
@@ -67,7 +62,7 @@ def causal_conv1d_cpu(
     b = None if bias is None else bias.to(x.dtype).contiguous()
     init = None if initial_states is None or width == 1 else initial_states.to(x.dtype).contiguous()
     args = (x_tm, weight.to(x.dtype).contiguous(), b, init)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if needs_grad(*args):
         out = _ConvFn.apply(*args, silu).transpose(1, 2)
     else:  # nothing to differentiate (inference): skip the autograd machinery
         out = _conv_fwd(*args, silu).transpose(1, 2)

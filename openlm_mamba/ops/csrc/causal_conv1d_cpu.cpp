@@ -50,7 +50,7 @@ template <typename T>
 void load_weights(const T* wp, const T* bp, const Shape& s, int64_t d0, int64_t wn, T (*wk)[V], T* bv) {
   for (int64_t k = 0; k < s.KW; ++k)
     for (int64_t w = 0; w < V; ++w) wk[k][w] = w < wn ? wp[(d0 + w) * s.KW + k] : T(0);
-  for (int64_t w = 0; w < V; ++w) bv[w] = (bp && w < wn) ? bp[d0 + w] : T(0);
+  load_lanes<V>(bp ? bp + d0 : nullptr, wn, bv);
 }
 
 template <typename T, int64_t KW>

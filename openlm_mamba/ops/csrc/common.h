@@ -66,10 +66,13 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
-// Copy a row of V lanes (only the first wn are real) into a vector buffer, zeros past wn, and back.
+// Copy a row of V lanes (only the first wn are real) into a vector buffer, zeros past wn (all
+// zeros for a null src: an absent optional input), and back.
 template <int64_t V, typename T>
 OLM_INLINE void load_lanes(const T* __restrict__ src, int64_t wn, T* __restrict__ dst) {
-  if (wn == V) {
+  if (src == nullptr) {
+    for (int64_t w = 0; w < V; ++w) dst[w] = T(0);
+  } else if (wn == V) {
 #pragma omp simd
     for (int64_t w = 0; w < V; ++w) dst[w] = src[w];
   } else {

@@ -81,12 +81,6 @@ StateMajor<T> state_major(const at::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// Per-task copies of a channel block's parameters, zero in lanes >= wn.
-template <typename T>
-inline void load_block(const T* src, int64_t wn, T* dst) {
-  for (int64_t w = 0; w < W; ++w) dst[w] = (src && w < wn) ? src[w] : T(0);
-}
-
 // Load one time step of a channel block: dt = softplus(delta + bias) (or delta + bias), raw =
 // delta + bias, u and dt * u; lanes >= wn are zero. bb: the block's bias (zeros without one).
 template <typename T>
@@ -228,12 +222,12 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
       const int64_t b = task / (G * s.nblk), g = (task / s.nblk) % G, k = task % s.nblk;
       const int64_t d0 = g * s.dpg + k * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
       for (int64_t n = 0; n < N; ++n) {
-        load_block(Ap + n * dim + d0, wn, Ae + n * W);
-        load_block(x0p ? x0p + (b * N + n) * dim + d0 : nullptr, wn, x + n * W);
+        load_lanes<W>(Ap + n * dim + d0, wn, Ae + n * W);
+        load_lanes<W>(x0p ? x0p + (b * N + n) * dim + d0 : nullptr, wn, x + n * W);
       }
       for (int64_t i = 0; i < N * W; ++i) Ae[i] *= exp_arg_scale<T>();
-      load_block(Dp ? Dp + d0 : nullptr, wn, Dv);
-      load_block(bp ? bp + d0 : nullptr, wn, bb);
+      load_lanes<W>(Dp ? Dp + d0 : nullptr, wn, Dv);
+      load_lanes<W>(bp ? bp + d0 : nullptr, wn, bb);
       for (int64_t t0 = 0; t0 < L; t0 += K) {
         const int64_t len = std::min(K, L - t0);
         T* c = ckp + ((b * nc + t0 / K) * N) * dim + d0;
@@ -337,15 +331,15 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
         T* Ae = h + 3 * NW;
         T* Dv = h + 4 * NW;
         for (int64_t n = 0; n < N; ++n) {
-          load_block(Ap + n * dim + d0, wn, Ab + n * W);
-          load_block(glp ? glp + (b * N + n) * dim + d0 : nullptr, wn, h + n * W);
+          load_lanes<W>(Ap + n * dim + d0, wn, Ab + n * W);
+          load_lanes<W>(glp ? glp + (b * N + n) * dim + d0 : nullptr, wn, h + n * W);
         }
         for (int64_t i = 0; i < NW; ++i) {
           dAacc[i] = T(0);
           Ae[i] = Ab[i] * exp_arg_scale<T>();
         }
-        load_block(Dp ? Dp + d0 : nullptr, wn, Dv);
-        load_block(bp ? bp + d0 : nullptr, wn, Dv + W);
+        load_lanes<W>(Dp ? Dp + d0 : nullptr, wn, Dv);
+        load_lanes<W>(bp ? bp + d0 : nullptr, wn, Dv + W);
         for (int64_t w = 0; w < 2 * W; ++w) Dv[2 * W + w] = T(0);
       }
       for (int64_t c = nc - 1; c >= 0; --c) {
@@ -362,7 +356,7 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
           T* __restrict__ dDacc = Dv + 2 * W;
           T* __restrict__ dbacc = Dv + 3 * W;
           const T* start = ckp + ((b * nc + c) * N) * dim + d0;
-          for (int64_t n = 0; n < N; ++n) load_block(start + n * dim, wn, xs + n * W);
+          for (int64_t n = 0; n < N; ++n) load_lanes<W>(start + n * dim, wn, xs + n * W);
           for (int64_t i = 0; i < len; ++i) {  // recompute the chunk's states
             const int64_t t = t0 + i;
             T* dti = dtc + i * W;

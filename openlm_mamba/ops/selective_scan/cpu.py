@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
-from ..cpp import DISABLE_ENV, _ext_state, cpp_disabled, load_extension, use_cpp
+from ..cpp import needs_grad, use_cpp
 
 CHUNK = 64  # time steps between saved states
 
@@ -351,7 +351,7 @@ def selective_scan_cpu(
     args = (u_, delta_, At, Bt, Ct, D_, z_, bias, bool(delta_softplus), x0, CHUNK)
     if torch.compiler.is_compiling():
         out, last, _ = scan_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[:8], x0)):
+    elif needs_grad(*args[:8], x0):
         out, last, _ = _ScanFn.apply(*args)
     else:  # nothing to differentiate (inference): skip the autograd machinery
         out, last, _ = _fwd_impl(*args)
@@ -359,4 +359,4 @@ def selective_scan_cpu(
     return (out, last.transpose(1, 2)) if return_last_state else out
 
 
-__all__ = ["CHUNK", "DISABLE_ENV", "_ext_state", "cpp_disabled", "load_extension", "selective_scan_cpu"]
+__all__ = ["CHUNK", "selective_scan_cpu"]
