@@ -1,32 +1,64 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels (run on a machine with one CUDA GPU; < 5 min on an H100):
-#   1. the full correctness grid of tests/test_triton_ops.py and the MambaLM triton-vs-torch check,
-#      natively on the GPU (no interpreter)
-#   2. benchmarks/bench_kernels.py at Mamba-7B shapes (16K tokens, d_inner 8192, d_state 16, bf16)
-# Results go to $OUT (if set, else a new temp dir): device.txt, gpu_tests.log, bench_kernels.{txt,json}.
+# GPU check of the Triton kernels and the model on them (one CUDA GPU; under 5 minutes on an H200):
+#   1. natively on the GPU (no interpreter): the full op grid of tests/test_triton_ops.py, the
+#      MambaLM triton-vs-torch check, and tests/test_gpu.py (decode step kernel, recurrent decoding,
+#      greedy vs transformers, gradient checkpointing, bf16 autocast training)
+#   2. benchmarks/sweep_scan.py: the scan's launch shapes (TILE, BLOCK_D, warps) at Mamba-7B shapes
+#   3. benchmarks/bench_kernels.py at Mamba-7B shapes (16K tokens, d_inner 8192, d_state 16, bf16)
+#   4. benchmarks/bench_train_gpu.py: a mamba_130m training step vs mambapy and transformers
+#   5. benchmarks/bench_generate.py on the GPU vs transformers' generate
+# Results go to $OUT (if set, else a new temp dir): device.txt, gpu_tests.log, sweep_scan.{txt,json},
+# bench_kernels.{txt,json}, bench_train.txt, bench_generate.txt (8 files).
+# Needs torch with CUDA and triton; mambapy/transformers only for their benchmark columns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-$(mktemp -d -t gpu_check.XXXX)}"
 mkdir -p "$RESULTS"
 echo "gpu_check: results in $RESULTS"
 unset TRITON_INTERPRET OPENLM_MAMBA_BACKEND
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OPENLM_MAMBA_DISABLE_CPP=1  # the C++ kernels are the CPU path; no need to build them here
 start=$(date +%s)
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to torch" | tee "$RESULTS/device.txt"
     exit 2
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python3 -c "import transformers; print('transformers', transformers.__version__)" 2>/dev/null
+  python3 -c "import importlib.metadata as m; print('mambapy', m.version('mambapy'))" 2>/dev/null
 } | tee "$RESULTS/device.txt"
 
-echo "== correctness grid (native)"
-timeout 180 python -m pytest -q -p no:cacheprovider --full tests/test_triton_ops.py tests/test_triton_model.py 2>&1 | tee "$RESULTS/gpu_tests.log"
+echo "== correctness (native)"
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 120 python3 -m pytest -q -p no:cacheprovider $xdist -rfE --full \
+    tests/test_triton_ops.py tests/test_triton_model.py tests/test_gpu.py 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
+echo "== scan launch sweep"
+timeout 150 python3 benchmarks/sweep_scan.py --json "$RESULTS/sweep_scan.json" 2>&1 | tee "$RESULTS/sweep_scan.txt"
+sweep_rc=${PIPESTATUS[0]}
+best=$(python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(','.join(f'{k}={v}' for k,v in b.items()))" \
+    "$RESULTS/sweep_scan.json" 2>/dev/null)
+if [ -n "$best" ]; then  # the benchmarks below run with the fastest shapes found
+    export OPENLM_MAMBA_SCAN_LAUNCH="$best"
+    echo "scan launch for the benchmarks: $best" | tee -a "$RESULTS/device.txt"
+fi
+
 echo "== kernel benchmark"
-timeout 100 python benchmarks/bench_kernels.py --json "$RESULTS/bench_kernels.json" 2>&1 | tee "$RESULTS/bench_kernels.txt"
+timeout 60 python3 benchmarks/bench_kernels.py --json "$RESULTS/bench_kernels.json" 2>&1 | tee "$RESULTS/bench_kernels.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests rc=$tests_rc bench rc=$bench_rc, $(( $(date +%s) - start )) s" | tee -a "$RESULTS/device.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "== training step benchmark"
+timeout 90 python3 benchmarks/bench_train_gpu.py --hf-warmup 0 --hf-runs 1 2>&1 | tee "$RESULTS/bench_train.txt"
+train_rc=${PIPESTATUS[0]}
+
+echo "== generation benchmark"
+timeout 70 python3 benchmarks/bench_generate.py --device cuda --d-model 768 --n-layer 24 \
+    --contexts 16,1024,4096 --new-tokens 64 2>&1 | tee "$RESULTS/bench_generate.txt"
+gen_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests rc=$tests_rc sweep rc=$sweep_rc kernels rc=$bench_rc train rc=$train_rc generate rc=$gen_rc," \
+     "$(( $(date +%s) - start )) s" | tee -a "$RESULTS/device.txt"
+[ "$tests_rc" -eq 0 ] && [ "$sweep_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$gen_rc" -eq 0 ]

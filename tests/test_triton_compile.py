@@ -27,12 +27,13 @@ COMPILE = textwrap.dedent(
     from openlm_mamba.ops.selective_scan import triton as ss
     from openlm_mamba.ops.causal_conv1d import triton as cc
     from openlm_mamba.ops.rms_norm import triton as rn
+    from openlm_mamba.ops.state_update import triton as su
 
     FULL = sys.argv[1] == "full"
     target = GPUTarget("cuda", 90, 32)
     count = 0
 
-    def compile_kernel(jit, consts, ptr_types, floats=()):
+    def compile_kernel(jit, consts, ptr_types, floats=(), warps=4):
         global count
         sig = {}
         for name in jit.arg_names:
@@ -42,7 +43,7 @@ COMPILE = textwrap.dedent(
                 sig[name] = ptr_types.get(name, "*fp32")
             else:
                 sig[name] = "fp32" if name in floats else "i32"
-        kernel = triton.compile(ASTSource(jit, sig, constexprs=consts), target=target, options={"num_warps": 4})
+        kernel = triton.compile(ASTSource(jit, sig, constexprs=consts), target=target, options={"num_warps": warps})
         assert kernel.asm.get("cubin"), jit.__name__
         count += 1
 
@@ -50,9 +51,14 @@ COMPILE = textwrap.dedent(
     for dt in ("*bf16", "*fp32") if FULL else ("*bf16",):
         io = dict.fromkeys(["u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"], dt)
         for a, b, c in flag_sets:
-            common = dict(HAS_D=a, HAS_Z=b, SOFTPLUS=c, ACC=tl.float32, CHUNK=128, BLOCK_D=32, BLOCK_N=16)
-            compile_kernel(ss._scan_fwd_kernel, dict(common, HAS_BIAS=c, HAS_H0=a, SAVE=b), io)
-            compile_kernel(ss._scan_bwd_kernel, dict(common, HAS_BIAS=c, HAS_GL=a), io)
+            common = dict(HAS_D=a, HAS_Z=b, SOFTPLUS=c, HAS_BIAS=c, ACC=tl.float32, CHUNK=128, BLOCK_N=16)
+            for which, launch in ss.GPU_LAUNCH.items():  # the default launch shapes
+                tile, bd, warps = launch
+                if which == "fwd":
+                    consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b)
+                    compile_kernel(ss._scan_fwd_kernel, consts, io, warps=warps)
+                else:
+                    compile_kernel(ss._scan_bwd_kernel, dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a), io, warps=warps)
         io = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "i_ptr", "o_ptr", "go_ptr", "dx_ptr", "di_ptr"], dt)
         for W in (1, 2, 3, 4) if FULL else (4,):
             for a, b, c in flag_sets:
@@ -69,6 +75,10 @@ COMPILE = textwrap.dedent(
             compile_kernel(rn._add_norm_fwd_kernel, fwd, io, floats=("eps",))
             bwd = dict(HAS_RES=a, HAS_GR=b, IS_RMS=c, ACC=tl.float32, BLOCK_M=1, BLOCK_H=4096)
             compile_kernel(rn._add_norm_bwd_kernel, bwd, io)
+        io = dict.fromkeys(["x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"], dt)  # the state stays fp32
+        for a, b, c in flag_sets:  # the decode step
+            consts = dict(HAS_D=a, HAS_Z=b, HAS_DT_BIAS=c, DT_SOFTPLUS=c, BLOCK_D=64, BLOCK_N=16)
+            compile_kernel(su._state_update_kernel, consts, io)
     print(f"compiled {count} kernels for sm_90")
     """
 )
@@ -99,9 +109,9 @@ def compile_all(which: str) -> str:
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 14 kernels" in compile_all("ci")
+    assert "compiled 18 kernels" in compile_all("ci")
 
 
 @pytest.mark.slow
 def test_all_kernel_variants_compile_for_sm90():
-    assert "compiled 208 kernels" in compile_all("full")
+    assert "compiled 240 kernels" in compile_all("full")

@@ -108,3 +108,16 @@ def test_bench_kernels_quick(tmp_path):
         assert {(op, "torch"), (op, "triton")} <= measured, rows
     assert all(r["fwd_bwd_ms"] > 0 and r["saved_MiB"] > 0 for r in rows if "fwd_ms" in r)
     assert "fwd+bwd ms" in proc.stdout
+
+
+def test_sweep_scan_quick(tmp_path):
+    """benchmarks/sweep_scan.py --quick: every launch shape timed, checked against torch, a best one named."""
+    out = tmp_path / "sweep.json"
+    proc = run_python("", str(ROOT / "benchmarks" / "sweep_scan.py"), "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert {r["pass"] for r in result["rows"]} == {"fwd", "bwd"}
+    assert all(r["ms"] > 0 and r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
+    assert set(result["best"]) == {"fwd", "bwd"} and "best launch: fwd=" in proc.stdout

@@ -43,6 +43,11 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0").strip() in ("", "0"):
         allow_module_level=True,
     )
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from openlm_mamba.ops.selective_scan.triton import _combine  # noqa: E402
+
 
 def tol(dtype: torch.dtype) -> float:
     return {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}.get(dtype, 1e-4)
@@ -156,7 +161,7 @@ def make_scan_inputs(c: dict, seed: int = 0) -> dict:
     return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
 
 
-def check_scan(c: dict, chunk: int = 16, block_d: int = 16) -> None:
+def check_scan(c: dict, chunk: int = 16, block_d: int = 16, tile: int = 0) -> None:
     from openlm_mamba.ops.selective_scan.triton import selective_scan_triton
 
     inputs = make_scan_inputs(c)
@@ -164,7 +169,7 @@ def check_scan(c: dict, chunk: int = 16, block_d: int = 16) -> None:
     kw = {k: inputs[k] for k in ("D", "z", "delta_bias", "initial_state")}
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
     out, last = selective_scan_triton(
-        *args, **kw, delta_softplus=c["softplus"], return_last_state=True, chunk=chunk, block_d=block_d
+        *args, **kw, delta_softplus=c["softplus"], return_last_state=True, chunk=chunk, block_d=block_d, tile=tile
     )
     ref_out, ref_last = selective_scan_ref(*args, **kw, delta_softplus=c["softplus"], return_last_state=True)
     rel = tol(c["dtype"])
@@ -183,6 +188,42 @@ def check_scan(c: dict, chunk: int = 16, block_d: int = 16) -> None:
 @pytest.mark.parametrize("c", SCAN_CI, ids=case_id)
 def test_scan_matches_reference(c):
     check_scan(c, chunk=128 if c["seqlen"] == 129 else 16)
+
+
+@pytest.mark.parametrize("tile", [1, 4, 8])
+@pytest.mark.parametrize(
+    "c", [scan_case(2, 20, 37, 16), scan_case(1, 12, 30, 4, groups=2, dtype=torch.bfloat16)], ids=case_id
+)
+def test_scan_several_tiles_per_chunk(c, tile):
+    """Tiles shorter than the chunk: tile-start states in the backward's scratch, partial last tile."""
+    check_scan(c, chunk=16, tile=tile)
+
+
+@triton.jit
+def _scan_probe(a_ptr, b_ptr, out_ptr, T: tl.constexpr, REVERSE: tl.constexpr):
+    r = tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    _, x = tl.associative_scan((tl.load(a_ptr + r), tl.load(b_ptr + r)), 0, _combine, reverse=REVERSE)
+    tl.store(out_ptr + r, x)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_associative_scan_solves_the_recurrence(reverse):
+    """The scan the kernels build on, with its (non-commutative) combine: forward
+    x_t = a_t x_{t-1} + b_t, reverse x_t = a_t x_{t+1} + b_t (what the backward's adjoint needs)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(16, 4, generator=g) + 0.5).to(DEVICE)
+    b = torch.randn(16, 4, generator=g).to(DEVICE)
+    out = torch.empty_like(b)
+    if not ON_GPU:  # the interpreter's scan, vectorised by openlm_mamba (same combine order)
+        from openlm_mamba.ops.triton_utils import vectorize_interpreter_scan
+
+        assert vectorize_interpreter_scan()
+    _scan_probe[(1,)](a, b, out, T=16, REVERSE=reverse)
+    ref, x = torch.empty_like(b), torch.zeros(4, device=DEVICE)
+    for t in reversed(range(16)) if reverse else range(16):
+        x = a[t] * x + b[t]
+        ref[t] = x
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

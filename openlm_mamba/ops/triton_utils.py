@@ -81,3 +81,44 @@ def lazy(module: str, name: str):
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"Lazily imported {module}.{name}."
     return call
+
+
+def vectorize_interpreter_scan() -> bool:
+    """Make the Triton interpreter's ``associative_scan`` call its combine function once per position
+    along the scan axis (on whole slices) instead of once per element. Same results, same
+    combine order; the per-element loop made the scan kernels too slow to test on CPU. True if
+    the patch is in place (False for an interpreter whose internals differ: it stays as is)."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except Exception:
+        return False
+    ops = getattr(interpreter, "ScanOps", None)
+    if ops is None or not hasattr(ops, "generic_scan") or not hasattr(ops, "to_tensor"):
+        return False
+    if getattr(ops.generic_scan, "_openlm_mamba", False):
+        return True
+
+    def generic_scan(self, input):
+        axis = self.axis
+        data = [arg.handle.data for arg in input]
+        outs = [np.empty_like(x) for x in data]
+
+        def at(x, i):
+            return np.ascontiguousarray(np.take(x, i, axis=axis))
+
+        acc = [self.to_tensor(at(x, 0), arg.dtype) for x, arg in zip(data, input)]
+        for i in range(data[0].shape[axis]):
+            if i:
+                cur = [self.to_tensor(at(x, i), arg.dtype) for x, arg in zip(data, input)]
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = list(ret) if isinstance(ret, tuple) else [ret]
+            for out, a in zip(outs, acc):
+                index = [slice(None)] * out.ndim
+                index[axis] = i
+                out[tuple(index)] = a.handle.data if hasattr(a, "handle") else a
+        return [self.to_tensor(out, arg.dtype) for out, arg in zip(outs, input)]
+
+    generic_scan._openlm_mamba = True
+    ops.generic_scan = generic_scan
+    return True

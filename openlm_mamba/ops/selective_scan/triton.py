@@ -1,17 +1,21 @@
 """Selective scan in Triton: forward and backward kernels, registered as torch.library custom ops.
 
-Forward: one program per (batch, group, block of channels) walks the sequence in time, keeping
-the state (BLOCK_D, d_state) in float32 registers, and saves the state at every chunk boundary
-(``CHUNK`` steps). Backward walks the chunks in reverse: it recomputes the chunk's states from
-the saved boundary state into a chunk-sized scratch buffer, then runs the adjoint recurrence
-backwards in time. No (batch, dim, seqlen, d_state) tensor is ever written.
+One program per (batch, group, block of channels) walks the sequence in tiles of ``TILE`` time
+steps. Each tile is loaded at once, its ``exp(delta * A)`` factors computed in parallel, and the
+linear recurrence h_t = a_t * h_{t-1} + b_t solved with an associative scan along time, the state
+(BLOCK_D, d_state) carried in float32 registers from tile to tile. The forward saves the state at
+every chunk boundary (``CHUNK`` steps). The backward walks the chunks in reverse: it recomputes
+the state at each tile start of the chunk (a small scratch buffer), then, tile by tile from the
+end, recomputes the tile's states and solves the adjoint recurrence with a reverse scan. No
+(batch, dim, seqlen, d_state) tensor is ever written.
 """
 
 import math
+import os
 
 import torch
 
-from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, tl_dtype
+from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, tl_dtype, vectorize_interpreter_scan
 
 DEFAULT_CHUNK = 128
 
@@ -19,10 +23,29 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    if interpreting():
+        vectorize_interpreter_scan()
+
     @triton.jit
     def _softplus(x):
         # torch's softplus (threshold 20); exp(x) for very negative x, where log(1 + exp(x)) rounds to 0
         return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        # (a1, b1) then (a2, b2): x -> a2 * (a1 * x + b1) + b2
+        return a1 * a2, b1 * a2 + b2
+
+    @triton.jit
+    def _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+        """(dt after bias and softplus, dt before softplus) for a (TILE, BLOCK_D) tile; 0 where masked."""
+        raw = tl.load(d_base[None, :] + t[:, None] * sd_t, mask=m_td, other=0.0).to(ACC)
+        if HAS_BIAS:
+            raw += bias[None, :]
+        dt = raw
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        return tl.where(m_td, dt, 0.0), raw
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -34,7 +57,7 @@ if HAS_TRITON:
         sz_b, sz_d, sz_t, sh_b, sh_d, sh_n, so_b, so_d, so_t,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
         SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -44,7 +67,11 @@ if HAS_TRITON:
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
         m2 = dmask[:, None] & nmask[None, :]
+        tt = tl.arange(0, TILE)
+        last_row = (tt == TILE - 1)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
+        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
         if HAS_BIAS:
@@ -63,38 +90,42 @@ if HAS_TRITON:
         for c in range(nchunks):
             if SAVE:
                 tl.store(st_base + c * dim * N, h, mask=m2)
-            t_end = tl.minimum(c * CHUNK + CHUNK, L)
-            for t in range(c * CHUNK, t_end):
-                u = tl.load(u_base + t * su_t, mask=dmask, other=0.0).to(ACC)
-                dt = tl.load(d_base + t * sd_t, mask=dmask, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                Bt = tl.load(B_base + t * sB_t, mask=nmask, other=0.0).to(ACC)
-                Ct = tl.load(C_base + t * sC_t, mask=nmask, other=0.0).to(ACC)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1)
+            for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), TILE):
+                t = t0 + tt
+                tmask = t < L
+                m_td = tmask[:, None] & dmask[None, :]
+                m_tn = tmask[:, None] & nmask[None, :]
+                dt, _ = _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS, SOFTPLUS, ACC)
+                u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m_td, other=0.0).to(ACC)
+                Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=m_tn, other=0.0).to(ACC)
+                Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=m_tn, other=0.0).to(ACC)
+                # masked steps have dt = 0: factor 1, input 0, so the state passes through unchanged
+                dA = tl.exp(dt[:, :, None] * A[None, :, :])
+                bx = (dt * u)[:, :, None] * Bt[:, None, :]
+                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
+                hs = ca * h[None, :, :] + cb  # (TILE, BLOCK_D, BLOCK_N): the state after each step
+                y = tl.sum(hs * Ct[:, None, :], axis=2)
                 if HAS_D:
-                    y += Dv * u
+                    y += Dv[None, :] * u
                 if HAS_Z:
-                    zt = tl.load(z_base + t * sz_t, mask=dmask, other=0.0).to(ACC)
+                    zt = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m_td, other=0.0).to(ACC)
                     y = y * zt * tl.sigmoid(zt)
-                tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
+                tl.store(o_base[None, :] + t[:, None] * so_t, y.to(out_ptr.dtype.element_ty), mask=m_td)
+                h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
         tl.store(last_ptr + b * dim * N + d[:, None] * N + n[None, :], h, mask=m2)
 
     @triton.jit
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr, go_ptr, gl_ptr, scr_ptr,
         du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-        dim, L, dpg, N, nchunks,
+        dim, L, dpg, N, nchunks, nslots,
         su_b, su_d, su_t, sd_b, sd_d, sd_t, sA_d, sA_n,
         sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
         sz_b, sz_d, sz_t, sgo_b, sgo_d, sgo_t, sgl_b, sgl_d, sgl_n,
         sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t, sdz_b, sdz_d, sdz_t,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GL: tl.constexpr,
         SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -104,15 +135,21 @@ if HAS_TRITON:
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
         m2 = dmask[:, None] & nmask[None, :]
+        tt = tl.arange(0, TILE)
+        last_row = (tt == TILE - 1)[:, None, None]
+        first_row = (tt == 0)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
+        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        # carry: the gradient reaching the state after the current tile's last step from later steps
         if HAS_GL:
-            gh = tl.load(gl_ptr + b * sgl_b + d[:, None] * sgl_d + n[None, :] * sgl_n, mask=m2, other=0.0).to(ACC)
+            carry = tl.load(gl_ptr + b * sgl_b + d[:, None] * sgl_d + n[None, :] * sgl_n, mask=m2, other=0.0).to(ACC)
         else:
-            gh = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+            carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
         dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
         dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -122,87 +159,131 @@ if HAS_TRITON:
         go_base = go_ptr + b * sgo_b + d * sgo_d
         B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
         C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
-        # dB / dC: this block's partial sums over channels are added to (batch, groups, N, L) buffers
-        dB_base = dB_ptr + (b * (dim // dpg) + g) * N * L + n * L
-        dC_base = dC_ptr + (b * (dim // dpg) + g) * N * L + n * L
+        # dB / dC: this block's partial sums over channels are added to one of nslots
+        # (batch, groups, nslots, N, L) buffers (fewer programs contend for each address)
+        slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
+        dB_base = dB_ptr + slot + n * L
+        dC_base = dC_ptr + slot + n * L
         st_base = st_ptr + b * nchunks * dim * N + d[:, None] * N + n[None, :]
-        scr_base = scr_ptr + (b * dim + d[:, None]) * (CHUNK + 1) * BLOCK_N + n[None, :]
+        scr_base = scr_ptr + (b * dim + d[:, None]) * (CHUNK // TILE) * BLOCK_N + n[None, :]
         for ci in range(nchunks):
             c = nchunks - 1 - ci
-            t0 = c * CHUNK
-            t_end = tl.minimum(t0 + CHUNK, L)
-            # recompute this chunk's states from its saved start state; slot k holds h_{t0 + k - 1}
+            t_c = c * CHUNK
+            ntiles = tl.cdiv(tl.minimum(t_c + CHUNK, L) - t_c, TILE)
+            # the state at each tile start of this chunk, from the chunk's saved start state
             h = tl.load(st_base + c * dim * N, mask=m2, other=0.0)
-            tl.store(scr_base, h, mask=m2)
-            for t in range(t0, t_end):
-                u = tl.load(u_base + t * su_t, mask=dmask, other=0.0).to(ACC)
-                dt = tl.load(d_base + t * sd_t, mask=dmask, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                Bt = tl.load(B_base + t * sB_t, mask=nmask, other=0.0).to(ACC)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-                tl.store(scr_base + (t - t0 + 1) * BLOCK_N, h, mask=m2)
+            for k in range(ntiles):
+                tl.store(scr_base + k * BLOCK_N, h, mask=m2)
+                t = t_c + k * TILE + tt
+                tmask = t < L
+                m_td = tmask[:, None] & dmask[None, :]
+                dt, _ = _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS, SOFTPLUS, ACC)
+                u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m_td, other=0.0).to(ACC)
+                Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=tmask[:, None] & nmask[None, :], other=0.0)
+                dA = tl.exp(dt[:, :, None] * A[None, :, :])
+                bx = (dt * u)[:, :, None] * Bt.to(ACC)[:, None, :]
+                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
+                h = tl.sum(tl.where(last_row, ca * h[None, :, :] + cb, 0.0), axis=0)
             tl.debug_barrier()
-            for i in range(0, t_end - t0):
-                t = t_end - 1 - i
-                h_t = tl.load(scr_base + (t - t0 + 1) * BLOCK_N, mask=m2, other=0.0)
-                h_prev = tl.load(scr_base + (t - t0) * BLOCK_N, mask=m2, other=0.0)
-                u = tl.load(u_base + t * su_t, mask=dmask, other=0.0).to(ACC)
-                dt_raw = tl.load(d_base + t * sd_t, mask=dmask, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt_raw += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt_raw)
-                else:
-                    dt = dt_raw
-                Bt = tl.load(B_base + t * sB_t, mask=nmask, other=0.0).to(ACC)
-                Ct = tl.load(C_base + t * sC_t, mask=nmask, other=0.0).to(ACC)
-                go = tl.load(go_base + t * sgo_t, mask=dmask, other=0.0).to(ACC)
+            for kk in range(ntiles):
+                k = ntiles - 1 - kk
+                t = t_c + k * TILE + tt
+                tmask = t < L
+                m_td = tmask[:, None] & dmask[None, :]
+                m_tn = tmask[:, None] & nmask[None, :]
+                h0 = tl.load(scr_base + k * BLOCK_N, mask=m2, other=0.0)
+                dt, dt_raw = _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS, SOFTPLUS, ACC)
+                u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m_td, other=0.0).to(ACC)
+                Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=m_tn, other=0.0).to(ACC)
+                Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=m_tn, other=0.0).to(ACC)
+                go = tl.load(go_base[None, :] + t[:, None] * sgo_t, mask=m_td, other=0.0).to(ACC)
+                dA = tl.exp(dt[:, :, None] * A[None, :, :])
+                dtu = dt * u
+                # an explicit fma rounds bx once, like the scan's input: a plain product could be
+                # contracted into hs - bx below, leaving its rounding error where 0 is exact
+                bx = tl.fma(dtu[:, :, None], Bt[:, None, :], 0.0)
+                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
+                hs = ca * h0[None, :, :] + cb  # h_t
                 if HAS_Z:
-                    zt = tl.load(z_base + t * sz_t, mask=dmask, other=0.0).to(ACC)
-                    y = tl.sum(h_t * Ct[None, :], axis=1)
+                    zt = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m_td, other=0.0).to(ACC)
+                    y = tl.sum(hs * Ct[:, None, :], axis=2)
                     if HAS_D:
-                        y += Dv * u
+                        y += Dv[None, :] * u
                     sz = tl.sigmoid(zt)
                     dz = go * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(dz_ptr + b * sdz_b + d * sdz_d + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=dmask)
+                    dz_ptrs = dz_ptr + b * sdz_b + d[None, :] * sdz_d + t[:, None] * sdz_t
+                    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=m_td)
                     dy = go * zt * sz
                 else:
                     dy = go
-                du = tl.zeros((BLOCK_D,), dtype=ACC)
+                # adjoint: gh_t = dy_t C_t + exp(dt_{t+1} A) gh_{t+1}; the step after the tile is the carry
+                t1 = t + 1
+                m1 = (t1 < L)[:, None] & dmask[None, :]
+                dt1, _ = _load_dt(d_base, bias, t1, m1, sd_t, HAS_BIAS, SOFTPLUS, ACC)
+                dA1 = tl.exp(dt1[:, :, None] * A[None, :, :])
+                cg = dy[:, :, None] * Ct[:, None, :] + tl.where(last_row, carry[None, :, :], 0.0)
+                _, gh = tl.associative_scan((dA1, cg), 0, _combine, reverse=True)
+                tl.atomic_add(dC_base[None, :] + t[:, None], tl.sum(dy[:, :, None] * hs, axis=1), mask=m_tn)
+                tl.atomic_add(dB_base[None, :] + t[:, None], tl.sum(gh * dtu[:, :, None], axis=1), mask=m_tn)
+                gB = tl.sum(gh * Bt[:, None, :], axis=2)
+                du = dt * gB
                 if HAS_D:
-                    du += dy * Dv
-                    dD_acc += dy * u
-                gh += dy[:, None] * Ct[None, :]
-                tl.atomic_add(dC_base + t, tl.sum(dy[:, None] * h_t, axis=0).to(dC_ptr.dtype.element_ty), mask=nmask)
-                tl.atomic_add(
-                    dB_base + t, tl.sum(gh * (dt * u)[:, None], axis=0).to(dB_ptr.dtype.element_ty), mask=nmask
-                )
-                gB = tl.sum(gh * Bt[None, :], axis=1)
-                du += dt * gB
-                dA_t = tl.exp(dt[:, None] * A)
-                ghd = gh * h_prev * dA_t
-                ddt = u * gB + tl.sum(ghd * A, axis=1)
-                dA_acc += ghd * dt[:, None]
+                    du += dy * Dv[None, :]
+                    dD_acc += tl.sum(dy * u, axis=0)
+                ghd = gh * (hs - bx)  # gh_t * exp(dt_t A) * h_{t-1}
+                ddt = u * gB + tl.sum(ghd * A[None, :, :], axis=2)
+                dA_acc += tl.sum(ghd * dt[:, :, None], axis=0)
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dt_raw)
-                dbias_acc += ddt
-                tl.store(du_ptr + b * sdu_b + d * sdu_d + t * sdu_t, du.to(du_ptr.dtype.element_ty), mask=dmask)
-                tl.store(ddl_ptr + b * sdd_b + d * sdd_d + t * sdd_t, ddt.to(ddl_ptr.dtype.element_ty), mask=dmask)
-                gh = gh * dA_t
+                ddt = tl.where(m_td, ddt, 0.0)
+                dbias_acc += tl.sum(ddt, axis=0)
+                du_ptrs = du_ptr + b * sdu_b + d[None, :] * sdu_d + t[:, None] * sdu_t
+                tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=m_td)
+                ddl_ptrs = ddl_ptr + b * sdd_b + d[None, :] * sdd_d + t[:, None] * sdd_t
+                tl.store(ddl_ptrs, ddt.to(ddl_ptr.dtype.element_ty), mask=m_td)
+                carry = tl.sum(tl.where(first_row, gh * dA, 0.0), axis=0)
             tl.debug_barrier()
-        tl.store(dh0_ptr + b * dim * N + d[:, None] * N + n[None, :], gh, mask=m2)
+        tl.store(dh0_ptr + b * dim * N + d[:, None] * N + n[None, :], carry, mask=m2)
         tl.store(dA_ptr + b * dim * N + d[:, None] * N + n[None, :], dA_acc, mask=m2)
         tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
         tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
 
 
-def _block_d(dpg: int, block_d: int | None) -> int:
-    if block_d:
-        return block_d
-    return min(next_pow2(dpg), 64 if interpreting() else 32)
+# Launch shape on a GPU: time steps per tile, channels per program, warps per program. Measured
+# on an H200 at Mamba-7B shapes (benchmarks/sweep_scan.py): wide channel blocks pay off in the
+# backward when there are many channels (fewer programs share each dB/dC slot), "bwd_wide" is
+# used from WIDE_DPG channels per group up. The interpreter prefers few, large programs.
+# $OPENLM_MAMBA_SCAN_LAUNCH (e.g. "fwd=8x16x4,bwd=4x32x4") overrides these for a run.
+GPU_LAUNCH = {"fwd": (8, 16, 4), "bwd": (4, 16, 2), "bwd_wide": (4, 32, 4)}
+CPU_LAUNCH = {"fwd": (32, 64, 1), "bwd": (32, 64, 1)}
+WIDE_DPG = 4096
+LAUNCH_ENV = "OPENLM_MAMBA_SCAN_LAUNCH"
+BWD_SLOTS = 16  # partial dB / dC buffers: programs along the channels spread their atomic adds over these
+
+
+def _env_launch(which: str) -> tuple[int, int, int] | None:
+    spec = os.environ.get(LAUNCH_ENV, "")
+    for item in filter(None, spec.replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        parts = value.split("x")
+        if key not in ("fwd", "bwd") or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"${LAUNCH_ENV}: expected entries like fwd=16x16x4 (TILE x BLOCK_D x warps), got {item!r}")
+        shape = tuple(int(p) for p in parts)
+        if any(v & (v - 1) for v in shape):
+            raise ValueError(f"${LAUNCH_ENV}: {item!r}: every number must be a power of two")
+        if key == which:
+            return shape
+    return None
+
+
+def _launch(which: str, dpg: int, chunk: int, tile: int, block_d: int) -> tuple[int, int, int]:
+    """(TILE, BLOCK_D, num_warps): explicit values win, then $OPENLM_MAMBA_SCAN_LAUNCH, then the defaults."""
+    if interpreting():
+        t, bd, warps = CPU_LAUNCH[which]
+    else:
+        wide = which == "bwd" and dpg >= WIDE_DPG
+        t, bd, warps = _env_launch(which) or GPU_LAUNCH["bwd_wide" if wide else which]
+    return min(tile or t, chunk), block_d or min(next_pow2(dpg), bd), warps
 
 
 def _bcl(M: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -241,6 +322,7 @@ def selective_scan_fwd(
     save_states: bool,
     chunk: int,
     block_d: int,
+    tile: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: (out, last_state, chunk-boundary states (batch, nchunks, dim, N) or empty)."""
     batch, dim, L = u.shape
@@ -252,7 +334,7 @@ def selective_scan_fwd(
     out = _like_bdl(u, u.dtype)
     last = torch.empty(batch, dim, N, dtype=acc, device=u.device)
     states = torch.empty(batch, nchunks if save_states else 0, dim, N, dtype=acc, device=u.device)
-    bd = _block_d(dpg, block_d)
+    tile, bd, warps = _launch("fwd", dpg, chunk, tile, block_d)
     _, sB_b, sB_g, sB_n, sB_t = _bcl(B)
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
@@ -265,13 +347,13 @@ def selective_scan_fwd(
         *_strides3(z), *_strides3(initial_state), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE=save_states, ACC=tl_dtype(acc),
-        CHUNK=chunk, BLOCK_D=bd, BLOCK_N=next_pow2(N),
+        CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps,
     )  # fmt: skip
     return out, last, states
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_states, chunk, block_d):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_states, chunk, block_d, tile=0):
     batch, dim, L = u.shape
     acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     nchunks = (L + chunk - 1) // chunk if save_states else 0
@@ -295,6 +377,7 @@ def selective_scan_bwd(
     delta_softplus: bool,
     chunk: int,
     block_d: int,
+    tile: int = 0,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -313,33 +396,36 @@ def selective_scan_bwd(
     dpg = dim // groups
     acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias)
     nchunks = states.shape[1]
-    bd = _block_d(dpg, block_d)
+    tile, bd, warps = _launch("bwd", dpg, chunk, tile, block_d)
     bn = next_pow2(N)
     dev = u.device
     du = _like_bdl(u, u.dtype)
     ddelta = _like_bdl(delta, delta.dtype)
     dz = _like_bdl(z, z.dtype) if z is not None else u.new_empty(0)
-    dB = torch.zeros(batch, groups, N, L, dtype=acc, device=dev)
-    dC = torch.zeros(batch, groups, N, L, dtype=acc, device=dev)
+    nslots = min(BWD_SLOTS, triton.cdiv(dpg, bd))
+    dB = torch.zeros(batch, groups, nslots, N, L, dtype=acc, device=dev)
+    dC = torch.zeros(batch, groups, nslots, N, L, dtype=acc, device=dev)
     dA = torch.empty(batch, dim, N, dtype=acc, device=dev)
     dD = torch.empty(batch, dim, dtype=acc, device=dev)
     dbias = torch.empty(batch, dim, dtype=acc, device=dev)
     dh0 = torch.empty(batch, dim, N, dtype=acc, device=dev)
-    scratch = torch.empty(batch, dim, chunk + 1, bn, dtype=acc, device=dev)  # one chunk of states
+    scratch = torch.empty(batch, dim, chunk // tile, bn, dtype=acc, device=dev)  # a chunk's tile-start states
     _, sB_b, sB_g, sB_n, sB_t = _bcl(B)
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
     _scan_bwd_kernel[grid](
         u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), states, grad_out, _opt(grad_last, u), scratch,
         du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
-        dim, L, dpg, N, nchunks,
+        dim, L, dpg, N, nchunks, nslots,
         *u.stride(), *delta.stride(), *A.stride(),
         sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
         *_strides3(z), *grad_out.stride(), *_strides3(grad_last),
         *du.stride(), *ddelta.stride(), *_strides3(dz if z is not None else None),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GL=grad_last is not None,
-        SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, BLOCK_D=bd, BLOCK_N=bn,
+        SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=bn,
+        num_warps=warps,
     )  # fmt: skip
+    dB, dC = dB.sum(2), dC.sum(2)
     dB = (dB.sum(1) if B.dim() == 3 else dB).to(B.dtype)
     dC = (dC.sum(1) if C.dim() == 3 else dC).to(C.dtype)
     return (
@@ -356,7 +442,7 @@ def selective_scan_bwd(
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, delta_softplus, chunk, block_d):
+def _(u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, delta_softplus, chunk, block_d, tile=0):
     acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias)
     return (
         _like_bdl(u, u.dtype),
@@ -372,12 +458,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, delta_so
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_states, chunk, block_d = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_states, chunk, block_d, tile = inputs
     if not save_states:
         raise RuntimeError("selective_scan (triton): forward ran without saving states, cannot differentiate")
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.has_h0 = initial_state is not None
-    ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
+    ctx.delta_softplus, ctx.chunk, ctx.block_d, ctx.tile = delta_softplus, chunk, block_d, tile
     ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
 
 
@@ -386,8 +472,9 @@ def _backward(ctx, grad_out, grad_last, _grad_states):
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, ctx.delta_softplus, ctx.chunk, ctx.block_d
-    )
+        u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, ctx.delta_softplus, ctx.chunk, ctx.block_d,
+        ctx.tile,
+    )  # fmt: skip
     return (
         du,
         ddelta,
@@ -398,6 +485,7 @@ def _backward(ctx, grad_out, grad_last, _grad_states):
         dz if z is not None else None,
         dbias if delta_bias is not None else None,
         dh0.to(ctx.h0_dtype) if ctx.has_h0 else None,
+        None,
         None,
         None,
         None,
@@ -423,17 +511,19 @@ def selective_scan_triton(
     *,
     chunk: int = DEFAULT_CHUNK,
     block_d: int = 0,
+    tile: int = 0,
 ):
     """Triton selective scan (``selective_scan_fn`` semantics); differentiable in every tensor input.
 
     ``chunk`` is the number of time steps between saved states (memory kept for backward:
-    batch * dim * d_state * ceil(seqlen / chunk) floats); ``block_d`` (0 = automatic) the
-    channels per program.
+    batch * dim * d_state * ceil(seqlen / chunk) floats); ``block_d`` the channels per program and
+    ``tile`` the time steps solved at once (0 = automatic; both powers of two).
     """
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"selective_scan (triton): chunk must be a positive power of two, got {chunk}")
-    if block_d < 0 or block_d & (block_d - 1):
-        raise ValueError(f"selective_scan (triton): block_d must be 0 (auto) or a power of two, got {block_d}")
+    for name, value in (("block_d", block_d), ("tile", tile)):
+        if value < 0 or value & (value - 1):
+            raise ValueError(f"selective_scan (triton): {name} must be 0 (auto) or a power of two, got {value}")
     if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
         groups = math.lcm(B.shape[1], C.shape[1])  # divides dim, as both group counts do
         B = B.repeat_interleave(groups // B.shape[1], dim=1)
@@ -441,6 +531,6 @@ def selective_scan_triton(
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, last, _ = selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, chunk, block_d
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save, chunk, block_d, tile
     )
     return (out, last) if return_last_state else out

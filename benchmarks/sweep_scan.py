@@ -1,0 +1,157 @@
+"""Launch-shape sweep of the Triton selective scan: (TILE, BLOCK_D, num_warps) for forward and backward.
+
+Times each forward shape (forward only) and each backward shape (forward + backward, forward at
+its default) at Mamba-7B shapes, checks every result against the PyTorch backend, and prints
+one table; the defaults live in ``openlm_mamba.ops.selective_scan.triton.GPU_LAUNCH``. Kernels
+are compiled in parallel worker processes first (Triton's on-disk cache), then timed one at a
+time in this process.
+
+    python benchmarks/sweep_scan.py                      # GPU, default candidate shapes
+    python benchmarks/sweep_scan.py --fwd 16x16x4,8x16x4 --bwd 8x16x4
+    python benchmarks/sweep_scan.py --quick              # tiny; on CPU through the interpreter (CI smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FWD = "16x16x4,16x16x8,8x16x4,8x32x4,16x8x4,32x4x4"
+BWD = "16x16x8,8x16x4,16x8x4,8x8x2,32x4x4,4x16x2"
+
+
+def _shapes(spec: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item]
+
+
+def _setup(quick: bool):
+    import bench_kernels as bk
+    import torch
+
+    if quick and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+
+    args = bk.parse_args(["--quick"] if quick else [])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tensors, kwargs, fwd_bytes, total_bytes = bk.make_inputs("selective_scan", args, device, getattr(torch, args.dtype))
+    return bk, args, device, tensors, kwargs, fwd_bytes, total_bytes
+
+
+def _run(tensors, kwargs, which: str, launch, backend: str = "triton"):
+    """Output (and gradients for "bwd") of the scan with ``launch`` as the ``which`` default shape."""
+    import torch
+
+    from openlm_mamba import ops
+    from openlm_mamba.ops.selective_scan import triton as ss
+
+    saved = dict(ss.GPU_LAUNCH), dict(ss.CPU_LAUNCH)
+    try:
+        if launch:
+            ss.GPU_LAUNCH[which] = ss.CPU_LAUNCH[which] = tuple(launch)
+            if which == "bwd":
+                ss.GPU_LAUNCH["bwd_wide"] = tuple(launch)
+        if which == "fwd":
+            with torch.no_grad():
+                return [ops.selective_scan(*tensors, **kwargs, backend=backend)]
+        out = ops.selective_scan(*tensors, **kwargs, backend=backend)
+        grads = torch.autograd.grad(out, [t for t in tensors if t is not None], torch.ones_like(out))
+        return [out, *grads]
+    finally:
+        ss.GPU_LAUNCH.update(saved[0])
+        ss.CPU_LAUNCH.update(saved[1])
+
+
+def ss_env() -> str:
+    from openlm_mamba.ops.selective_scan.triton import LAUNCH_ENV
+
+    return LAUNCH_ENV
+
+
+def _compile_worker(job) -> str:
+    """Compile one launch shape by running it once (fills Triton's cache for the timing process)."""
+    quick, which, launch = job
+    _, _, _, tensors, kwargs, _, _ = _setup(quick)
+    _run(tensors, kwargs, which, launch)
+    return f"{which} {launch}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fwd", default=FWD, help="forward shapes TILExBLOCK_DxWARPS, comma-separated")
+    p.add_argument("--bwd", default=BWD, help="backward shapes, same form")
+    p.add_argument("--jobs", type=int, help="parallel compile workers (default 8, --quick 0; 0: compile while timing)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few launch shapes (CPU: through the interpreter)")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.fwd, args.bwd = "4x16x1,8x8x1", "4x16x1"
+    if args.jobs is None:
+        args.jobs = 0 if args.quick else 8
+    fwd, bwd = _shapes(args.fwd), _shapes(args.bwd)
+    bk, bargs, device, tensors, kwargs, fwd_bytes, total_bytes = _setup(args.quick)
+    import torch
+
+    if args.jobs:
+        jobs = [(args.quick, "fwd", s) for s in fwd] + [(args.quick, "bwd", s) for s in bwd]
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            for i, done in enumerate(pool.imap_unordered(_compile_worker, jobs), 1):
+                print(f"# compiled {i}/{len(jobs)}: {done}", flush=True)
+
+    ref = {w: _run(tensors, kwargs, w, None, backend="torch") for w in ("fwd", "bwd")}
+    peak = bk.peak_bandwidth(device)
+    rows = []
+    for which, shapes, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, total_bytes)):
+        for shape in shapes:
+            row = {"pass": which, "tile": shape[0], "block_d": shape[1], "warps": shape[2]}
+            try:
+                got = _run(tensors, kwargs, which, shape)
+                row["rel_err"] = max(
+                    ((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item()
+                    for g, r in zip(got, ref[which])
+                )
+                sec = bk.timeit(
+                    lambda w=which, s=shape: _run(tensors, kwargs, w, s), device, bargs.repeats, not args.quick
+                )
+                row["ms"] = sec * 1e3
+                row["bw_frac"] = nbytes / sec / peak if peak else None
+            except Exception as exc:  # a shape that does not compile or fit is a result, not a crash
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(row)
+            print(f"# {row}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"\nselective scan launch sweep: {name}, tokens {bargs.tokens}, d_inner {bargs.d_inner}, {bargs.dtype}")
+    print("| pass | TILE | BLOCK_D | warps | ms | BW | max rel err vs torch |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['pass']} | {r['tile']} | {r['block_d']} | {r['warps']} | {r['error']} | | |")
+            continue
+        bw = f"{r['bw_frac']:.1%}" if r.get("bw_frac") else "-"
+        print(
+            f"| {r['pass']} | {r['tile']} | {r['block_d']} | {r['warps']} | {r['ms']:.3f} | {bw} | {r['rel_err']:.1e} |"
+        )
+    print("(fwd: forward only; bwd: forward + backward with the default forward shape)")
+    ok = [r for r in rows if "ms" in r and r["rel_err"] < 2e-2]
+    best = {}
+    for which in ("fwd", "bwd"):
+        mine = [r for r in ok if r["pass"] == which]
+        if mine:
+            r = min(mine, key=lambda r: r["ms"])
+            best[which] = f"{r['tile']}x{r['block_d']}x{r['warps']}"
+    print("best launch:", ",".join(f"{k}={v}" for k, v in best.items()), f"(set ${ss_env()} to use it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows, "best": best}, indent=1))
+    measured = [r for r in rows if "ms" in r]
+    return 0 if measured and len(ok) == len(measured) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""benchmarks/bench_train_gpu.py --quick (tiny model on CPU): every contender runs, same weights, same loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+
+def test_bench_train_quick_runs(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_train_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    contenders = ["openlm_mamba", "openlm_mamba+ckpt"] + (["mambapy"] if importlib.util.find_spec("mambapy") else [])
+    rc = bench.main(["--quick", "--contenders", ",".join(contenders)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    losses = {
+        m.group(1): float(m.group(2)) for m in re.finditer(r"^  (\S+): [\d.]+ ms/step, loss ([\d.]+)$", out, re.M)
+    }
+    assert set(losses) == set(contenders), out
+    assert max(losses.values()) - min(losses.values()) < 1e-3, losses  # same weights, same data
+    for name in contenders:
+        assert re.search(rf"^\| {re.escape(name)} \| [\d.]+ \| [\d,]+ \|", out, re.M), out

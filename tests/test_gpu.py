@@ -1,0 +1,115 @@
+"""Native GPU checks beyond the op grids: the step kernel, recurrent decoding, bf16 training and
+gradient checkpointing with the Triton backend. Skipped without a CUDA device (CPU CI covers the
+same paths through the interpreter); ``benchmarks/gpu_check.sh`` runs them on a lent GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from openlm_mamba import MambaConfig, MambaLM, generate
+from openlm_mamba.ops import selective_state_update, selective_state_update_ref
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+]
+
+DEV = "cuda"
+
+
+def tiny(n_layer: int = 2, vocab: int = 512, seed: int = 0) -> MambaLM:
+    torch.manual_seed(seed)
+    cfg = MambaConfig.load("mamba_tiny").replace(vocab_size=vocab, n_layer=n_layer)
+    return MambaLM(cfg).to(DEV)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("batch,dim,dstate,groups", [(1, 8, 4, 0), (3, 300, 16, 0), (2, 64, 5, 4), (4, 8192, 16, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_update_kernel_matches_reference(batch, dim, dstate, groups, dtype):
+    g = torch.Generator(device=DEV).manual_seed(1)
+
+    def r(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=g, device=DEV).to(dt)
+
+    state = r(batch, dim, dstate)
+    x, dt, z = r(batch, dim, dt=dtype), r(batch, dim, dt=dtype), r(batch, dim, dt=dtype)
+    A = -torch.rand(dim, dstate, generator=g, device=DEV) - 0.1
+    bc = (batch, groups, dstate) if groups else (batch, dstate)
+    B, C = r(*bc, dt=dtype), r(*bc, dt=dtype)
+    D, dt_bias = r(dim), r(dim) * 0.5
+    s_ref, s_tri = state.clone(), state.clone()
+    ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, True)
+    out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 output rounding (8 significant bits)
+    assert rel_err(out, ref) < tol and rel_err(s_tri, s_ref) < 1e-5
+
+
+def test_decode_equals_full_forward_triton():
+    model = tiny().eval()
+    model.set_backend("triton")
+    ids = torch.randint(0, 512, (2, 70), device=DEV, generator=torch.Generator(device=DEV).manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)[0]
+        cache = model.allocate_cache(2)
+        assert cache.backend == "triton", cache.backend
+        parts = [model(ids[:, :5], past_key_values=cache)[0]]
+        parts += [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(5, 70)]
+    diff = (torch.cat(parts, 1) - full).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_generate_greedy_matches_transformers():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    from openlm_mamba.convert import to_transformers
+
+    model = tiny().eval()
+    hf = to_transformers(model).to(DEV).eval()
+    ids = torch.randint(0, 512, (1, 16), device=DEV, generator=torch.Generator(device=DEV).manual_seed(3))
+    with torch.no_grad():
+        theirs = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=32, do_sample=False
+        )
+    ours = generate(model, ids, max_new_tokens=32, eos_token_id=hf.config.eos_token_id)
+    assert ours.shape == theirs.shape and ours.shape[1] > 30
+    assert torch.equal(ours, theirs)
+
+
+def _train_grads(model: MambaLM, ids: torch.Tensor, backend: str, ckpt: bool = False, bf16: bool = False):
+    model.set_backend(backend)
+    model.set_grad_checkpointing(ckpt)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids)[0]
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_grad_checkpointing_matches_plain_backward():
+    model = tiny(n_layer=3)
+    ids = torch.randint(0, 512, (2, 300), device=DEV, generator=torch.Generator(device=DEV).manual_seed(5))
+    loss, grads = _train_grads(model, ids, "triton")
+    loss_ck, grads_ck = _train_grads(model, ids, "triton", ckpt=True)
+    assert torch.equal(loss, loss_ck)
+    for name, g in grads.items():
+        assert rel_err(grads_ck[name], g) < 1e-6, name
+
+
+def test_bf16_autocast_training_close_to_fp32_reference():
+    model = tiny(n_layer=2)
+    ids = torch.randint(0, 512, (2, 256), device=DEV, generator=torch.Generator(device=DEV).manual_seed(6))
+    loss_ref, grads_ref = _train_grads(model, ids, "torch")
+    loss, grads = _train_grads(model, ids, "triton", bf16=True)
+    assert abs(loss.item() - loss_ref.item()) < 2e-2 * loss_ref.item()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, grads_ref[name]) < 5e-2, (name, rel_err(g, grads_ref[name]))
