@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FWD = "16x16x4,16x16x8,8x16x4,8x32x4,16x8x4,32x4x4"
-BWD = "16x16x8,8x16x4,16x8x4,8x8x2,32x4x4,4x16x2"
+BWD = "4x32x4,4x32x2,4x16x2,8x8x2,8x16x4,16x16x8,32x4x4"
 
 
 def _shapes(spec: str) -> list[tuple[int, int, int]]:

@@ -121,3 +121,14 @@ def test_sweep_scan_quick(tmp_path):
     assert {r["pass"] for r in result["rows"]} == {"fwd", "bwd"}
     assert all(r["ms"] > 0 and r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
     assert set(result["best"]) == {"fwd", "bwd"} and "best launch: fwd=" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs its checks (minutes)")
+def test_gpu_check_script_says_when_there_is_no_gpu(tmp_path):
+    """benchmarks/gpu_check.sh without CUDA: a clear message and exit code 2, not a traceback."""
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device visible to torch" in (tmp_path / "device.txt").read_text()
