@@ -188,6 +188,39 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(run(selective_scan_cpu, strided), run(selective_scan_cpu, inputs))
 
 
+def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """torch waits forever on a build lock a killed build left behind; the loader breaks a stale one."""
+    import os
+    import threading
+    import time
+
+    assert cpp.wait_for_build_lock(tmp_path) is False  # no lock: no wait
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(0.3, lock.unlink).start()  # a build in progress finishes: wait for it, keep nothing
+    t0 = time.perf_counter()
+    assert cpp.wait_for_build_lock(tmp_path, stale_after=60, poll=0.05) is False
+    assert 0.25 < time.perf_counter() - t0 < 5
+    lock.touch()
+    old = time.time() - 1000
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert cpp.wait_for_build_lock(tmp_path, stale_after=300) is True
+    assert not lock.exists()
+
+
+def test_sources_compile_from_one_place_for_every_checkout(tmp_path):
+    """The build compiles a copy of csrc/ kept in the build directory: another checkout of the same
+    sources reuses the cached library instead of rebuilding (ninja rebuilds when a path changes)."""
+    src = cpp._stable_sources(tmp_path)
+    assert src == tmp_path / "src"
+    for name in cpp.SOURCES:
+        assert (src / name).read_bytes() == (cpp.CSRC / name).read_bytes()
+    (src / cpp.SOURCES[0]).write_text("stale")
+    cpp._stable_sources(tmp_path)  # a changed source is refreshed
+    assert (src / cpp.SOURCES[0]).read_bytes() == (cpp.CSRC / cpp.SOURCES[0]).read_bytes()
+
+
 def test_c_extension_is_used_here():
     """CI machines have a compiler: the fast path must not silently run the slow fallback."""
     if cpp.cpp_disabled():

@@ -3,7 +3,10 @@
 ``csrc/*.cpp`` are compiled with ``torch.utils.cpp_extension`` the first time a CPU op needs
 them and cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), keyed by this CPU's instruction set and the sources' hash. They
-register the torch ops ``openlm_mamba_cpu::*``. Where they cannot be built (no compiler or ninja,
+are compiled from a copy of the sources kept in that directory, so every checkout or install of
+the same sources shares one build, and a build lock left by a killed build is broken after
+5 minutes instead of hanging every later import. They register the torch ops
+``openlm_mamba_cpu::*``. Where they cannot be built (no compiler or ninja,
 or ``OPENLM_MAMBA_DISABLE_CPP=1``) every op runs its pure PyTorch path, after one warning.
 """
 
@@ -15,6 +18,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +30,7 @@ SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp", "step_cpu.cpp")
 
 _lock = threading.Lock()
 _ext_state: dict[str, object] = {}  # "ok": bool, "reason": str
+STALE_LOCK_S = 300.0  # a build takes ~30 s; torch's build lock older than this was left by a killed build
 
 
 def _build_tag() -> str:
@@ -51,15 +56,56 @@ def cpp_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _announce_build(name: str) -> None:
-    """One line on stderr before a build (not before loading a cached one): it takes tens of seconds."""
+def _build_directory(name: str) -> Path | None:
+    """torch's build directory for extension ``name`` (created), or None if its helper moved."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        build_dir = Path(_get_build_directory(name, False))
-        if any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd")):
-            return
-    except Exception:  # private helper: if it moves, just say nothing
+        return Path(_get_build_directory(name, verbose=False))
+    except Exception:  # private helper: if it moves, build from the package's sources
+        return None
+
+
+def _stable_sources(build_dir: Path) -> Path:
+    """A copy of csrc/ inside the build directory, so every checkout or install of the same sources
+    compiles the same paths: torch (ninja) rebuilds whenever a source path changes."""
+    dest = build_dir / "src"
+    dest.mkdir(exist_ok=True)
+    for p in CSRC.iterdir():
+        if p.suffix in (".cpp", ".h"):
+            target = dest / p.name
+            data = p.read_bytes()
+            if not target.exists() or target.read_bytes() != data:
+                tmp = dest / f".{p.name}.{os.getpid()}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, target)  # atomic: a concurrent build never reads half a file
+    return dest
+
+
+def wait_for_build_lock(build_dir: Path, stale_after: float = STALE_LOCK_S, poll: float = 0.5) -> bool:
+    """Wait while another process holds torch's build lock; remove the lock once it is older than
+    ``stale_after`` seconds (a killed build leaves it behind, and torch would then wait forever).
+    True if a stale lock was removed."""
+    lock = build_dir / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age > stale_after:
+            lock.unlink(missing_ok=True)
+            warnings.warn(
+                f"openlm_mamba: removed a stale build lock ({age:.0f} s old, left by an interrupted build): {lock}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return True
+        time.sleep(poll)
+
+
+def _announce_build(build_dir: Path | None, name: str) -> None:
+    """One line on stderr before a build (not before loading a cached one): it takes tens of seconds."""
+    if build_dir is None or any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd")):
         return
     print(
         f"openlm_mamba: compiling the C++ CPU kernels (first use on this machine, ~30 s) into {build_dir}",
@@ -92,12 +138,17 @@ def load_extension() -> bool:
             if platform.machine() in ("x86_64", "AMD64"):
                 flags += ["-march=native", "-mprefer-vector-width=512"]
             name = f"openlm_mamba_cpu_{_build_tag()}"
-            _announce_build(name)
+            build_dir = _build_directory(name)
+            src = CSRC
+            if build_dir is not None:
+                src = _stable_sources(build_dir)
+                wait_for_build_lock(build_dir)
+            _announce_build(build_dir, name)
             load(
                 name=name,
-                sources=[str(CSRC / s) for s in SOURCES],
+                sources=[str(src / s) for s in SOURCES],
                 extra_cflags=flags,
-                extra_include_paths=[str(CSRC)],
+                extra_include_paths=[str(src)],
                 extra_ldflags=ldflags,
                 is_python_module=False,
                 verbose=False,
@@ -127,4 +178,4 @@ def use_cpp(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and load_extension()
 
 
-__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "needs_grad", "use_cpp"]
+__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "needs_grad", "use_cpp", "wait_for_build_lock"]
