@@ -67,7 +67,8 @@ def _descendants(pid: int) -> list[int]:
                 parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
     out, todo = [], [pid]
     while todo:
-        kids = [p for p, pp in parent.items() if pp == todo.pop()]
+        cur = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == cur]
         out += kids
         todo += kids
     return out
