@@ -37,6 +37,20 @@ if HAS_TRITON:
         return a1 * a2, b1 * a2 + b2
 
     @triton.jit
+    def _tile_states(dt, u, Bt, A, h):
+        """(exp(dt*A), dt*u, dt*u*B, states) of a (TILE, BLOCK_D, BLOCK_N) tile entered in state h.
+
+        Masked steps have dt = 0: factor 1, input 0, so the state passes through them unchanged.
+        bx is an explicit fma: a plain product could be contracted into the backward's hs - bx,
+        leaving the product's rounding error where the exact difference is 0.
+        """
+        dA = tl.exp(dt[:, :, None] * A[None, :, :])
+        dtu = dt * u
+        bx = tl.fma(dtu[:, :, None], Bt[:, None, :], 0.0)
+        ca, cb = tl.associative_scan((dA, bx), 0, _combine)
+        return dA, dtu, bx, ca * h[None, :, :] + cb
+
+    @triton.jit
     def _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
         """(dt after bias and softplus, dt before softplus) for a (TILE, BLOCK_D) tile; 0 where masked."""
         raw = tl.load(d_base[None, :] + t[:, None] * sd_t, mask=m_td, other=0.0).to(ACC)
@@ -99,11 +113,7 @@ if HAS_TRITON:
                 u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m_td, other=0.0).to(ACC)
                 Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=m_tn, other=0.0).to(ACC)
                 Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=m_tn, other=0.0).to(ACC)
-                # masked steps have dt = 0: factor 1, input 0, so the state passes through unchanged
-                dA = tl.exp(dt[:, :, None] * A[None, :, :])
-                bx = (dt * u)[:, :, None] * Bt[:, None, :]
-                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
-                hs = ca * h[None, :, :] + cb  # (TILE, BLOCK_D, BLOCK_N): the state after each step
+                _, _, _, hs = _tile_states(dt, u, Bt, A, h)  # the state after each step
                 y = tl.sum(hs * Ct[:, None, :], axis=2)
                 if HAS_D:
                     y += Dv[None, :] * u
@@ -180,10 +190,8 @@ if HAS_TRITON:
                 dt, _ = _load_dt(d_base, bias, t, m_td, sd_t, HAS_BIAS, SOFTPLUS, ACC)
                 u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m_td, other=0.0).to(ACC)
                 Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=tmask[:, None] & nmask[None, :], other=0.0)
-                dA = tl.exp(dt[:, :, None] * A[None, :, :])
-                bx = (dt * u)[:, :, None] * Bt.to(ACC)[:, None, :]
-                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
-                h = tl.sum(tl.where(last_row, ca * h[None, :, :] + cb, 0.0), axis=0)
+                _, _, _, hs = _tile_states(dt, u, Bt.to(ACC), A, h)
+                h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
             tl.debug_barrier()
             for kk in range(ntiles):
                 k = ntiles - 1 - kk
@@ -197,13 +205,7 @@ if HAS_TRITON:
                 Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=m_tn, other=0.0).to(ACC)
                 Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=m_tn, other=0.0).to(ACC)
                 go = tl.load(go_base[None, :] + t[:, None] * sgo_t, mask=m_td, other=0.0).to(ACC)
-                dA = tl.exp(dt[:, :, None] * A[None, :, :])
-                dtu = dt * u
-                # an explicit fma rounds bx once, like the scan's input: a plain product could be
-                # contracted into hs - bx below, leaving its rounding error where 0 is exact
-                bx = tl.fma(dtu[:, :, None], Bt[:, None, :], 0.0)
-                ca, cb = tl.associative_scan((dA, bx), 0, _combine)
-                hs = ca * h0[None, :, :] + cb  # h_t
+                dA, dtu, bx, hs = _tile_states(dt, u, Bt, A, h0)  # hs: h_t
                 if HAS_Z:
                     zt = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m_td, other=0.0).to(ACC)
                     y = tl.sum(hs * Ct[:, None, :], axis=2)
