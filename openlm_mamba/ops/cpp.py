@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (selective scan, causal conv1d): built on first use, cached, optional.
+"""The C++ CPU kernels (selective scan, causal conv1d, decoding steps, add + RMSNorm): built on first use.
 
 ``csrc/*.cpp`` are compiled with ``torch.utils.cpp_extension`` the first time a CPU op needs
 them and cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default
@@ -26,7 +26,7 @@ import torch
 
 DISABLE_ENV = "OPENLM_MAMBA_DISABLE_CPP"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp", "step_cpu.cpp")
+SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp", "step_cpu.cpp", "add_norm_cpu.cpp")
 
 _lock = threading.Lock()
 _ext_state: dict[str, object] = {}  # "ok": bool, "reason": str

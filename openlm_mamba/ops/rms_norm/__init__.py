@@ -6,6 +6,7 @@ import torch
 
 from .. import dispatch
 from ..checks import check_shape, check_tensor
+from .cpu import add_norm_cpu
 from .reference import add_norm_ref, add_norm_torch
 
 OP = "add_norm"
@@ -33,9 +34,10 @@ def add_norm(
     return fn(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm)
 
 
-dispatch.register(OP, "torch", add_norm_torch)
+# "torch": the C++ kernel for eager CPU float32/float64 RMSNorm, else add_norm_torch.
+dispatch.register(OP, "torch", add_norm_cpu)
 
-__all__ = ["add_norm", "add_norm_ref", "add_norm_torch"]
+__all__ = ["add_norm", "add_norm_cpu", "add_norm_ref", "add_norm_torch"]
 
 # Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
 # import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.
