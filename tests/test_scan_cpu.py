@@ -132,6 +132,23 @@ def test_bf16_inputs_accumulate_in_fp32():
     assert_close(fast, ref, 2e-2)
 
 
+@pytest.mark.parametrize("N", [3, 8, 9, 16, 17])
+def test_state_counts(N):
+    """float32 runs the states in register groups of 8, then one at a time: every split agrees."""
+    inputs = make_inputs(2, 40, 130, N, seed=N)
+    assert_close(run(selective_scan_cpu, inputs, to=torch.float32), run(selective_scan_ref, inputs), RTOL)
+
+
+@pytest.mark.parametrize("A_scale", [1e2, 1e5, 1e7])
+def test_extreme_decay(A_scale):
+    """dt * A far below exp's range (past 2^22 / 32 for 1e7, where the fast exp's rounding trick
+    no longer yields an integer): the decay underflows to exactly 0, never NaN or garbage."""
+    inputs = make_inputs(2, 32, 40, 16, A_scale=A_scale, seed=3)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs, to=torch.float32)
+    assert_close(fast, ref, RTOL)
+
+
 @pytest.mark.slow
 def test_length_4096_with_gradients():
     inputs = make_inputs(1, 18, 4096, 3, x0=True, seed=1)

@@ -30,7 +30,7 @@ SOURCES = ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp", "step_cpu.cpp", "a
 
 _lock = threading.Lock()
 _ext_state: dict[str, object] = {}  # "ok": bool, "reason": str
-STALE_LOCK_S = 300.0  # a build takes ~30 s; torch's build lock older than this was left by a killed build
+STALE_LOCK_S = 300.0  # a build takes about a minute; torch's build lock older than this was left by a killed build
 
 
 def _build_tag() -> str:
@@ -108,7 +108,7 @@ def _announce_build(build_dir: Path | None, name: str) -> None:
     if build_dir is None or any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd")):
         return
     print(
-        f"openlm_mamba: compiling the C++ CPU kernels (first use on this machine, ~30 s) into {build_dir}",
+        f"openlm_mamba: compiling the C++ CPU kernels (first use on this machine, about a minute) into {build_dir}",
         file=sys.stderr,
         flush=True,
     )

@@ -1,5 +1,6 @@
 // Depthwise causal conv1d (+ bias, optional SiLU) on CPU, time-major, vectorised over blocks of V
-// channels, parallel over (batch, channel block). Registered as `openlm_mamba_cpu::conv_fwd` /
+// channels; the forward is parallel over (batch, runs of time steps), the backward over (batch,
+// channel block). Registered as `openlm_mamba_cpu::conv_fwd` /
 // `conv_bwd`; compiled with the scan by openlm_mamba/ops/cpp.py. Layouts (float32 or float64):
 //   x           (batch, L, dim)        any batch / time strides, unit channel stride
 //   weight      (dim, KW), KW <= 4     contiguous; bias (dim,) optional
@@ -7,6 +8,9 @@
 // out[t] = act(bias + sum_k weight[:, k] * x[t - (KW - 1) + k]), out (batch, L, dim) contiguous.
 
 #include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -53,42 +57,83 @@ void load_weights(const T* wp, const T* bp, const Shape& s, int64_t d0, int64_t 
   load_lanes<V>(bp ? bp + d0 : nullptr, wn, bv);
 }
 
+// The forward walks rows: a task is a run of kRows time steps of one sequence, and each row is
+// computed across all channels from the KW - 1 rows before it (still in L1), so input and output
+// are read and written contiguously. Rows before t = 0 come from init (zeros without it).
+constexpr int64_t kRows = 32;
+
+// One output row across all channels: out[d] = act(bv[d] + sum_k wt[k][d] * rows[k][d]); wt
+// (KW, dimp) and bv (dimp) are zero-padded to whole vector blocks.
+template <typename T, int64_t KW>
+OLM_INLINE void conv_row(const T* const* rows, const T* __restrict__ wt, const T* __restrict__ bv, int64_t dimp,
+                         int64_t dim, bool silu, T* __restrict__ orow) {
+#ifdef OLM_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t d0 = 0; d0 < dim; d0 += V) {
+      const __mmask16 m = dim - d0 >= V ? __mmask16(0xffff) : __mmask16((1u << (dim - d0)) - 1);
+      __m512 a = _mm512_loadu_ps(bv + d0);
+      for (int64_t k = 0; k < KW; ++k)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(wt + k * dimp + d0), _mm512_maskz_loadu_ps(m, rows[k] + d0), a);
+      if (silu) a = _mm512_mul_ps(a, olm::vsigmoid16(a));
+      _mm512_mask_storeu_ps(orow + d0, m, a);
+    }
+    return;
+  }
+#endif
+  alignas(64) T xin[MAXW][V], acc[V], sg[V];
+  for (int64_t d0 = 0; d0 < dim; d0 += V) {
+    const int64_t wn = std::min(V, dim - d0);
+    for (int64_t k = 0; k < KW; ++k) load_lanes<V>(rows[k] + d0, wn, xin[k]);
+#pragma omp simd
+    for (int64_t w = 0; w < V; ++w) {
+      T a = bv[d0 + w];
+      for (int64_t k = 0; k < KW; ++k) a += wt[k * dimp + d0 + w] * xin[k][w];
+      acc[w] = a;
+    }
+    if (silu) {
+      sigmoid_lanes<V>(acc, sg);
+#pragma omp simd
+      for (int64_t w = 0; w < V; ++w) acc[w] *= sg[w];
+    }
+    store_lanes<V>(acc, wn, orow + d0);
+  }
+}
+
 template <typename T, int64_t KW>
 void fwd_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& init, bool silu, at::Tensor& out) {
   const Shape s = shape_of(x, weight);
+  const int64_t dim = s.dim, dimp = s.nblk * V, nrun = (s.L + kRows - 1) / kRows;
   const T* xp = x.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
   const T* bp = opt_ptr<T>(bias);
   const T* ip = opt_ptr<T>(init);
   T* op = out.data_ptr<T>();
-  parallel_dynamic(s.batch * s.nblk, [&](int64_t begin, int64_t end) {
-    alignas(64) T wk[MAXW][V], win[MAXW][V], bv[V], acc[V], sg[V];
+  // weight transposed (KW, dimp) and bias (dimp), zero-padded to whole vector blocks
+  std::vector<T> wt_buf(KW * dimp + dimp, T(0));
+  T* wt = wt_buf.data();
+  T* bv = wt + KW * dimp;
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t k = 0; k < KW; ++k) wt[k * dimp + d] = wp[d * KW + k];
+    bv[d] = bp ? bp[d] : T(0);
+  }
+  parallel_dynamic(s.batch * nrun, [&](int64_t begin, int64_t end) {
+    olm::Scratch<T> pre_buf(std::max<int64_t>(KW - 1, 1) * dimp);  // rows -(KW-1)..-1 of this sequence
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.nblk, d0 = (task % s.nblk) * V, wn = std::min(V, s.dim - d0);
-      load_weights(wp, bp, s, d0, wn, wk, bv);
-      for (int64_t k = 0; k + 1 < KW; ++k) load_input(xp, ip, s, b, d0, wn, k - (KW - 1), win[k]);
-      for (int64_t t = 0; t < s.L; ++t) {
-        if (t + kAhead < s.L) {  // rows are far apart: the hardware prefetcher will not fetch them
-          olm::prefetch(xp + b * s.sb + (t + kAhead) * s.st + d0, V);
-          olm::prefetch(op + (b * s.L + t + kAhead) * s.dim + d0, V, true);
+      const int64_t b = task / nrun, t0 = (task % nrun) * kRows, t1 = std::min(s.L, t0 + kRows);
+      const T* rows[MAXW];
+      if (t0 < KW - 1) {
+        T* pre = pre_buf.data();
+        for (int64_t j = 0; j < KW - 1; ++j)
+          for (int64_t d = 0; d < dimp; ++d)
+            pre[j * dimp + d] = (ip && d < dim) ? ip[(b * dim + d) * (KW - 1) + j] : T(0);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t k = 0; k < KW; ++k) {
+          const int64_t tk = t - (KW - 1) + k;
+          rows[k] = tk >= 0 ? xp + b * s.sb + tk * s.st : pre_buf.data() + (tk + KW - 1) * dimp;
         }
-        load_input(xp, ip, s, b, d0, wn, t, win[KW - 1]);
-#pragma omp simd
-        for (int64_t w = 0; w < V; ++w) {
-          T a = bv[w];
-          for (int64_t k = 0; k < KW; ++k) a += wk[k][w] * win[k][w];
-          acc[w] = a;
-        }
-        if (silu) {
-          sigmoid_lanes<V>(acc, sg);
-#pragma omp simd
-          for (int64_t w = 0; w < V; ++w) acc[w] *= sg[w];
-        }
-#pragma omp simd
-        for (int64_t w = 0; w < V; ++w)
-          for (int64_t k = 0; k + 1 < KW; ++k) win[k][w] = win[k + 1][w];
-        store_lanes<V>(acc, wn, op + (b * s.L + t) * s.dim + d0);
+        conv_row<T, KW>(rows, wt, bv, dimp, dim, silu, op + (b * s.L + t) * dim);
       }
     }
   });

@@ -137,11 +137,13 @@ OLM_INLINE T vsigmoid(T v) {
 // 32 log2(e) in float: exp(x) = 2^(x * kExp2x32 / 32).
 constexpr float kExp2x32 = 46.16624069213867f;
 
-// 2^(a b / 32) for 16 floats with AVX-512: k = round(a b), f = a b - k exactly (one fma), then
-// 2^(k div 32) (scalef) * T[k mod 32] (a 32-entry table of 2^(i/32), one permute) * 2^(f / 32) (a
-// quadratic, |f| <= 1/2). Relative error < 4e-7 for finite results (e^x with b = kExp2x32 and
-// |x| <= 88; an a b prepared elsewhere adds its own rounding); overflow gives inf, underflow 0.
-// Infinite a b gives NaN: callers that can see one clamp first.
+// 2^(a b / 32) for 16 floats with AVX-512: m = a b + 1.5 * 2^23 rounds a b to the nearest integer k,
+// which sits in m's low mantissa bits (no round or convert instruction); f = a b - k exactly (one
+// fma), then 2^(k div 32) (scalef) * T[k mod 32] (a 32-entry table of 2^(i/32), one permute
+// indexed by m's low bits) * 2^(f / 32) (a quadratic, |f| <= 1/2). Relative error < 4e-7 for
+// finite results (e^x with b = kExp2x32 and |x| <= 88; an a b prepared elsewhere adds its own
+// rounding). |a b| >= 2^22 leaves k inexact, but 2^(k / 32) then over- or underflows anyway, so
+// results stay right: inf above, 0 below. Infinite a b gives NaN: callers that can see one clamp first.
 OLM_INLINE __m512 vexp2_32(__m512 a, __m512 b) {
   const __m512 t0 = _mm512_setr_ps(1.0f, 1.02189715f, 1.04427378f, 1.0671404f, 1.09050773f, 1.11438674f, 1.13878863f,
                                    1.16372486f, 1.18920712f, 1.21524736f, 1.24185781f, 1.26905096f, 1.29683955f,
@@ -149,9 +151,11 @@ OLM_INLINE __m512 vexp2_32(__m512 a, __m512 b) {
   const __m512 t1 = _mm512_setr_ps(1.41421356f, 1.44518081f, 1.47682615f, 1.50916443f, 1.54221083f, 1.57598085f,
                                    1.61049033f, 1.64575548f, 1.68179283f, 1.7186193f, 1.75625216f, 1.79470908f,
                                    1.83400809f, 1.87416763f, 1.91520656f, 1.95714412f);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(a, b), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: ulp 1, k's bits in the low mantissa
+  const __m512 m = _mm512_fmadd_ps(a, b, magic);
+  const __m512 k = _mm512_sub_ps(m, magic);
   const __m512 f = _mm512_fmsub_ps(a, b, k);
-  const __m512 tv = _mm512_permutex2var_ps(t0, _mm512_cvtps_epi32(k), t1);
+  const __m512 tv = _mm512_permutex2var_ps(t0, _mm512_castps_si512(m), t1);  // uses index bits 0-4 only
   const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(2.3459619820224677e-4f), f, _mm512_set1_ps(2.166084939249829e-2f));
   const __m512 p = _mm512_fmadd_ps(q, _mm512_mul_ps(f, tv), tv);
   return _mm512_scalef_ps(p, _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32)));  // scalef: * 2^floor(k / 32)
@@ -184,10 +188,13 @@ OLM_INLINE void softplus_lanes(const T* __restrict__ in, T* __restrict__ out) {
 }
 
 #ifdef OLM_AVX512
+OLM_INLINE __m512 vsigmoid16(__m512 v) {
+  return vrcp16(_mm512_add_ps(vexp16(_mm512_sub_ps(_mm512_setzero_ps(), v)), _mm512_set1_ps(1.0f)));
+}
+
 template <>
 OLM_INLINE void sigmoid_lanes<16, float>(const float* __restrict__ in, float* __restrict__ out) {
-  const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(in)));
-  _mm512_storeu_ps(out, vrcp16(_mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  _mm512_storeu_ps(out, vsigmoid16(_mm512_loadu_ps(in)));
 }
 
 template <>

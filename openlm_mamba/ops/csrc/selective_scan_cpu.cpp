@@ -141,39 +141,25 @@ OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restr
   }
 }
 
+// The state recurrence over one chunk of len steps: y[i] = sum_n C[i][n] x[n] after step i (y
+// (len, W), overwritten); x (N, W) carried in and out. Bv, Cv: step 0's rows of B and C, bst
+// their time stride. dtc, duc: the steps' dt and dt * u (len, W).
+template <typename T>
+OLM_INLINE void fwd_chunk(int64_t len, int64_t N, const T* __restrict__ dtc, const T* __restrict__ duc,
+                          const T* __restrict__ Ae, const T* Bv, const T* Cv, int64_t bst, T* __restrict__ x,
+                          T* __restrict__ y) {
+  for (int64_t i = 0; i < len; ++i) {
+    for (int64_t w = 0; w < W; ++w) y[i * W + w] = T(0);
+    fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, Bv + i * bst, Cv + i * bst, x, y + i * W);
+  }
+}
+
 #ifdef OLM_AVX512
 static_assert(W == 16, "one AVX-512 float vector per channel block");
 
 template <>
 OLM_INLINE float exp_arg_scale<float>() {
   return olm::kExp2x32;
-}
-
-template <>
-OLM_INLINE void fwd_states<float>(int64_t N, const float* __restrict__ dt, const float* __restrict__ du,
-                                  const float* __restrict__ Ae, const float* __restrict__ Bv,
-                                  const float* __restrict__ Cv, float* __restrict__ x, float* __restrict__ y) {
-  const __m512 dtv = _mm512_loadu_ps(dt), duv = _mm512_loadu_ps(du);
-  __m512 ya = _mm512_loadu_ps(y), yb = _mm512_setzero_ps();  // two accumulators: shorter dependency chain
-  int64_t n = 0;
-  for (; n + 1 < N; n += 2) {
-    const __m512 e0 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
-    const __m512 e1 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + (n + 1) * W));
-    const __m512 x0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n])));
-    const __m512 x1 =
-        _mm512_fmadd_ps(e1, _mm512_loadu_ps(x + (n + 1) * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n + 1])));
-    _mm512_storeu_ps(x + n * W, x0);
-    _mm512_storeu_ps(x + (n + 1) * W, x1);
-    ya = _mm512_fmadd_ps(x0, _mm512_set1_ps(Cv[n]), ya);
-    yb = _mm512_fmadd_ps(x1, _mm512_set1_ps(Cv[n + 1]), yb);
-  }
-  if (n < N) {
-    const __m512 e0 = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
-    const __m512 x0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(x + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n])));
-    _mm512_storeu_ps(x + n * W, x0);
-    ya = _mm512_fmadd_ps(x0, _mm512_set1_ps(Cv[n]), ya);
-  }
-  _mm512_storeu_ps(y, _mm512_add_ps(ya, yb));
 }
 
 template <>
@@ -187,6 +173,48 @@ OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const
     _mm512_storeu_ps(xn + n * W,
                     _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n]))));
   }
+}
+
+// NG states of a channel block through all len steps of a chunk, states and their A held in
+// registers (the recurrence never goes through memory); y[i] += (or = when `first`) their
+// contribution to step i's output.
+template <int NG>
+OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const float* __restrict__ duc,
+                          const float* __restrict__ Ae, const float* Bv, const float* Cv, int64_t bst,
+                          float* __restrict__ x, float* __restrict__ y, bool first) {
+  __m512 xs[NG], as[NG];
+  for (int n = 0; n < NG; ++n) {
+    xs[n] = _mm512_loadu_ps(x + n * W);
+    as[n] = _mm512_loadu_ps(Ae + n * W);
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const __m512 dtv = _mm512_loadu_ps(dtc + i * W), duv = _mm512_loadu_ps(duc + i * W);
+    const float* Bi = Bv + i * bst;
+    const float* Ci = Cv + i * bst;
+    __m512 ya = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * W), yb = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int n = 0; n < NG; ++n) {  // two accumulators: a shorter dependency chain
+      xs[n] = _mm512_fmadd_ps(olm::vexp2_32(dtv, as[n]), xs[n], _mm512_mul_ps(duv, _mm512_set1_ps(Bi[n])));
+      if (n & 1)
+        yb = _mm512_fmadd_ps(xs[n], _mm512_set1_ps(Ci[n]), yb);
+      else
+        ya = _mm512_fmadd_ps(xs[n], _mm512_set1_ps(Ci[n]), ya);
+    }
+    _mm512_storeu_ps(y + i * W, _mm512_add_ps(ya, yb));
+  }
+  for (int n = 0; n < NG; ++n) _mm512_storeu_ps(x + n * W, xs[n]);
+}
+
+// The chunk in groups of 8 states (16 vector registers for the states and their A), then 1 at a time.
+template <>
+OLM_INLINE void fwd_chunk<float>(int64_t len, int64_t N, const float* __restrict__ dtc,
+                                 const float* __restrict__ duc, const float* __restrict__ Ae, const float* Bv,
+                                 const float* Cv, int64_t bst, float* __restrict__ x, float* __restrict__ y) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) fwd_group<8>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, x + n * W, y, n == 0);
+  for (; n < N; ++n) fwd_group<1>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, x + n * W, y, n == 0);
+  if (N == 0)
+    for (int64_t i = 0; i < len * W; ++i) y[i] = 0.0f;
 }
 #endif
 
@@ -241,12 +269,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
           }
           load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dtc + i * W, uc + i * W, duc + i * W, raw);
         }
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t t = t0 + i;
-          T* __restrict__ y = yc + i * W;
-          for (int64_t w = 0; w < W; ++w) y[w] = T(0);
-          fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, BB.row(b, g, t), CC.row(b, g, t), x, y);
-        }
+        fwd_chunk<T>(len, N, dtc, duc, Ae, BB.row(b, g, t0), CC.row(b, g, t0), BB.st, x, yc);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = t0 + i;
           if (t + kAhead < L) {
