@@ -37,6 +37,7 @@ class MambaCache:
     backend: str
     params: list[tuple[torch.Tensor, ...]]  # per layer, from MambaMixer.step_params() at allocation
     seqlen_offset: int = 0
+    fused: tuple | None = None  # model_step_args(): the whole step as one C++ call, where it applies
 
     @classmethod
     def allocate(
@@ -69,7 +70,8 @@ class MambaCache:
             torch.zeros(batch_size, cfg.d_inner, cfg.d_state, dtype=torch.float32, device=device) for _ in model.layers
         ]
         params = [layer.mixer.step_params() for layer in model.layers]
-        return cls(conv, ssm, fn, name, params)
+        fused = model_step_args(model, params) if name == "torch" else None
+        return cls(conv, ssm, fn, name, params, fused=fused)
 
     @property
     def batch_size(self) -> int:
@@ -85,6 +87,7 @@ class MambaCache:
     def refresh(self, model: torch.nn.Module) -> None:
         """Re-read the step-invariant parameters from ``model`` (after its weights changed)."""
         self.params = [layer.mixer.step_params() for layer in model.layers]
+        self.fused = model_step_args(model, self.params) if self.backend == "torch" else None
 
     def reset(self) -> None:
         """Zero every state so the cache can be reused for new prompts of the same batch size."""
@@ -106,6 +109,33 @@ class MambaCache:
         want_conv, want_ssm = (cfg.d_inner, cfg.d_conv), (cfg.d_inner, cfg.d_state)
         if tuple(self.conv_states[0].shape[1:]) != want_conv or tuple(self.ssm_states[0].shape[1:]) != want_ssm:
             raise ValueError("past_key_values: cache state shapes do not match the model config")
+
+
+def model_step_args(model: torch.nn.Module, params: list[tuple]) -> tuple | None:
+    """Arguments of the fused C++ decoding step (``openlm_mamba_cpu::model_step``: every layer in one
+    call, no Python between ops) after the states, or None where it does not apply: it covers CPU
+    float32 models with RMSNorm and the C++ kernels built; the others take ``MambaMixer.step``."""
+    from .model import RMSNorm
+    from .ops.cpp import use_cpp
+
+    backbone = model.model.backbone
+    norms = [layer.norm for layer in backbone.layers] + [backbone.norm_f]
+    tensors = [t for p in params for t in p if isinstance(t, torch.Tensor)] + [n.weight for n in norms]
+    if (
+        not all(type(n) is RMSNorm for n in norms)
+        or len({n.eps for n in norms}) != 1
+        or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        or not use_cpp(norms[-1].weight)
+    ):
+        return None
+    weights, biases = [], []
+    for layer, (in_w, in_b, conv_w, conv_b, x_w, _split, dt_w, A, D, dt_bias, out_w, out_b) in zip(
+        backbone.layers, params
+    ):
+        weights += [layer.norm.weight.detach(), in_w.detach(), conv_w.detach(), x_w.detach(), dt_w.detach(), A, D]
+        weights += [dt_bias, out_w.detach()]
+        biases += [None if b is None else b.detach() for b in (in_b, conv_b, out_b)]
+    return weights, biases, backbone.norm_f.weight.detach(), float(norms[0].eps), model.cfg.dt_rank_value
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:

@@ -463,7 +463,12 @@ class MambaLM(nn.Module):
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
         seqlen = hidden.shape[1]
-        if seqlen == 1:  # the O(1) recurrent step: a flat loop, no per-layer module calls
+        if seqlen == 1 and cache.fused is not None and not torch.is_grad_enabled() and hidden.dtype == torch.float32:
+            # the O(1) recurrent step of a CPU float32 model: every layer in one C++ call
+            x = hidden[:, 0].contiguous()
+            hidden = torch.ops.openlm_mamba_cpu.model_step(x, cache.conv_states, cache.ssm_states, *cache.fused)
+            hidden = hidden.unsqueeze(1)
+        elif seqlen == 1:  # the O(1) recurrent step: a flat loop, no per-layer module calls
             hidden, residual = hidden[:, 0], None
             step, update = MambaMixer.step, cache.state_update
             for layer, conv, ssm, params in zip(backbone.layers, cache.conv_states, cache.ssm_states, cache.params):

@@ -67,6 +67,71 @@ def test_decode_logits_equal_full_forward_torch(model):
     assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
 
 
+def test_decode_logits_equal_full_forward_python_step(model, monkeypatch):
+    """The same with the per-layer Python step (the fused C++ step disabled)."""
+    from openlm_mamba import generation
+
+    monkeypatch.setattr(generation, "model_step_args", lambda model, params: None)
+    step_diff, mixed_diff = decode_vs_full(model, backend="torch")
+    assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
+
+
+FUSED_CONFIGS = [
+    {},
+    {"bias": True, "conv_bias": False, "d_state": 4, "norm_epsilon": 1e-6},
+    {"dt_rank": 3, "n_layer": 3, "d_conv": 2, "expand": 3},
+]
+
+
+@pytest.mark.parametrize("overrides", FUSED_CONFIGS)
+def test_fused_cpu_step_equals_python_step(overrides):
+    """openlm_mamba_cpu::model_step (every layer in one C++ call) == MambaMixer.step layer by layer:
+    logits and both states after every step, batch 3, biases made non-zero."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    m = tiny_model(seed=1, **overrides)
+    with torch.no_grad():
+        for lin in (m.layers[0].mixer.in_proj, m.layers[-1].mixer.out_proj):
+            if lin.bias is not None:
+                lin.bias.normal_(0, 0.1)
+        ids = prompt(3, 14, m.cfg.vocab_size, seed=2)
+        fused, plain = m.allocate_cache(3, backend="torch"), m.allocate_cache(3, backend="torch")
+        assert fused.fused is not None
+        plain.fused = None
+        m(ids[:, :6], past_key_values=fused)
+        m(ids[:, :6], past_key_values=plain)
+        for t in range(6, 14):
+            a = m(ids[:, t : t + 1], past_key_values=fused)[0]
+            b = m(ids[:, t : t + 1], past_key_values=plain)[0]
+            assert (a - b).abs().max().item() < 1e-5, t
+            for sa, sb in zip(fused.ssm_states + fused.conv_states, plain.ssm_states + plain.conv_states):
+                assert (sa - sb).abs().max().item() < 1e-6, t
+
+
+def test_fused_cpu_step_runs_in_generate_and_only_where_it_applies(model):
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    with torch.profiler.profile() as prof:
+        generate(model, prompt(1, 5), max_new_tokens=3)
+    calls = [e.count for e in prof.key_averages() if e.key == "openlm_mamba_cpu::model_step"]
+    assert calls == [2], calls  # the first new token comes from the prefill, then two steps
+    assert tiny_model().double().allocate_cache(1).fused is None  # float64: the Python step
+    assert tiny_model(rms_norm=False).allocate_cache(1).fused is None  # LayerNorm: the Python step
+    # with autograd on, the Python step runs (the fused op has no backward), same logits
+    ids = prompt(1, 4)
+    cache = model.allocate_cache(1)
+    model(ids[:, :3], past_key_values=cache)
+    with torch.profiler.profile() as prof:
+        logits = model(ids[:, 3:], past_key_values=cache)[0]
+    assert not any(e.key == "openlm_mamba_cpu::model_step" for e in prof.key_averages())
+    with torch.no_grad():
+        assert (logits - model(ids)[0][:, 3:]).abs().max().item() < 1e-4
+
+
 TRITON_DECODE = textwrap.dedent(
     """
     from tests.test_generation import decode_vs_full, tiny_model
