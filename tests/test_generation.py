@@ -80,6 +80,7 @@ FUSED_CONFIGS = [
     {},
     {"bias": True, "conv_bias": False, "d_state": 4, "norm_epsilon": 1e-6},
     {"dt_rank": 3, "n_layer": 3, "d_conv": 2, "expand": 3},
+    {"d_model": 1024, "n_layer": 1},  # batch 3 x d_inner 2048 x 16 states: the rows run in parallel
 ]
 
 
@@ -92,22 +93,27 @@ def test_fused_cpu_step_equals_python_step(overrides):
     if not load_extension():
         pytest.skip("the C++ CPU kernels are not built")
     m = tiny_model(seed=1, **overrides)
-    with torch.no_grad():
-        for lin in (m.layers[0].mixer.in_proj, m.layers[-1].mixer.out_proj):
-            if lin.bias is not None:
-                lin.bias.normal_(0, 0.1)
-        ids = prompt(3, 14, m.cfg.vocab_size, seed=2)
-        fused, plain = m.allocate_cache(3, backend="torch"), m.allocate_cache(3, backend="torch")
-        assert fused.fused is not None
-        plain.fused = None
-        m(ids[:, :6], past_key_values=fused)
-        m(ids[:, :6], past_key_values=plain)
-        for t in range(6, 14):
-            a = m(ids[:, t : t + 1], past_key_values=fused)[0]
-            b = m(ids[:, t : t + 1], past_key_values=plain)[0]
-            assert (a - b).abs().max().item() < 1e-5, t
-            for sa, sb in zip(fused.ssm_states + fused.conv_states, plain.ssm_states + plain.conv_states):
-                assert (sa - sb).abs().max().item() < 1e-6, t
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs on one thread; the wide case should really split its rows
+    try:
+        with torch.no_grad():
+            for lin in (m.layers[0].mixer.in_proj, m.layers[-1].mixer.out_proj):
+                if lin.bias is not None:
+                    lin.bias.normal_(0, 0.1)
+            ids = prompt(3, 14, m.cfg.vocab_size, seed=2)
+            fused, plain = m.allocate_cache(3, backend="torch"), m.allocate_cache(3, backend="torch")
+            assert fused.fused is not None
+            plain.fused = None
+            m(ids[:, :6], past_key_values=fused)
+            m(ids[:, :6], past_key_values=plain)
+            for t in range(6, 14):
+                a = m(ids[:, t : t + 1], past_key_values=fused)[0]
+                b = m(ids[:, t : t + 1], past_key_values=plain)[0]
+                assert (a - b).abs().max().item() < 1e-5, t
+                for sa, sb in zip(fused.ssm_states + fused.conv_states, plain.ssm_states + plain.conv_states):
+                    assert (sa - sb).abs().max().item() < 1e-6, t
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fused_cpu_step_runs_in_generate_and_only_where_it_applies(model):
