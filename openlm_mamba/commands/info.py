@@ -1,22 +1,103 @@
-"""``openlm-mamba info``: sizes, parameter count and FLOPs per token of a model config."""
+"""``openlm-mamba info``: sizes, parameter count and FLOPs per token of a model config; ``--env``:
+what this machine runs (versions, optional packages, C++ CPU kernels, each op's backends)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "Show a model config's sizes, parameter count and training FLOPs per token."
+HELP = "Show a model config's sizes, parameter count and training FLOPs per token, or (--env) what this machine runs."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help="config name (e.g. mamba_7b) or path to a JSON file")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    parser.add_argument(
+        "--env",
+        action="store_true",
+        help="show the environment instead: versions, optional packages (open_lm, triton, mamba_ssm, ...), "
+        "whether the C++ CPU kernels build (compiling them on first use), and which backend each op picks "
+        "on CPU and GPU",
+    )
+
+
+def environment() -> dict:
+    """Versions, optional packages, C++ kernel status and per-op backends (what ``auto`` picks and what else can run)."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    import torch
+
+    from .. import __version__
+    from ..ops import cpp, dispatch
+
+    def version(pkg: str) -> str | None:
+        if importlib.util.find_spec(pkg) is None:
+            return None
+        try:
+            return importlib.metadata.version(pkg.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            return "present"
+
+    built = cpp.load_extension()
+    try:
+        requested = dispatch.requested_backend()
+    except ValueError as e:  # a bad $OPENLM_MAMBA_BACKEND: say so, as every op would
+        requested = f"invalid ({e})"
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ops = {}
+    for op in sorted(dispatch._REGISTRY):
+        ops[op] = {}
+        for dev in devices:
+            try:
+                picked = dispatch.resolve(op, torch.device(dev))[0]
+            except (dispatch.BackendUnavailableError, ValueError) as e:
+                reason = str(e).removeprefix(f"{op}: ")
+                picked = f"none ({reason})"
+            ops[op][dev] = {"picked": picked, "available": dispatch.available_backends(op, dev)}
+    return {
+        "openlm_mamba": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "packages": {p: version(p) for p in ("open_lm", "triton", "mamba_ssm", "causal_conv1d", "transformers")},
+        "cpp_kernels": "built" if built else f"unavailable: {cpp._ext_state.get('reason', '?')}",
+        "cpu_decode_step": "fused (one C++ call per token for float32 RMSNorm models)"
+        if built
+        else "per-layer Python step",
+        "backend_requested": requested,
+        "ops": ops,
+    }
+
+
+def print_environment(env: dict) -> None:
+    """:func:`environment` as a few readable lines."""
+    from ..ops.dispatch import ENV_VAR
+
+    print(f"openlm_mamba {env['openlm_mamba']}, python {env['python']} ({env['platform']}), torch {env['torch']}")
+    print(f"GPU: {env['cuda'] or 'none'}; CPU threads: {env['cpu_threads']}")
+    print("packages: " + ", ".join(f"{k} {v or 'absent'}" for k, v in env["packages"].items()))
+    print(f"C++ CPU kernels: {env['cpp_kernels']}; CPU decoding: {env['cpu_decode_step']}")
+    print(f"backend requested: {env['backend_requested']} (the ops' backend= argument, else ${ENV_VAR}, else auto)")
+    for op, per_dev in env["ops"].items():
+        parts = [f"{dev}: {d['picked']} (can run: {', '.join(d['available']) or 'none'})" for dev, d in per_dev.items()]
+        print(f"  {op:24s} " + "; ".join(parts))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, MambaConfig, available_configs
 
+    if args.env:
+        env = environment()
+        if args.json:
+            print(json.dumps(env, indent=2))
+        else:
+            print_environment(env)
+        return 0
     if args.list or args.model is None:
         for name in available_configs():
             cfg = MambaConfig.load(name)

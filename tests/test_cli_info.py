@@ -1,0 +1,75 @@
+"""``openlm-mamba info``: config listing, one config's sizes, and ``--env`` (what this machine runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from openlm_mamba.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("add_norm", "causal_conv1d", "selective_scan", "selective_state_update")
+
+
+def test_list_and_one_config(capsys):
+    assert cli_main(["info", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "mamba_7b" in out and "n_layer=64" in out
+    assert cli_main(["info", "mamba_7b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["d_model"], info["n_layer"], info["dt_rank"], info["padded_vocab_size"]) == (4096, 64, 256, 50432)
+
+
+def test_unknown_config_is_an_error(capsys):
+    assert cli_main(["info", "mamba_9z"]) == 2
+    assert "mamba_9z" in capsys.readouterr().out
+
+
+def test_env_reports_versions_kernels_and_backends(capsys):
+    import torch
+
+    from openlm_mamba.ops.cpp import load_extension
+
+    assert cli_main(["info", "--env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["torch"] == torch.__version__
+    assert set(env["packages"]) >= {"open_lm", "triton", "mamba_ssm", "causal_conv1d"}
+    if load_extension():
+        assert env["cpp_kernels"] == "built" and env["cpu_decode_step"].startswith("fused")
+    else:
+        assert env["cpp_kernels"].startswith("unavailable: ")
+    assert set(env["ops"]) == set(OPS)
+    for op in OPS:
+        assert env["ops"][op]["cpu"]["picked"] == "torch"  # auto on CPU
+        assert "torch" in env["ops"][op]["cpu"]["available"]
+    assert cli_main(["info", "--env"]) == 0
+    text = capsys.readouterr().out
+    assert "C++ CPU kernels:" in text and all(op in text for op in OPS)
+
+
+def run_env(**variables) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, **variables)
+    env.pop("TRITON_INTERPRET", None)
+    code = "from openlm_mamba.cli import main; raise SystemExit(main(['info', '--env']))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_env_says_why_a_requested_backend_cannot_run():
+    """In a fresh process: kernels disabled and the Triton backend forced on CPU without the interpreter."""
+    proc = run_env(OPENLM_MAMBA_DISABLE_CPP="1", OPENLM_MAMBA_BACKEND="triton")
+    assert "C++ CPU kernels: unavailable: RuntimeError: disabled by $OPENLM_MAMBA_DISABLE_CPP" in proc.stdout
+    assert "CPU decoding: per-layer Python step" in proc.stdout
+    assert "backend requested: triton" in proc.stdout
+    assert "selective_scan           cpu: none (" in proc.stdout and "can run: torch" in proc.stdout
+
+
+def test_env_reports_a_bad_backend_variable():
+    proc = run_env(OPENLM_MAMBA_BACKEND="fastest")
+    assert (
+        "backend requested: invalid ($OPENLM_MAMBA_BACKEND must be one of auto, torch, triton, cuda; got 'fastest')"
+        in (proc.stdout)
+    )
