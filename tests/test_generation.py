@@ -389,3 +389,26 @@ def test_invalid_inputs_raise_clear_errors(model):
         generate(model, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(TypeError, match="must be an openlm_mamba MambaLM"):
         generate(torch.nn.Linear(2, 2), prompt(1, 2))
+
+
+def test_bench_generate_quick_runs(capsys):
+    """benchmarks/bench_generate.py on a tiny model: the table (and, with transformers, the ratios) come out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(ROOT) / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with_hf = has_module("transformers")
+    argv = ["--d-model", "32", "--n-layer", "1", "--vocab", "64", "--contexts", "4,8", "--new-tokens", "3"]
+    argv += ["--repeats", "1", "--hf-repeats", "1", "--device", "cpu"] + ([] if with_hf else ["--no-hf"])
+    grad = torch.is_grad_enabled()
+    try:
+        bench.main(argv)
+    finally:
+        torch.set_grad_enabled(grad)  # the benchmark turns autograd off for its process
+    out = capsys.readouterr().out
+    assert "| 4 |" in out and "| 8 |" in out, out
+    if with_hf:
+        assert "TTFT speedup" in out and "# fastest TTFT at context 8: ours" in out, out
