@@ -17,6 +17,7 @@
 
 namespace {
 
+using olm::inv_rms;
 using olm::opt_ptr;
 
 constexpr int64_t kGrain = 1 << 14;  // elements per thread at least: a few rows (a decoding step) stay serial
@@ -30,11 +31,6 @@ at::Tensor rows_of(const at::Tensor& t, int64_t H) {
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(H, 1)); }
 
 template <typename T>
-OLM_INLINE T inv_rms(double sumsq, int64_t H, double eps) {
-  return T(1.0 / std::sqrt(sumsq / double(H) + eps));
-}
-
-template <typename T>
 void fwd_kernel(const at::Tensor& x, const at::Tensor* res, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, double eps, at::Tensor& out, at::Tensor& rout) {
   const int64_t rows = x.size(0), H = x.size(1), sx = x.stride(0);
@@ -46,34 +42,9 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor* res, const at::Tensor& we
   T* op = out.data_ptr<T>();
   T* rop = res ? rout.data_ptr<T>() : nullptr;
   at::parallel_for(0, rows, grain_rows(H), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const T* __restrict__ xr = xp + i * sx;
-      T* __restrict__ o = op + i * H;
-      const T* __restrict__ src = xr;
-      double ss = 0;
-      if (rp) {
-        const T* __restrict__ rr = rp + i * sr;
-        T* __restrict__ ro = rop + i * H;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t h = 0; h < H; ++h) {
-          const T v = xr[h] + rr[h];
-          ro[h] = v;
-          ss += double(v) * double(v);
-        }
-        src = ro;
-      } else {
-#pragma omp simd reduction(+ : ss)
-        for (int64_t h = 0; h < H; ++h) ss += double(xr[h]) * double(xr[h]);
-      }
-      const T rstd = inv_rms<T>(ss, H, eps);
-      if (bp) {
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) o[h] = src[h] * rstd * wp[h] + bp[h];
-      } else {
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) o[h] = src[h] * rstd * wp[h];
-      }
-    }
+    for (int64_t i = r0; i < r1; ++i)
+      olm::add_rms_row<T>(xp + i * sx, rp ? rp + i * sr : nullptr, rop ? rop + i * H : nullptr, wp, bp, eps, H,
+                          op + i * H);
   });
 }
 

@@ -215,4 +215,48 @@ OLM_INLINE void softplus_lanes<16, float>(const float* __restrict__ in, float* _
 }
 #endif
 
+// 1 / sqrt(mean of squares + eps) from a row's sum of squares.
+template <typename T>
+OLM_INLINE T inv_rms(double sumsq, int64_t H, double eps) {
+  return T(1.0 / std::sqrt(sumsq / double(H) + eps));
+}
+
+// Residual add + RMSNorm of one row of H: r = x (+ res), stored to rout when given (res may alias
+// rout: an in-place residual stream), out = r * rsqrt(mean(r^2) + eps) * w (+ b); the sum of
+// squares in double. Without rout, res must be null and r is x itself.
+template <typename T>
+OLM_INLINE void add_rms_row(const T* x, const T* res, T* rout, const T* __restrict__ w, const T* __restrict__ b,
+                            double eps, int64_t H, T* __restrict__ out) {
+  double ss = 0;
+  const T* src = x;
+  if (rout) {
+    if (res) {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t h = 0; h < H; ++h) {
+        const T v = x[h] + res[h];
+        rout[h] = v;
+        ss += double(v) * double(v);
+      }
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t h = 0; h < H; ++h) {
+        rout[h] = x[h];
+        ss += double(x[h]) * double(x[h]);
+      }
+    }
+    src = rout;
+  } else {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t h = 0; h < H; ++h) ss += double(x[h]) * double(x[h]);
+  }
+  const T rstd = inv_rms<T>(ss, H, eps);
+  if (b) {
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) out[h] = src[h] * rstd * w[h] + b[h];
+  } else {
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) out[h] = src[h] * rstd * w[h];
+  }
+}
+
 }  // namespace olm

@@ -123,24 +123,11 @@ at::Tensor state_step(at::Tensor state, const at::Tensor& x, const at::Tensor& d
   return out;
 }
 
-// r (+)= x row-wise (r float32, first layer: r = x), out = r * rsqrt(mean(r^2) + eps) * w.
+// r (+)= x row-wise (first layer: r = x), out = norm(r) * w: a row at a time (see olm::add_rms_row).
 void add_rms(const float* x, float* r, bool first, const float* w, double eps, int64_t batch, int64_t H,
              float* out) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x + b * H;
-    float* rb = r + b * H;
-    float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < H; ++i) {
-      const float v = first ? xb[i] : xb[i] + rb[i];
-      rb[i] = v;
-      ss += v * v;
-    }
-    const float inv = float(1.0 / std::sqrt(double(ss) / double(H) + eps));
-    float* ob = out + b * H;
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) ob[i] = rb[i] * inv * w[i];
-  }
+  for (int64_t b = 0; b < batch; ++b)
+    olm::add_rms_row<float>(x + b * H, first ? nullptr : r + b * H, r + b * H, w, nullptr, eps, H, out + b * H);
 }
 
 constexpr int64_t kPerLayer = 9;  // norm_w, in_w, conv_w, x_w, dt_w, A, D, dt_bias, out_w
