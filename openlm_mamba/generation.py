@@ -37,7 +37,7 @@ class MambaCache:
     backend: str
     params: list[tuple[torch.Tensor, ...]]  # per layer, from MambaMixer.step_params() at allocation
     seqlen_offset: int = 0
-    fused: tuple | None = None  # model_step_args(): the whole step as one C++ call, where it applies
+    fused: tuple | None = None  # model_step_args(): the whole step / prefill as one C++ call, where it applies
 
     @classmethod
     def allocate(
@@ -112,9 +112,10 @@ class MambaCache:
 
 
 def model_step_args(model: torch.nn.Module, params: list[tuple]) -> tuple | None:
-    """Arguments of the fused C++ decoding step (``openlm_mamba_cpu::model_step``: every layer in one
-    call, no Python between ops) after the states, or None where it does not apply: it covers CPU
-    float32 models with RMSNorm and the C++ kernels built; the others take ``MambaMixer.step``."""
+    """Arguments of the fused C++ decoding step and prefill (``openlm_mamba_cpu::model_step`` /
+    ``model_prefill``: every layer in one call, no Python between ops) after the states, or None
+    where they do not apply: they cover CPU float32 models with RMSNorm and the C++ kernels built;
+    the others take ``MambaMixer.step`` and the per-layer prefill."""
     from .model import RMSNorm
     from .ops.cpp import use_cpp
 

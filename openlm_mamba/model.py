@@ -8,6 +8,7 @@ Mamba wrapper around mamba_ssm's ``MambaLMHeadModel``.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -239,6 +240,37 @@ def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, r
         bias = None if norm.bias is None else norm.bias.float()
         out = F.layer_norm(r, (r.shape[-1],), norm.weight.float(), bias, norm.eps)
     return out.to(x.dtype), (r if residual_in_fp32 else r.to(x.dtype))
+
+
+PREFILL_ROWS = 1024  # (batch x tokens) per fused prefill call: long prompts run ~15% faster in slices
+_prefill_workspace = threading.local()  # per thread: the fused prefill's activations, kept between calls
+
+
+def _fused_prefill(hidden: torch.Tensor, cache, last_only: bool) -> torch.Tensor:
+    """Prefill of a CPU float32 model (``cache.fused`` set): every layer in one C++ call per slice of
+    ``PREFILL_ROWS`` rows, the slices in order through the cache. hidden (batch, L, d_model)
+    embeddings -> final-norm output, (batch, 1, d_model) with ``last_only``.
+
+    The activations live in a per-thread buffer kept between calls (at most ``PREFILL_ROWS`` rows
+    of about 3 d_model + 5 d_inner floats): fresh allocations would page-fault on every prompt."""
+    batch, L = hidden.shape[:2]
+    step = max(64, -(-PREFILL_ROWS // batch))
+    ws = getattr(_prefill_workspace, "buf", None)
+    if ws is None:
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            ws = _prefill_workspace.buf = torch.empty(0)
+    outs = []
+    for s in range(0, L, step):
+        part = hidden[:, s : s + step].contiguous()
+        fresh = cache.seqlen_offset == 0 and s == 0
+        out = torch.ops.openlm_mamba_cpu.model_prefill(
+            part, cache.conv_states, cache.ssm_states, *cache.fused, fresh, last_only, ws
+        )
+        if not last_only:
+            outs.append(out)
+    if last_only:
+        return out.unsqueeze(1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class ResidualBlock(nn.Module):
@@ -475,6 +507,8 @@ class MambaLM(nn.Module):
                 normed, residual = step_norm(layer.norm, hidden, residual, layer.residual_in_fp32)
                 hidden = step(normed, conv, ssm, params, update)
             hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
+        elif cache.fused is not None and not torch.is_grad_enabled() and hidden.dtype == torch.float32:
+            hidden = _fused_prefill(hidden, cache, last_only)
         else:
             residual, n = None, len(backbone.layers)
             for i, layer in enumerate(backbone.layers):

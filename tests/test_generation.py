@@ -116,6 +116,64 @@ def test_fused_cpu_step_equals_python_step(overrides):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("overrides", FUSED_CONFIGS[:3])
+def test_fused_cpu_prefill_equals_module_prefill(overrides, monkeypatch):
+    """openlm_mamba_cpu::model_prefill (every layer in one C++ call, in slices of PREFILL_ROWS rows)
+    == the per-layer module prefill: all logits and the last-only logits, both states, for a first
+    prompt cut into slices, chunks shorter than the conv window, and a chunk after single steps."""
+    from openlm_mamba import model as model_mod
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    monkeypatch.setattr(model_mod, "PREFILL_ROWS", 192)  # batch 3: slices of 64 tokens
+    m = tiny_model(seed=3, **overrides)
+    with torch.no_grad():
+        for lin in (m.layers[0].mixer.in_proj, m.layers[-1].mixer.out_proj):
+            if lin.bias is not None:
+                lin.bias.normal_(0, 0.1)
+    ids = prompt(3, 175, m.cfg.vocab_size, seed=4)
+    chunks = [(0, 150), (150, 152), (152, 153), (153, 160), (160, 161), (161, 175)]
+    for last_only in (False, True):
+        fused, plain = m.allocate_cache(3, backend="torch"), m.allocate_cache(3, backend="torch")
+        assert fused.fused is not None
+        plain.fused = None
+        with torch.inference_mode():
+            for a, b in chunks:
+                got = m.forward_with_cache(ids[:, a:b], fused, last_only=last_only)
+                want = m.forward_with_cache(ids[:, a:b], plain, last_only=last_only)
+                assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+                assert (got[0] - want[0]).abs().max().item() < 1e-5, (a, b, last_only)
+                for sa, sb in zip(fused.ssm_states + fused.conv_states, plain.ssm_states + plain.conv_states):
+                    assert (sa - sb).abs().max().item() < 1e-5, (a, b, last_only)
+        assert fused.seqlen_offset == plain.seqlen_offset == 175
+
+
+def test_fused_cpu_prefill_runs_where_it_applies_and_keeps_its_workspace(model):
+    """generate() prefills through model_prefill; autograd, float64 and LayerNorm models take the
+    module path; the activation buffer is kept between calls and works in and out of inference mode."""
+    from openlm_mamba import model as model_mod
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    with torch.profiler.profile() as prof:
+        generate(model, prompt(1, 40), max_new_tokens=2)
+    assert [e.count for e in prof.key_averages() if e.key == "openlm_mamba_cpu::model_prefill"] == [1]
+    buf = model_mod._prefill_workspace.buf
+    size, ptr = buf.numel(), buf.data_ptr()
+    assert size > 0
+    generate(model, prompt(1, 30), max_new_tokens=2)  # smaller: the same buffer, not grown
+    with torch.no_grad():  # outside inference mode too
+        model(prompt(1, 20), past_key_values=model.allocate_cache(1))
+    assert (buf.numel(), buf.data_ptr()) == (size, ptr)
+    cache = model.allocate_cache(1)
+    with torch.profiler.profile() as prof:
+        logits = model(prompt(1, 12), past_key_values=cache)[0]  # autograd on: the module path
+    assert logits.requires_grad
+    assert not any(e.key == "openlm_mamba_cpu::model_prefill" for e in prof.key_averages())
+
+
 def test_fused_cpu_step_runs_in_generate_and_only_where_it_applies(model):
     from openlm_mamba.ops.cpp import load_extension
 

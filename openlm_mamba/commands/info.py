@@ -66,7 +66,7 @@ def environment() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "packages": {p: version(p) for p in ("open_lm", "triton", "mamba_ssm", "causal_conv1d", "transformers")},
         "cpp_kernels": "built" if built else f"unavailable: {cpp._ext_state.get('reason', '?')}",
-        "cpu_decode_step": "fused (one C++ call per token for float32 RMSNorm models)"
+        "cpu_decode_step": "fused (one C++ call per token, and per prompt slice, for float32 RMSNorm models)"
         if built
         else "per-layer Python step",
         "backend_requested": requested,

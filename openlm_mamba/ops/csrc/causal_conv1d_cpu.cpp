@@ -215,14 +215,7 @@ void bwd_kernel(const at::Tensor& gout, const at::Tensor& x, const at::Tensor& w
 at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& init, bool silu) {
   auto out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_fwd", [&] {
-    switch (weight.size(1)) {
-      case 1: fwd_kernel<scalar_t, 1>(x, weight, bias, init, silu, out); break;
-      case 2: fwd_kernel<scalar_t, 2>(x, weight, bias, init, silu, out); break;
-      case 3: fwd_kernel<scalar_t, 3>(x, weight, bias, init, silu, out); break;
-      default: fwd_kernel<scalar_t, 4>(x, weight, bias, init, silu, out);
-    }
-  });
+  olm::conv_fwd_into(x, weight, bias, init, silu, out);
   return out;
 }
 
@@ -247,6 +240,18 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& gout, const at::Tensor& x, co
 }
 
 }  // namespace
+
+void olm::conv_fwd_into(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& init, bool silu, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_fwd", [&] {
+    switch (weight.size(1)) {
+      case 1: fwd_kernel<scalar_t, 1>(x, weight, bias, init, silu, out); break;
+      case 2: fwd_kernel<scalar_t, 2>(x, weight, bias, init, silu, out); break;
+      case 3: fwd_kernel<scalar_t, 3>(x, weight, bias, init, silu, out); break;
+      default: fwd_kernel<scalar_t, 4>(x, weight, bias, init, silu, out);
+    }
+  });
+}
 
 TORCH_LIBRARY_FRAGMENT(openlm_mamba_cpu, m) {
   m.def("conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? init, bool silu) -> Tensor");

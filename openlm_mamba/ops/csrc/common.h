@@ -259,4 +259,14 @@ OLM_INLINE void add_rms_row(const T* x, const T* res, T* rout, const T* __restri
   }
 }
 
+// Forward kernels for callers in other translation units (the fused prefill), writing into
+// caller-provided contiguous outputs; the layouts of conv_fwd / scan_fwd. The scan here keeps no
+// chunk states (inference).
+void conv_fwd_into(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& init, bool silu, at::Tensor& out);
+void scan_fwd_into(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
+                   const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                   const std::optional<at::Tensor>& bias, bool softplus, const std::optional<at::Tensor>& x0,
+                   at::Tensor& out, at::Tensor& last);
+
 }  // namespace olm

@@ -222,9 +222,9 @@ template <typename T>
 void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
                 const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                 const std::optional<at::Tensor>& bias_t, bool sp, const std::optional<at::Tensor>& x0, int64_t K,
-                at::Tensor& out, at::Tensor& last, at::Tensor& ck) {
+                at::Tensor& out, at::Tensor& last, at::Tensor* ck) {
   const Dims s = dims_of(u, At, Bt);
-  const int64_t L = s.L, dim = s.dim, N = s.N, G = s.G, nc = ck.size(1);
+  const int64_t L = s.L, dim = s.dim, N = s.N, G = s.G, nc = (L + K - 1) / K;
   const auto uu = time_major<T>(u), dd = time_major<T>(delta);
   const auto zz = time_major<T>(z);
   const auto BB = state_major<T>(Bt), CC = state_major<T>(Ct);
@@ -234,7 +234,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
   const T* x0p = opt_ptr<T>(x0);
   T* op = out.data_ptr<T>();
   T* lp = last.data_ptr<T>();
-  T* ckp = ck.data_ptr<T>();
+  T* ckp = ck ? ck->data_ptr<T>() : nullptr;  // none: inference, no backward
   // Each chunk of K steps runs in three passes: the per-step inputs (dt, u, dt * u; independent
   // across steps, so they pipeline), the state recurrence, then the output (D skip, SiLU(z) gate).
   parallel_dynamic(s.batch * G * s.nblk, [&](int64_t begin, int64_t end) {
@@ -258,9 +258,11 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
       load_lanes<W>(bp ? bp + d0 : nullptr, wn, bb);
       for (int64_t t0 = 0; t0 < L; t0 += K) {
         const int64_t len = std::min(K, L - t0);
-        T* c = ckp + ((b * nc + t0 / K) * N) * dim + d0;
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t w = 0; w < wn; ++w) c[n * dim + w] = x[n * W + w];
+        if (ckp) {
+          T* c = ckp + ((b * nc + t0 / K) * N) * dim + d0;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t w = 0; w < wn; ++w) c[n * dim + w] = x[n * W + w];
+        }
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = t0 + i;
           if (t + kAhead < L) {  // rows are a page apart: the hardware prefetcher will not fetch them
@@ -517,7 +519,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   auto last = at::empty({batch, N, dim}, u.options());
   auto ck = at::empty({batch, nc, N, dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_fwd", [&] {
-    fwd_kernel<scalar_t>(u, delta, At, Bt, Ct, D, z, bias, softplus, x0, K, out, last, ck);
+    fwd_kernel<scalar_t>(u, delta, At, Bt, Ct, D, z, bias, softplus, x0, K, out, last, &ck);
   });
   return {out, last, ck};
 }
@@ -547,6 +549,16 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const std::optional<at:
 }
 
 }  // namespace
+
+void olm::scan_fwd_into(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bt,
+                        const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                        const std::optional<at::Tensor>& bias, bool softplus, const std::optional<at::Tensor>& x0,
+                        at::Tensor& out, at::Tensor& last) {
+  check_layouts(u, delta, At, Bt, Ct, z);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_fwd_into", [&] {
+    fwd_kernel<scalar_t>(u, delta, At, Bt, Ct, D, z, bias, softplus, x0, 64, out, last, nullptr);
+  });
+}
 
 TORCH_LIBRARY(openlm_mamba_cpu, m) {
   m.def(

@@ -130,6 +130,11 @@ void add_rms(const float* x, float* r, bool first, const float* w, double eps, i
     olm::add_rms_row<float>(x + b * H, first ? nullptr : r + b * H, r + b * H, w, nullptr, eps, H, out + b * H);
 }
 
+// a @ w.t() (+ bias).
+at::Tensor proj(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  return b ? at::addmm(*b, a, w.t()) : at::mm(a, w.t());
+}
+
 constexpr int64_t kPerLayer = 9;  // norm_w, in_w, conv_w, x_w, dt_w, A, D, dt_bias, out_w
 constexpr int64_t kBiasesPerLayer = 3;  // in_b, conv_b, out_b
 
@@ -161,7 +166,7 @@ at::Tensor model_step(const at::Tensor& hidden, at::TensorList conv_states, at::
     add_rms(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, norm_w.data_ptr<float>(), eps, batch, H,
             normed.data_ptr<float>());
     const auto in_b = opt(0), conv_b = opt(1), out_b = opt(2);
-    const at::Tensor xz = in_b ? at::addmm(*in_b, normed, in_w.t()) : at::mm(normed, in_w.t());  // (batch, 2 di)
+    const at::Tensor xz = proj(normed, in_w, in_b);  // (batch, 2 di)
     auto xc = at::empty({batch, di}, hidden.options());
     conv_step_core<float>(batch, di, KW, conv_state.data_ptr<float>(), xz.data_ptr<float>(), 2 * di,
                           conv_w.data_ptr<float>(), conv_b ? conv_b->data_ptr<float>() : nullptr, true,
@@ -176,11 +181,139 @@ at::Tensor model_step(const at::Tensor& hidden, at::TensorList conv_states, at::
                            A.data_ptr<float>(), xd + dt_rank, xd + dt_rank + N, D.data_ptr<float>(), xzp + di,
                            dt_bias.data_ptr<float>(), true, StepStrides{di, di, 2 * di, R, R, N, N},
                            y.data_ptr<float>());
-    h = out_b ? at::addmm(*out_b, y, out_w.t()) : at::mm(y, out_w.t());
+    h = proj(y, out_w, out_b);
   }
   auto out = at::empty({batch, H}, hidden.options());
   add_rms(h.data_ptr<float>(), residual.data_ptr<float>(), n_layer == 0, norm_f.data_ptr<float>(), eps, batch, H,
           out.data_ptr<float>());
+  return out;
+}
+
+// add_rms over `rows` rows of width H, on torch's threads.
+void add_rms_rows(const float* x, float* r, bool first, const float* w, double eps, int64_t rows, int64_t H,
+                  float* out) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+    add_rms(x + r0 * H, r + r0 * H, first, w, eps, r1 - r0, H, out + r0 * H);
+  });
+}
+
+// out = a @ w.t() (+ bias), into out.
+void proj_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  if (b)
+    at::addmm_out(out, *b, a, w.t());
+  else
+    at::mm_out(out, a, w.t());
+}
+
+// Carves consecutive (rows, width) matrices out of a flat float32 buffer.
+struct Carver {
+  at::Tensor buf;
+  int64_t off = 0;
+  at::Tensor take(int64_t rows, int64_t width) {
+    at::Tensor t = buf.narrow(0, off, rows * width).view({rows, width});
+    off += rows * width;
+    return t;
+  }
+};
+
+// Prefill through a float32 Mamba stack with RMSNorm, from and into the cache: hidden (batch, L,
+// d_model) embeddings -> norm_f(last hidden + residual), (batch, d_model) at the last position when
+// `last_only` (the last layer then runs its gate and output projection for that position alone),
+// else (batch, L, d_model). The arguments after the states are model_step's; `fresh`: the cache
+// holds no tokens yet. The same ops as ResidualBlock / MambaMixer.forward_cached, without Python
+// between them: ATen matmuls and the conv / scan forward kernels. Every activation lives in
+// `workspace` (flat float32, grown here when too small): a caller that keeps it skips the page
+// faults of fresh allocations on every call.
+at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, at::TensorList ssm_states,
+                         at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                         const at::Tensor& norm_f, double eps, int64_t dt_rank, bool fresh, bool last_only,
+                         at::Tensor workspace) {
+  const int64_t n_layer = int64_t(ssm_states.size());
+  TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous() && hidden.size(1) > 0,
+              "model_prefill: hidden must be a contiguous float32 (batch, L > 0, d_model) tensor");
+  TORCH_CHECK(int64_t(conv_states.size()) == n_layer && int64_t(weights.size()) == kPerLayer * n_layer &&
+                  int64_t(biases.size()) == kBiasesPerLayer * n_layer,
+              "model_prefill: per-layer argument counts do not match");
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 1 && workspace.is_contiguous(),
+              "model_prefill: workspace must be a flat contiguous float32 tensor");
+  const int64_t batch = hidden.size(0), L = hidden.size(1), H = hidden.size(2), rows = batch * L;
+  const int64_t di = n_layer ? weights[5].size(0) : 0, N = n_layer ? weights[5].size(1) : 0;
+  const int64_t R = dt_rank + 2 * N;
+  const int64_t need = rows * (3 * H + 5 * di + R);
+  if (workspace.numel() < need) workspace.resize_({need});
+  Carver ws{workspace};
+  at::Tensor residual = ws.take(rows, H), normed = ws.take(rows, H), hbuf = ws.take(rows, H);
+  at::Tensor xz = ws.take(rows, 2 * di), xc = ws.take(rows, di), x_dbl = ws.take(rows, R);
+  at::Tensor delta = ws.take(rows, di), y = ws.take(rows, di);
+  const at::TensorOptions opts = hidden.options();
+  at::Tensor h = hidden.view({rows, H});
+  for (int64_t i = 0; i < n_layer; ++i) {
+    const at::Tensor* w = weights.data() + i * kPerLayer;
+    const auto opt = [&](int64_t j) { return biases.get(i * kBiasesPerLayer + j); };
+    const at::Tensor &norm_w = w[0], &in_w = w[1], &conv_w = w[2], &x_w = w[3], &dt_w = w[4], &A = w[5];
+    const at::Tensor &D = w[6], &dt_bias = w[7], &out_w = w[8];
+    at::Tensor conv_state = conv_states[i], ssm_state = ssm_states[i];
+    const int64_t KW = conv_state.size(2), keep = KW - 1;
+    const bool tail = last_only && i == n_layer - 1;  // gate and output projection at the last position only
+    add_rms_rows(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, norm_w.data_ptr<float>(), eps, rows, H,
+                 normed.data_ptr<float>());
+    const auto in_b = opt(0), conv_b = opt(1), out_b = opt(2);
+    at::Tensor x, z;  // (batch, L, di) time-major views
+    if (tail) {  // x only: the first half of xz's space as a contiguous (rows, di)
+      at::Tensor xo = xz.view({-1}).narrow(0, 0, rows * di).view({rows, di});
+      proj_into(xo, normed, in_w.narrow(0, 0, di), in_b ? std::optional(in_b->narrow(0, 0, di)) : std::nullopt);
+      x = xo.view({batch, L, di});
+    } else {
+      proj_into(xz, normed, in_w, in_b);
+      x = xz.view({batch, L, 2 * di}).narrow(2, 0, di);
+      z = xz.view({batch, L, 2 * di}).narrow(2, di, di);
+    }
+    std::optional<at::Tensor> init;
+    if (!fresh && keep > 0) init = conv_state.narrow(2, 1, keep).contiguous();
+    at::Tensor u = xc.view({batch, L, di});
+    olm::conv_fwd_into(x, conv_w, conv_b, init, true, u);
+    if (keep > 0) {  // the last `keep` conv inputs, oldest first
+      const at::Tensor xt = x.transpose(1, 2);
+      if (L >= keep) {
+        conv_state.narrow(2, 1, keep).copy_(xt.narrow(2, L - keep, keep));
+      } else {
+        const at::Tensor before = init ? *init : at::zeros({batch, di, keep}, opts);
+        conv_state.narrow(2, 1, keep).copy_(at::cat({before.narrow(2, L, keep - L), xt}, 2));
+      }
+    }
+    at::mm_out(x_dbl, xc, x_w.t());
+    at::mm_out(delta, x_dbl.narrow(1, 0, dt_rank), dt_w.t());
+    const at::Tensor xd = x_dbl.view({batch, 1, L, R});
+    std::optional<at::Tensor> x0;
+    if (!fresh) x0 = ssm_state.transpose(1, 2).contiguous();
+    at::Tensor out = y.view({batch, L, di}), last = at::empty({batch, N, di}, opts);
+    olm::scan_fwd_into(u, delta.view({batch, L, di}), A.t().contiguous(), xd.narrow(3, dt_rank, N),
+                       xd.narrow(3, dt_rank + N, N), D, tail ? std::nullopt : std::optional(z), dt_bias, true, x0, out,
+                       last);
+    ssm_state.copy_(last.transpose(1, 2));
+    if (tail) {
+      const at::Tensor nl = normed.view({batch, L, H}).select(1, L - 1);  // (batch, H)
+      at::Tensor zl = at::empty({batch, di}, opts);
+      proj_into(zl, nl, in_w.narrow(0, di, di), in_b ? std::optional(in_b->narrow(0, di, di)) : std::nullopt);
+      const at::Tensor yl = out.select(1, L - 1) * at::silu(zl);
+      h = at::empty({batch, H}, opts);
+      proj_into(h, yl, out_w, out_b);
+    } else {
+      proj_into(hbuf, y, out_w, out_b);
+      h = hbuf;
+    }
+  }
+  if (last_only) {
+    const at::Tensor r = residual.view({batch, L, H}).select(1, L - 1).contiguous();
+    const at::Tensor hl = n_layer == 0 ? h.view({batch, L, H}).select(1, L - 1).contiguous() : h;
+    auto out = at::empty({batch, H}, opts);
+    add_rms(hl.data_ptr<float>(), r.data_ptr<float>(), n_layer == 0, norm_f.data_ptr<float>(), eps, batch, H,
+            out.data_ptr<float>());
+    return out;
+  }
+  auto out = at::empty({batch, L, H}, opts);
+  add_rms_rows(h.data_ptr<float>(), residual.data_ptr<float>(), n_layer == 0, norm_f.data_ptr<float>(), eps, rows, H,
+               out.data_ptr<float>());
   return out;
 }
 
@@ -194,10 +327,15 @@ TORCH_LIBRARY_FRAGMENT(openlm_mamba_cpu, m) {
   m.def(
       "model_step(Tensor hidden, Tensor(a!)[] conv_states, Tensor(b!)[] ssm_states, Tensor[] weights, "
       "Tensor?[] biases, Tensor norm_f, float eps, int dt_rank) -> Tensor");
+  m.def(
+      "model_prefill(Tensor hidden, Tensor(a!)[] conv_states, Tensor(b!)[] ssm_states, Tensor[] weights, "
+      "Tensor?[] biases, Tensor norm_f, float eps, int dt_rank, bool fresh, bool last_only, Tensor(c!) workspace) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openlm_mamba_cpu, CPU, m) {
   m.impl("conv_step", &conv_step);
   m.impl("state_step", &state_step);
   m.impl("model_step", &model_step);
+  m.impl("model_prefill", &model_prefill);
 }
