@@ -163,7 +163,13 @@ def _eos_tensor(eos_token_id, vocab: int, device) -> torch.Tensor | None:
 
 
 class _Sampler:
-    """Logits -> next token with transformers' processing order: repetition penalty, temperature, top-k, top-p."""
+    """Logits -> next token with transformers' processing order: repetition penalty, temperature, top-k, top-p.
+
+    Bit-for-bit the choices of transformers' processors and ``torch.multinomial`` with the same
+    generator, without their O(vocab log vocab) parts where that is exact: the penalty touches only
+    the seen tokens, and with top-k on, top-p sorts the k survivors instead of the whole vocabulary
+    (~1 ms a token at a 50k vocabulary on CPU).
+    """
 
     def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, vocab, generator):
         self.do_sample = do_sample
@@ -173,37 +179,63 @@ class _Sampler:
         self.penalty = repetition_penalty
         self.vocab = vocab
         self.generator = generator
-        self.seen: torch.Tensor | None = None  # (batch, vocab) bool: tokens in prompt + output
+        self.history: torch.Tensor | None = None  # (batch, n) long: tokens in prompt + output
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Record tokens (batch, n) for the repetition penalty."""
         if self.penalty == 1.0:
             return
-        if self.seen is None:
-            self.seen = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.bool, device=tokens.device)
-        self.seen.scatter_(1, tokens, True)
+        self.history = tokens if self.history is None else torch.cat([self.history, tokens], dim=1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         scores = logits[:, : self.vocab]
-        if self.seen is not None:
-            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(self.seen, penalized, scores)
+        if self.history is not None:  # transformers' RepetitionPenaltyLogitsProcessor, on the seen tokens
+            seen = scores.gather(1, self.history)
+            seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+            scores = scores.scatter(1, self.history, seen)
         if not self.do_sample:
             return scores.argmax(dim=-1)
         if self.temperature != 1.0:
             scores = scores / self.temperature
+        top = None
         if self.top_k:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
+            top = torch.topk(scores, self.top_k, dim=-1)
+            scores = scores.masked_fill(scores < top.values[:, -1:], float("-inf"))
         if self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
-            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            drop_sorted = cum <= 1.0 - self.top_p
-            drop_sorted[:, -1] = False  # always keep the most likely token
-            drop = drop_sorted.scatter(1, order, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
+            scores = self._top_p(scores, top)
         probs = scores.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def _top_p(self, scores: torch.Tensor, top) -> torch.Tensor:
+        """transformers' TopPLogitsWarper: drop the least likely tokens holding at most 1 - top_p of the mass."""
+        inf = float("-inf")
+        if top is not None and self._exactly_k_distinct(scores, top.values):
+            # the ascending sort of `scores` is (vocab - k) x -inf, then the k survivors ascending:
+            # build it directly (same values in the same places, so the same softmax and cumsum bits)
+            k = top.values.shape[1]
+            asc_values, asc_ids = top.values.flip(-1), top.indices.flip(-1)
+            sorted_scores = torch.full_like(scores, inf)
+            sorted_scores[:, -k:] = asc_values
+            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)[:, -k:]
+            drop = cum <= 1.0 - self.top_p
+            drop[:, -1] = False  # always keep the most likely token
+            return scores.scatter(1, asc_ids, asc_values.masked_fill(drop, inf))
+        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1.0 - self.top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        return scores.masked_fill(drop, inf)
+
+    @staticmethod
+    def _exactly_k_distinct(scores: torch.Tensor, values: torch.Tensor) -> bool:
+        """True when top-k left exactly k finite scores per row, all distinct (no tie for a sort to order)."""
+        k = values.shape[1]
+        return bool(
+            torch.isfinite(values).all()
+            and (values[:, 1:] != values[:, :-1]).all()
+            and ((scores > float("-inf")).sum(dim=-1) == k).all()
+        )
 
 
 def check_settings(

@@ -133,7 +133,8 @@ def test_fused_cpu_prefill_equals_module_prefill(overrides, monkeypatch):
             if lin.bias is not None:
                 lin.bias.normal_(0, 0.1)
     ids = prompt(3, 175, m.cfg.vocab_size, seed=4)
-    chunks = [(0, 150), (150, 152), (152, 153), (153, 160), (160, 161), (161, 175)]
+    # 129 = two 64-token slices and a 1-token one; then chunks shorter than the conv window, a step
+    chunks = [(0, 129), (129, 131), (131, 132), (132, 160), (160, 161), (161, 175)]
     for last_only in (False, True):
         fused, plain = m.allocate_cache(3, backend="torch"), m.allocate_cache(3, backend="torch")
         assert fused.fused is not None
@@ -322,11 +323,20 @@ def test_model_card_sampling_equals_transformers_with_same_seed(hf_pair):
 
 
 @pytest.mark.parametrize(
-    "do_sample,temperature,top_k,top_p,penalty",
-    [(True, 0.8, 50, 0.8, 1.1), (True, 1.3, 0, 0.5, 1.0), (True, 0.5, 7, 1.0, 0.8), (False, 1.0, 0, 1.0, 1.2)],
+    "do_sample,temperature,top_k,top_p,penalty,vocab,ties",
+    [
+        (True, 0.8, 50, 0.8, 1.1, 300, False),
+        (True, 1.3, 0, 0.5, 1.0, 300, False),
+        (True, 0.5, 7, 1.0, 0.8, 300, False),
+        (False, 1.0, 0, 1.0, 1.2, 300, False),
+        (True, 0.8, 50, 0.8, 1.1, 50277, False),  # the model card's settings at the real vocabulary
+        (True, 1.0, 20, 0.9, 1.0, 300, True),  # tied logits: the whole-vocabulary sort decides
+        (True, 1.0, 5, 0.95, 1.0, 40, True),
+    ],
 )
-def test_token_choice_equals_transformers_processors(do_sample, temperature, top_k, top_p, penalty):
-    """On identical logits our sampler picks what transformers' processors + multinomial pick (same seed)."""
+def test_token_choice_equals_transformers_processors(do_sample, temperature, top_k, top_p, penalty, vocab, ties):
+    """On identical logits our sampler picks what transformers' processors + multinomial pick (same
+    seed): 8 rows x 5 draws, with top-k + top-p taking the k-survivor sort, or (ties) the full one."""
     if not has_module("transformers"):
         pytest.skip("transformers is not installed")
     from transformers.generation.logits_process import (
@@ -340,8 +350,10 @@ def test_token_choice_equals_transformers_processors(do_sample, temperature, top
     from openlm_mamba.generation import _Sampler
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 300, generator=g) * 3
-    history = torch.randint(0, 300, (4, 20), generator=g)
+    logits = torch.randn(8, vocab, generator=g) * 3
+    if ties:  # few distinct values: ties inside the top k and at its boundary
+        logits = logits.round()
+    history = torch.randint(0, vocab, (8, 20), generator=g)
     procs = LogitsProcessorList()
     if penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(penalty))
@@ -351,10 +363,12 @@ def test_token_choice_equals_transformers_processors(do_sample, temperature, top
         procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
     scores = procs(history, logits.clone())
     torch.manual_seed(11)
-    theirs = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1)
-    sampler = _Sampler(do_sample, temperature, top_k, top_p, penalty, 300, torch.Generator().manual_seed(11))
-    sampler.observe(history)
-    assert torch.equal(sampler(logits.clone()), theirs)
+    theirs = [torch.multinomial(scores.softmax(-1), 1).squeeze(1) if do_sample else scores.argmax(-1) for _ in range(5)]
+    sampler = _Sampler(do_sample, temperature, top_k, top_p, penalty, vocab, torch.Generator().manual_seed(11))
+    sampler.observe(history[:, :12])
+    sampler.observe(history[:, 12:])
+    for want in theirs:
+        assert torch.equal(sampler(logits.clone()), want)
 
 
 # -- generate() behaviour ------------------------------------------------------------------------------
