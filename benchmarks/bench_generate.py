@@ -1,6 +1,7 @@
 """Generation speed: openlm_mamba ``generate()`` vs transformers' ``MambaForCausalLM.generate``.
 
-Same random weights for both (our state dict, renamed), batch 1 by default, greedy decoding.
+Same random weights for both (our state dict, renamed), batch 1 by default, greedy decoding
+(``--sample``: the model card's sampling settings, the same seed on both sides).
 For each prompt length ("context") it reports time to first token (prefill + first token),
 per-token decode latency and decode throughput (tokens after the first / their wall time),
 and the ratios against transformers measured in the same run. Runs are interleaved in rounds
@@ -9,6 +10,7 @@ load on a shared machine hits all columns alike.
 
     python benchmarks/bench_generate.py                       # d_model 256 x 4 layers, CPU
     python benchmarks/bench_generate.py --contexts 16,1024 --no-hf
+    python benchmarks/bench_generate.py --sample --contexts 16,1024      # top-p / top-k / penalty sampling
     python benchmarks/bench_generate.py --device cuda --d-model 1024 --n-layer 24
 """
 
@@ -102,6 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default=None, help="op backend for openlm_mamba (default: auto / env)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="the model card's sampling (temperature 0.8, top_p 0.8, top_k 50, repetition_penalty 1.1) "
+        "instead of greedy decoding, the same seed on both sides",
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -115,23 +123,28 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# device={args.device} ({torch.get_num_threads()} threads) dtype={args.dtype} d_model={args.d_model} "
         f"n_layer={args.n_layer} vocab={model.cfg.padded_vocab_size} batch={args.batch} new_tokens={n_new} "
+        f"decoding={'model-card sampling' if args.sample else 'greedy'} "
         f"torch={torch.__version__} load_average={os.getloadavg()[0]:.1f}"
     )
+    decoding = {"do_sample": False}
+    if args.sample:
+        decoding = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.1}
     runs = {}  # context -> (ours, theirs)
     for ctx in args.contexts:
         ids = torch.randint(0, model.cfg.vocab_size, (args.batch, ctx), device=dev)
         clock, hclock = Clock(args.device), Clock(args.device, skip_first_put=True)
 
         def ours(ids=ids, clock=clock):
-            generate(model, ids, max_new_tokens=n_new, streamer=clock, backend=args.backend)
+            generate(model, ids, max_new_tokens=n_new, streamer=clock, backend=args.backend, seed=0, **decoding)
 
         def theirs(ids=ids, hclock=hclock):
+            torch.manual_seed(0)
             hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n_new,
                 min_new_tokens=n_new,
-                do_sample=False,
+                **decoding,
                 streamer=hclock,
                 pad_token_id=0,
             )
