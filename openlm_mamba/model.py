@@ -495,7 +495,14 @@ class MambaLM(nn.Module):
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
         seqlen = hidden.shape[1]
-        if seqlen == 1 and cache.fused is not None and not torch.is_grad_enabled() and hidden.dtype == torch.float32:
+        # the fused C++ step and prefill: CPU float32 models (cache.fused), no autograd, no autocast
+        fused = (
+            cache.fused is not None
+            and hidden.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        )
+        if seqlen == 1 and fused:
             # the O(1) recurrent step of a CPU float32 model: every layer in one C++ call
             x = hidden[:, 0].contiguous()
             hidden = torch.ops.openlm_mamba_cpu.model_step(x, cache.conv_states, cache.ssm_states, *cache.fused)
@@ -507,7 +514,7 @@ class MambaLM(nn.Module):
                 normed, residual = step_norm(layer.norm, hidden, residual, layer.residual_in_fp32)
                 hidden = step(normed, conv, ssm, params, update)
             hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
-        elif cache.fused is not None and not torch.is_grad_enabled() and hidden.dtype == torch.float32:
+        elif fused:
             hidden = _fused_prefill(hidden, cache, last_only)
         else:
             residual, n = None, len(backbone.layers)

@@ -175,6 +175,34 @@ def test_fused_cpu_prefill_runs_where_it_applies_and_keeps_its_workspace(model):
     assert not any(e.key == "openlm_mamba_cpu::model_prefill" for e in prof.key_averages())
 
 
+def test_generate_under_cpu_autocast(model):
+    """Under CPU autocast generate takes the module path (which honours autocast) instead of the
+    fused ops, and the fused ops themselves stay float32 if called under autocast."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    ids = prompt(1, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        out = generate(model, ids, max_new_tokens=4)
+    assert out.shape == (1, 24)
+    fused_ops = ("openlm_mamba_cpu::model_step", "openlm_mamba_cpu::model_prefill")
+    assert not any(e.key in fused_ops for e in prof.key_averages())
+    with torch.no_grad():
+        emb = model.model.backbone.embedding(ids)
+        results = []
+        for autocast in (False, True):
+            cache = model.allocate_cache(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                a = torch.ops.openlm_mamba_cpu.model_prefill(
+                    emb, cache.conv_states, cache.ssm_states, *cache.fused, True, True, torch.empty(0)
+                )
+                b = torch.ops.openlm_mamba_cpu.model_step(a, cache.conv_states, cache.ssm_states, *cache.fused)
+            results.append((a, b))
+        assert all(t.dtype == torch.float32 for t in results[1])
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_fused_cpu_step_runs_in_generate_and_only_where_it_applies(model):
     from openlm_mamba.ops.cpp import load_extension
 

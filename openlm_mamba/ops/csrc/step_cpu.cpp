@@ -146,6 +146,7 @@ constexpr int64_t kBiasesPerLayer = 3;  // in_b, conv_b, out_b
 at::Tensor model_step(const at::Tensor& hidden, at::TensorList conv_states, at::TensorList ssm_states,
                       at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                       const at::Tensor& norm_f, double eps, int64_t dt_rank) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // float32 throughout
   const int64_t n_layer = int64_t(ssm_states.size());
   TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous(),
               "model_step: hidden must be a contiguous float32 (batch, d_model) tensor");
@@ -228,6 +229,7 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
                          at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                          const at::Tensor& norm_f, double eps, int64_t dt_rank, bool fresh, bool last_only,
                          at::Tensor workspace) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // float32 throughout
   const int64_t n_layer = int64_t(ssm_states.size());
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous() && hidden.size(1) > 0,
               "model_prefill: hidden must be a contiguous float32 (batch, L > 0, d_model) tensor");
