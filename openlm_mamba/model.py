@@ -242,6 +242,19 @@ def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, r
     return out.to(x.dtype), (r if residual_in_fp32 else r.to(x.dtype))
 
 
+def _fused_cpu_inference(hidden: torch.Tensor) -> bool:
+    """Whether the fused C++ step / prefill may run on these activations: CPU float32, no autograd,
+    no autocast (the module path honours it), not under torch.compile. The model must fit them
+    too (``MambaCache.fused``: RMSNorm, float32 weights, the C++ kernels built)."""
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
 PREFILL_ROWS = 1024  # (batch x tokens) per fused prefill call: long prompts run ~15% faster in slices
 _prefill_workspace = threading.local()  # per thread: the fused prefill's activations, kept between calls
 
@@ -438,6 +451,12 @@ class MambaLM(nn.Module):
             self.check_input_ids(input_ids)
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids)
+        if _fused_cpu_inference(hidden) and hidden.shape[1] > 0:
+            # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
+            cache = self.allocate_cache(hidden.shape[0])
+            if cache.fused is not None:
+                hidden = _fused_prefill(hidden, cache, last_only=False)
+                return self.model.lm_head(hidden).float(), hidden, None
         residual = None
         for layer in backbone.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -495,13 +514,7 @@ class MambaLM(nn.Module):
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
         seqlen = hidden.shape[1]
-        # the fused C++ step and prefill: CPU float32 models (cache.fused), no autograd, no autocast
-        fused = (
-            cache.fused is not None
-            and hidden.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-        )
+        fused = cache.fused is not None and _fused_cpu_inference(hidden)
         if seqlen == 1 and fused:
             # the O(1) recurrent step of a CPU float32 model: every layer in one C++ call
             x = hidden[:, 0].contiguous()

@@ -150,6 +150,27 @@ def test_fused_cpu_prefill_equals_module_prefill(overrides, monkeypatch):
         assert fused.seqlen_offset == plain.seqlen_offset == 175
 
 
+@pytest.mark.parametrize("overrides", FUSED_CONFIGS[:3])
+def test_no_grad_forward_takes_the_fused_prefill(overrides, monkeypatch):
+    """MambaLM.forward without autograd (scoring, evaluation) runs model_prefill from zero states:
+    the same logits and hidden as the module forward with autograd on, also in several slices."""
+    from openlm_mamba import model as model_mod
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    monkeypatch.setattr(model_mod, "PREFILL_ROWS", 128)  # batch 2: slices of 64 tokens
+    m = tiny_model(seed=5, **overrides)
+    ids = prompt(2, 150, m.cfg.vocab_size, seed=6)
+    want_logits, want_hidden, _ = m(ids)  # autograd on: the module path
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        logits, hidden, extra = m(ids)
+    assert [e.count for e in prof.key_averages() if e.key == "openlm_mamba_cpu::model_prefill"] == [3]
+    assert extra is None and logits.dtype == torch.float32 and logits.shape == want_logits.shape
+    assert (logits - want_logits).abs().max().item() < 1e-4
+    assert (hidden - want_hidden).abs().max().item() < 1e-4
+
+
 def test_fused_cpu_prefill_runs_where_it_applies_and_keeps_its_workspace(model):
     """generate() prefills through model_prefill; autograd, float64 and LayerNorm models take the
     module path; the activation buffer is kept between calls and works in and out of inference mode."""
