@@ -138,6 +138,33 @@ at::Tensor proj(const at::Tensor& a, const at::Tensor& w, const std::optional<at
 constexpr int64_t kPerLayer = 9;  // norm_w, in_w, conv_w, x_w, dt_w, A, D, dt_bias, out_w
 constexpr int64_t kBiasesPerLayer = 3;  // in_b, conv_b, out_b
 
+// Layer i's tensors in model_step's / model_prefill's argument lists.
+struct Layer {
+  const at::Tensor &norm_w, &in_w, &conv_w, &x_w, &dt_w, &A, &D, &dt_bias, &out_w;
+  const std::optional<at::Tensor> in_b, conv_b, out_b;
+  Layer(at::TensorList w, const c10::List<std::optional<at::Tensor>>& b, int64_t i)
+      : norm_w(w[i * kPerLayer]),
+        in_w(w[i * kPerLayer + 1]),
+        conv_w(w[i * kPerLayer + 2]),
+        x_w(w[i * kPerLayer + 3]),
+        dt_w(w[i * kPerLayer + 4]),
+        A(w[i * kPerLayer + 5]),
+        D(w[i * kPerLayer + 6]),
+        dt_bias(w[i * kPerLayer + 7]),
+        out_w(w[i * kPerLayer + 8]),
+        in_b(b.get(i * kBiasesPerLayer)),
+        conv_b(b.get(i * kBiasesPerLayer + 1)),
+        out_b(b.get(i * kBiasesPerLayer + 2)) {}
+};
+
+void check_counts(const char* op, at::TensorList conv_states, at::TensorList ssm_states, at::TensorList weights,
+                  const c10::List<std::optional<at::Tensor>>& biases) {
+  const int64_t n = int64_t(ssm_states.size());
+  TORCH_CHECK(int64_t(conv_states.size()) == n && int64_t(weights.size()) == kPerLayer * n &&
+                  int64_t(biases.size()) == kBiasesPerLayer * n,
+              op, ": per-layer argument counts do not match");
+}
+
 // One decoding step through a float32 Mamba stack with RMSNorm (one B/C group): hidden (batch,
 // d_model) -> norm_f(last hidden + residual) (batch, d_model); every layer's conv and SSM states
 // are updated in place. `weights` holds kPerLayer tensors per layer (A = -exp(A_log), D and dt_bias
@@ -150,39 +177,33 @@ at::Tensor model_step(const at::Tensor& hidden, at::TensorList conv_states, at::
   const int64_t n_layer = int64_t(ssm_states.size());
   TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous(),
               "model_step: hidden must be a contiguous float32 (batch, d_model) tensor");
-  TORCH_CHECK(int64_t(conv_states.size()) == n_layer && int64_t(weights.size()) == kPerLayer * n_layer &&
-                  int64_t(biases.size()) == kBiasesPerLayer * n_layer,
-              "model_step: per-layer argument counts do not match");
+  check_counts("model_step", conv_states, ssm_states, weights, biases);
   const int64_t batch = hidden.size(0), H = hidden.size(1);
   auto residual = at::empty({batch, H}, hidden.options());
   auto normed = at::empty({batch, H}, hidden.options());
   at::Tensor h = hidden;
   for (int64_t i = 0; i < n_layer; ++i) {
-    const at::Tensor* w = weights.data() + i * kPerLayer;
-    const auto opt = [&](int64_t j) { return biases.get(i * kBiasesPerLayer + j); };
-    const at::Tensor &norm_w = w[0], &in_w = w[1], &conv_w = w[2], &x_w = w[3], &dt_w = w[4], &A = w[5];
-    const at::Tensor &D = w[6], &dt_bias = w[7], &out_w = w[8];
+    const Layer l(weights, biases, i);
     at::Tensor conv_state = conv_states[i], ssm_state = ssm_states[i];
-    const int64_t di = A.size(0), N = A.size(1), KW = conv_state.size(2);
-    add_rms(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, norm_w.data_ptr<float>(), eps, batch, H,
+    const int64_t di = l.A.size(0), N = l.A.size(1), KW = conv_state.size(2);
+    add_rms(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, l.norm_w.data_ptr<float>(), eps, batch, H,
             normed.data_ptr<float>());
-    const auto in_b = opt(0), conv_b = opt(1), out_b = opt(2);
-    const at::Tensor xz = proj(normed, in_w, in_b);  // (batch, 2 di)
+    const at::Tensor xz = proj(normed, l.in_w, l.in_b);  // (batch, 2 di)
     auto xc = at::empty({batch, di}, hidden.options());
     conv_step_core<float>(batch, di, KW, conv_state.data_ptr<float>(), xz.data_ptr<float>(), 2 * di,
-                          conv_w.data_ptr<float>(), conv_b ? conv_b->data_ptr<float>() : nullptr, true,
+                          l.conv_w.data_ptr<float>(), l.conv_b ? l.conv_b->data_ptr<float>() : nullptr, true,
                           xc.data_ptr<float>());
-    const at::Tensor x_dbl = at::mm(xc, x_w.t());  // (batch, dt_rank + 2N)
-    const at::Tensor dt = at::mm(x_dbl.narrow(1, 0, dt_rank), dt_w.t());  // (batch, di)
+    const at::Tensor x_dbl = at::mm(xc, l.x_w.t());  // (batch, dt_rank + 2N)
+    const at::Tensor dt = at::mm(x_dbl.narrow(1, 0, dt_rank), l.dt_w.t());  // (batch, di)
     auto y = at::empty({batch, di}, hidden.options());
     const int64_t R = x_dbl.size(1);
     const float* xd = x_dbl.data_ptr<float>();
     const float* xzp = xz.data_ptr<float>();
     state_step_core<float>(batch, di, N, 1, ssm_state.data_ptr<float>(), xc.data_ptr<float>(), dt.data_ptr<float>(),
-                           A.data_ptr<float>(), xd + dt_rank, xd + dt_rank + N, D.data_ptr<float>(), xzp + di,
-                           dt_bias.data_ptr<float>(), true, StepStrides{di, di, 2 * di, R, R, N, N},
+                           l.A.data_ptr<float>(), xd + dt_rank, xd + dt_rank + N, l.D.data_ptr<float>(), xzp + di,
+                           l.dt_bias.data_ptr<float>(), true, StepStrides{di, di, 2 * di, R, R, N, N},
                            y.data_ptr<float>());
-    h = proj(y, out_w, out_b);
+    h = proj(y, l.out_w, l.out_b);
   }
   auto out = at::empty({batch, H}, hidden.options());
   add_rms(h.data_ptr<float>(), residual.data_ptr<float>(), n_layer == 0, norm_f.data_ptr<float>(), eps, batch, H,
@@ -204,6 +225,11 @@ void proj_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const 
     at::addmm_out(out, *b, a, w.t());
   else
     at::mm_out(out, a, w.t());
+}
+
+// Entries [start, start + n) of an optional bias.
+std::optional<at::Tensor> part(const std::optional<at::Tensor>& b, int64_t start, int64_t n) {
+  return b ? std::optional(b->narrow(0, start, n)) : std::nullopt;
 }
 
 // Carves consecutive (rows, width) matrices out of a flat float32 buffer.
@@ -233,9 +259,7 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
   const int64_t n_layer = int64_t(ssm_states.size());
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous() && hidden.size(1) > 0,
               "model_prefill: hidden must be a contiguous float32 (batch, L > 0, d_model) tensor");
-  TORCH_CHECK(int64_t(conv_states.size()) == n_layer && int64_t(weights.size()) == kPerLayer * n_layer &&
-                  int64_t(biases.size()) == kBiasesPerLayer * n_layer,
-              "model_prefill: per-layer argument counts do not match");
+  check_counts("model_prefill", conv_states, ssm_states, weights, biases);
   TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 1 && workspace.is_contiguous(),
               "model_prefill: workspace must be a flat contiguous float32 tensor");
   const int64_t batch = hidden.size(0), L = hidden.size(1), H = hidden.size(2), rows = batch * L;
@@ -250,30 +274,26 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
   const at::TensorOptions opts = hidden.options();
   at::Tensor h = hidden.view({rows, H});
   for (int64_t i = 0; i < n_layer; ++i) {
-    const at::Tensor* w = weights.data() + i * kPerLayer;
-    const auto opt = [&](int64_t j) { return biases.get(i * kBiasesPerLayer + j); };
-    const at::Tensor &norm_w = w[0], &in_w = w[1], &conv_w = w[2], &x_w = w[3], &dt_w = w[4], &A = w[5];
-    const at::Tensor &D = w[6], &dt_bias = w[7], &out_w = w[8];
+    const Layer l(weights, biases, i);
     at::Tensor conv_state = conv_states[i], ssm_state = ssm_states[i];
     const int64_t KW = conv_state.size(2), keep = KW - 1;
     const bool tail = last_only && i == n_layer - 1;  // gate and output projection at the last position only
-    add_rms_rows(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, norm_w.data_ptr<float>(), eps, rows, H,
+    add_rms_rows(h.data_ptr<float>(), residual.data_ptr<float>(), i == 0, l.norm_w.data_ptr<float>(), eps, rows, H,
                  normed.data_ptr<float>());
-    const auto in_b = opt(0), conv_b = opt(1), out_b = opt(2);
     at::Tensor x, z;  // (batch, L, di) time-major views
     if (tail) {  // x only: the first half of xz's space as a contiguous (rows, di)
       at::Tensor xo = xz.view({-1}).narrow(0, 0, rows * di).view({rows, di});
-      proj_into(xo, normed, in_w.narrow(0, 0, di), in_b ? std::optional(in_b->narrow(0, 0, di)) : std::nullopt);
+      proj_into(xo, normed, l.in_w.narrow(0, 0, di), part(l.in_b, 0, di));
       x = xo.view({batch, L, di});
     } else {
-      proj_into(xz, normed, in_w, in_b);
+      proj_into(xz, normed, l.in_w, l.in_b);
       x = xz.view({batch, L, 2 * di}).narrow(2, 0, di);
       z = xz.view({batch, L, 2 * di}).narrow(2, di, di);
     }
     std::optional<at::Tensor> init;
     if (!fresh && keep > 0) init = conv_state.narrow(2, 1, keep).contiguous();
     at::Tensor u = xc.view({batch, L, di});
-    olm::conv_fwd_into(x, conv_w, conv_b, init, true, u);
+    olm::conv_fwd_into(x, l.conv_w, l.conv_b, init, true, u);
     if (keep > 0) {  // the last `keep` conv inputs, oldest first
       const at::Tensor xt = x.transpose(1, 2);
       if (L >= keep) {
@@ -283,25 +303,25 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
         conv_state.narrow(2, 1, keep).copy_(at::cat({before.narrow(2, L, keep - L), xt}, 2));
       }
     }
-    at::mm_out(x_dbl, xc, x_w.t());
-    at::mm_out(delta, x_dbl.narrow(1, 0, dt_rank), dt_w.t());
+    at::mm_out(x_dbl, xc, l.x_w.t());
+    at::mm_out(delta, x_dbl.narrow(1, 0, dt_rank), l.dt_w.t());
     const at::Tensor xd = x_dbl.view({batch, 1, L, R});
     std::optional<at::Tensor> x0;
     if (!fresh) x0 = ssm_state.transpose(1, 2).contiguous();
     at::Tensor out = y.view({batch, L, di}), last = at::empty({batch, N, di}, opts);
-    olm::scan_fwd_into(u, delta.view({batch, L, di}), A.t().contiguous(), xd.narrow(3, dt_rank, N),
-                       xd.narrow(3, dt_rank + N, N), D, tail ? std::nullopt : std::optional(z), dt_bias, true, x0, out,
-                       last);
+    const auto gate = tail ? std::nullopt : std::optional(z);
+    olm::scan_fwd_into(u, delta.view({batch, L, di}), l.A.t().contiguous(), xd.narrow(3, dt_rank, N),
+                       xd.narrow(3, dt_rank + N, N), l.D, gate, l.dt_bias, true, x0, out, last);
     ssm_state.copy_(last.transpose(1, 2));
     if (tail) {
       const at::Tensor nl = normed.view({batch, L, H}).select(1, L - 1);  // (batch, H)
       at::Tensor zl = at::empty({batch, di}, opts);
-      proj_into(zl, nl, in_w.narrow(0, di, di), in_b ? std::optional(in_b->narrow(0, di, di)) : std::nullopt);
+      proj_into(zl, nl, l.in_w.narrow(0, di, di), part(l.in_b, di, di));
       const at::Tensor yl = out.select(1, L - 1) * at::silu(zl);
       h = at::empty({batch, H}, opts);
-      proj_into(h, yl, out_w, out_b);
+      proj_into(h, yl, l.out_w, l.out_b);
     } else {
-      proj_into(hbuf, y, out_w, out_b);
+      proj_into(hbuf, y, l.out_w, l.out_b);
       h = hbuf;
     }
   }
