@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,19 @@ def test_cli_model_card_sampling_is_reproducible(monkeypatch, tokenizer_dir, ope
     rc2, out2 = run_cli(monkeypatch, [*args, "--max-new-tokens", "10", "--no-stream"])
     assert rc1 == rc2 == 0
     assert out1.getvalue() == out2.getvalue() and out1.getvalue().startswith("Mamba is")
+
+
+def test_cli_stats_line_on_stderr(monkeypatch, capsys, tokenizer_dir, openlm_style_checkpoint):
+    path, _ = openlm_style_checkpoint
+    args = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", "Mamba is", "--greedy"]
+    rc, out = run_cli(monkeypatch, [*args, "--max-new-tokens", "6", "--stats", "--no-stream"])
+    assert rc == 0 and "[openlm-mamba]" not in out.getvalue()  # stdout holds only the text
+    err = capsys.readouterr().err
+    assert re.search(
+        r"\[openlm-mamba\] cpu float32: prompt \d+ tokens, first token after [\d.]+ ms, "
+        r"then 5 tokens at [\d.]+ tokens/s \([\d.]+ ms each\)",
+        err,
+    ), err
 
 
 def test_cli_accepts_compiled_model_prefix_and_bare_state_dict(monkeypatch, tmp_path, tokenizer_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 HELP = "Generate text from an OpenLM checkpoint (or an HF directory), streaming tokens as they come."
@@ -36,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backend", default=None, help="op backend: auto | torch | triton | cuda")
     parser.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print prompt length, time to first token and decode speed to stderr at the end",
+    )
 
 
 def load_tokenizer(name: str):
@@ -143,11 +149,15 @@ def run(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     new: list[int] = []
+    arrivals: list[float] = []  # when each new token was picked
     printed = 0
 
     def stream(token: torch.Tensor) -> None:
         nonlocal printed
+        arrivals.append(time.perf_counter())
         new.append(int(token[0]))
+        if args.no_stream:
+            return
         text = tok.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             out.write(text[printed:])
@@ -157,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_stream:
         out.write(args.prompt)
         out.flush()
+    start = time.perf_counter()
     try:
         result = generate(
             lm,
@@ -169,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             eos_token_id=tok.eos_token_id,
             seed=args.seed,
-            streamer=None if args.no_stream else stream,
+            streamer=stream,
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -180,4 +191,19 @@ def run(args: argparse.Namespace) -> int:
         out.write(text[printed:])
     out.write("\n")
     out.flush()
+    if args.stats:
+        print(stats_line(ids.shape[1], start, arrivals, device, dtype_name), file=sys.stderr, flush=True)
     return 0
+
+
+def stats_line(prompt_tokens: int, start: float, arrivals: list[float], device: str, dtype: str) -> str:
+    """One line: prompt length, time to first token, decode speed after it."""
+    line = f"[openlm-mamba] {device} {dtype}: prompt {prompt_tokens} tokens"
+    if not arrivals:
+        return line + ", nothing generated"
+    line += f", first token after {(arrivals[0] - start) * 1e3:.1f} ms"
+    n = len(arrivals) - 1
+    if n:
+        spent = arrivals[-1] - arrivals[0]
+        line += f", then {n} tokens at {n / spent:.1f} tokens/s ({spent / n * 1e3:.2f} ms each)"
+    return line
