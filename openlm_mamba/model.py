@@ -264,14 +264,18 @@ def _fused_prefill(hidden: torch.Tensor, cache, last_only: bool) -> torch.Tensor
     ``PREFILL_ROWS`` rows, the slices in order through the cache. hidden (batch, L, d_model)
     embeddings -> final-norm output, (batch, 1, d_model) with ``last_only``.
 
-    The activations live in a per-thread buffer kept between calls (at most ``PREFILL_ROWS`` rows
-    of about 3 d_model + 5 d_inner floats): fresh allocations would page-fault on every prompt."""
+    The activations live in a per-thread buffer kept between calls, since fresh allocations would
+    page-fault on every prompt; it holds at most ``PREFILL_ROWS`` rows of about 3 d_model +
+    5 d_inner floats. Batches above 16 (slices of at least 64 tokens) take a buffer of their own."""
     batch, L = hidden.shape[:2]
     step = max(64, -(-PREFILL_ROWS // batch))
-    ws = getattr(_prefill_workspace, "buf", None)
+    keep = batch * min(step, L) <= PREFILL_ROWS
+    ws = getattr(_prefill_workspace, "buf", None) if keep else None
     if ws is None:
         with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            ws = _prefill_workspace.buf = torch.empty(0)
+            ws = torch.empty(0)
+        if keep:
+            _prefill_workspace.buf = ws
     outs = []
     for s in range(0, L, step):
         part = hidden[:, s : s + step].contiguous()

@@ -188,6 +188,8 @@ def test_fused_cpu_prefill_runs_where_it_applies_and_keeps_its_workspace(model):
     generate(model, prompt(1, 30), max_new_tokens=2)  # smaller: the same buffer, not grown
     with torch.no_grad():  # outside inference mode too
         model(prompt(1, 20), past_key_values=model.allocate_cache(1))
+        model(prompt(20, 70))  # 20 x 64-token slices > PREFILL_ROWS: a buffer of its own, not kept
+    assert model_mod._prefill_workspace.buf is buf
     assert (buf.numel(), buf.data_ptr()) == (size, ptr)
     cache = model.allocate_cache(1)
     with torch.profiler.profile() as prof:
