@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("OPENLM_MAMBA_AUTOLOAD", None)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONFAULTHANDLER", "1")  # SIGABRT on a timeout prints every thread's stack
     env.update(extra)
     return env
 
@@ -88,14 +90,18 @@ def run(cmd: list[str], cwd: Path, timeout: int = 240, **env: str) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers run in their own sessions
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # where it hangs: SIGABRT makes each Python process print its threads' stacks (faulthandler)
+        pids = [proc.pid, *_descendants(proc.pid)]  # torchrun's workers run in their own sessions
+        for sig, pause in ((signal.SIGABRT, 3), (signal.SIGKILL, 0)):
+            for pid in reversed(pids):  # workers before torchrun
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(pause)
         try:
             out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             out = "(no output: a process still holds the pipe)"
-        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-12000:]}")
     if proc.returncode != 0:
         pytest.fail(f"exit code {proc.returncode}: {' '.join(map(str, cmd))}\n{out[-6000:]}")
     return out
