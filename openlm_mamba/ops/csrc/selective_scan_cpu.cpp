@@ -556,6 +556,7 @@ void olm::scan_fwd_into(const at::Tensor& u, const at::Tensor& delta, const at::
                         at::Tensor& out, at::Tensor& last) {
   check_layouts(u, delta, At, Bt, Ct, z);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_fwd_into", [&] {
+    // K: steps per pass, as the Python side's CHUNK; without chunk states it only sets the buffers' size
     fwd_kernel<scalar_t>(u, delta, At, Bt, Ct, D, z, bias, softplus, x0, 64, out, last, nullptr);
   });
 }

@@ -315,11 +315,8 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
     ssm_state.copy_(last.transpose(1, 2));
     if (tail) {
       const at::Tensor nl = normed.view({batch, L, H}).select(1, L - 1);  // (batch, H)
-      at::Tensor zl = at::empty({batch, di}, opts);
-      proj_into(zl, nl, l.in_w.narrow(0, di, di), part(l.in_b, di, di));
-      const at::Tensor yl = out.select(1, L - 1) * at::silu(zl);
-      h = at::empty({batch, H}, opts);
-      proj_into(h, yl, l.out_w, l.out_b);
+      const at::Tensor zl = proj(nl, l.in_w.narrow(0, di, di), part(l.in_b, di, di));
+      h = proj(out.select(1, L - 1) * at::silu(zl), l.out_w, l.out_b);
     } else {
       proj_into(hbuf, y, l.out_w, l.out_b);
       h = hbuf;
