@@ -535,3 +535,42 @@ def test_bench_generate_quick_runs(capsys):
     assert "| 4 |" in out and "| 8 |" in out, out
     if with_hf:
         assert "TTFT speedup" in out and "# fastest TTFT at context 8: ours" in out, out
+
+
+def test_bench_prefill_quick_runs(capsys, monkeypatch):
+    """benchmarks/bench_prefill.py on a tiny model: TTFT, each bare kernel, their sum and the ratios come out,
+    and the matmul FLOPs it reports are the prefill's (the last layer projects only what it needs)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are unavailable (no compiler, or OPENLM_MAMBA_DISABLE_CPP)")
+    bench_dir = Path(ROOT) / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # it imports bench_generate, as when run as a script
+    spec = importlib.util.spec_from_file_location("bench_prefill", bench_dir / "bench_prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with_hf = has_module("transformers")
+    argv = ["--d-model", "32", "--n-layer", "2", "--vocab", "64", "--context", "8", "--rounds", "2", "--calls", "1"]
+    grad = torch.is_grad_enabled()
+    try:
+        bench.main(argv + ["--hf-rounds", "1"] + ([] if with_hf else ["--no-hf"]))
+    finally:
+        torch.set_grad_enabled(grad)  # the benchmark turns autograd off for its process
+    out = capsys.readouterr().out
+    for row in ("ours: TTFT", "matmuls", "scan", "conv", "floor: sum of the bare kernels"):
+        assert re.search(rf"^\|\s+{row} \| [\d.]+ \| [\d.]+ \|$", out, re.M), (row, out)
+    assert re.search(r"^matmuls: [\d.]+ GFLOP, \d+ GFLOP/s at their fastest$", out, re.M), out
+    # the FLOPs it counts are the fused prefill's: the module prefill's, less the last layer's z half and
+    # output projection at the one position the fused prefill runs them for
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, seq_len=64, name="t"))
+    with FlopCounterMode(display=False) as counter:  # autograd on: the module path, which it can see
+        m.forward_with_cache(prompt(1, 8, vocab=64), m.allocate_cache(1), last_only=True)
+    blocks = sum(counter.get_flop_counts()["ResidualBlock"].values())
+    assert bench.kernel_parts(m, 8)[1] == blocks - 2 * 2 * 32 * 64
+    assert ("HF / floor:" in out) == with_hf, out
