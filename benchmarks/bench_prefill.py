@@ -4,7 +4,8 @@ For one prompt through a float32 model it times, in interleaved rounds of one pr
   * ours:   ``generate(max_new_tokens=1)``, the time to the first token (the fused C++ prefill)
   * floor:  the same prefill's work as bare kernels, each timed alone on warm inputs and summed:
             the MKL matmuls of exactly the shapes the prefill runs (the last layer projects only
-            what the last position needs), the scan kernel and the conv kernel once per layer
+            what the last position needs), the scan kernel and the conv kernel once per layer;
+            add + RMSNorm and the cache bookkeeping are left out, so it is a lower bound
   * transformers' ``MambaForCausalLM.generate`` TTFT on the same weights
 and prints each with the ratios: ours / floor is the overhead left above the kernels; HF / floor
 is the largest TTFT speedup over transformers those kernels allow on this machine, if nothing
@@ -49,7 +50,7 @@ def ttft(run: Callable[[], None], clock: Clock) -> float:
     return clock.times[0] - start
 
 
-def kernel_parts(model, ctx: int) -> tuple[dict[str, Callable[[], object]], float]:
+def kernel_parts(model, ctx: int) -> tuple[dict[str, Callable[[], object]], int]:
     """The prefill's work (batch 1, ``ctx`` tokens) as bare kernels on random inputs of the right
     shapes: (name -> one call that runs that part for every layer, the matmuls' FLOPs)."""
     cfg = model.cfg
