@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module under openlm_mamba.commands
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openlm-mamba",
         description="Mamba language models for OpenLM: inspect configs, convert checkpoints, generate, evaluate.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"openlm-mamba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _load(name)
@@ -48,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command's `raise SystemExit("error: ...")`: the message, and 2 like the others
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    except BrokenPipeError:  # `openlm-mamba ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ Also registered with lm-eval as ``openlm-mamba`` (``lm_eval --model openlm-mamba
 
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 from tqdm.auto import tqdm
 
+from .device import check_device
 from .model import MambaLM
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
@@ -46,21 +49,72 @@ MODEL_CARD_TASKS = {
 }
 
 
-def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None):
+def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None) -> Any:
+    """A tokenizer object as is; else what ``openlm-mamba generate --tokenizer`` would load (a directory, a
+    tokenizer.json file or a hub name; default: the checkpoint dir's, else gpt-neox-20b). ValueError if it cannot."""
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from transformers import AutoTokenizer
+    from .commands.generate import load_tokenizer
 
-    if tokenizer is None:
+    defaulted = tokenizer is None
+    if defaulted:
         folder = Path(pretrained) if pretrained is not None else None
         if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
             tokenizer = folder
         else:
             tokenizer = DEFAULT_TOKENIZER
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    except OSError as e:
-        raise ValueError(f"tokenizer: cannot load {str(tokenizer)!r} ({e}); pass a local tokenizer directory") from None
+        return load_tokenizer(str(tokenizer))
+    except SystemExit as e:  # its message is the CLI's one line, "error: --tokenizer ...: ..."
+        message = str(e).removeprefix("error: ")
+        if defaulted and tokenizer == DEFAULT_TOKENIZER:
+            message += f" (no tokenizer was given and {pretrained} has no tokenizer files, so Mamba-7B's was tried)"
+        raise ValueError(message) from None
+
+
+def check_limit(limit: float | None) -> int | float | None:
+    """lm-eval's ``limit``, checked: None (every example), a count (a whole number >= 1) or a fraction in (0, 1)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise ValueError(f"limit must be a number, got {limit!r}")
+    if not math.isfinite(limit) or limit <= 0 or (limit >= 1 and limit != int(limit)):
+        raise ValueError(
+            f"expected a count of examples per task (a whole number >= 1) or a fraction in (0, 1), got {limit:g}"
+        )
+    return int(limit) if limit >= 1 else float(limit)
+
+
+def make_task_manager(include_path: str | Path | None = None, include_defaults: bool = True) -> Any:
+    """lm-eval's ``TaskManager``: its built-in tasks (unless ``include_defaults=False``) plus ``include_path``'s YAMLs."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+
+
+def check_tasks(tasks: list[Any], manager: Any) -> None:
+    """ValueError naming each of ``tasks`` that ``manager`` does not know (with close matches) and how to list them.
+
+    A task is a registered task/group/tag name, a task YAML file path, or a config dict (not checked here).
+    """
+    known = list(manager.all_tasks)
+    unknown = [t for t in tasks if isinstance(t, str) and t not in known and not Path(t).expanduser().is_file()]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+        parts.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    message = (
+        f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(parts)}: not a registered lm-eval task, group or tag"
+    )
+    if not known:
+        message += "; no tasks are registered at all (built-in tasks skipped and no task YAMLs in the include path)"
+    elif len(known) <= 20:
+        message += f"; registered: {', '.join(known)}"
+    else:
+        message += f"; {len(known)} are registered (`lm-eval ls tasks` lists the built-in ones)"
+    raise ValueError(message)
 
 
 @register_model("openlm-mamba", "openlm_mamba")
@@ -84,23 +138,28 @@ class MambaEvalLM(TemplateLM):
         super().__init__()
         if (pretrained is None) == (model is None):
             raise ValueError("MambaEvalLM: pass exactly one of pretrained= (a checkpoint path) or model= (a MambaLM)")
-        if model is None:
-            from .convert import load_model
-
-            model = load_model(pretrained, model=model_config, backend=backend, dtype=dtype, device=device or "cpu")
-        elif backend is not None:
-            model.set_backend(backend)
-        if not isinstance(model, MambaLM):
+        if model is not None and not isinstance(model, MambaLM):
             raise TypeError(f"MambaEvalLM: model must be a MambaLM, got {type(model).__name__}")
-        self.model = model.eval()
-        self.tokenizer = _load_tokenizer(tokenizer, pretrained)
-        self._device = next(model.parameters()).device
+        # the cheap checks first, the checkpoint last
         bs = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         if bs <= 0:
             raise ValueError(f"MambaEvalLM: batch_size must be a positive int, got {batch_size!r}")
-        self._batch_size = bs
         if int(max_length) < 2:
             raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
+        self.tokenizer = _load_tokenizer(tokenizer, pretrained)
+        if model is None:
+            from .convert import load_model
+
+            try:
+                device = check_device(device or "cpu")
+            except ValueError as e:
+                raise ValueError(f"MambaEvalLM: device {str(device)!r}: {e}") from None
+            model = load_model(pretrained, model=model_config, backend=backend, dtype=dtype, device=device)
+        elif backend is not None:
+            model.set_backend(backend)
+        self.model = model.eval()
+        self._device = next(model.parameters()).device
+        self._batch_size = bs
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
 
@@ -230,17 +289,24 @@ def evaluate(
     limit: int | float | None = None,
     log_samples: bool = False,
     include_defaults: bool = True,
+    task_manager: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` on ``tasks`` with our adapter.
 
     ``include_path`` adds a folder of task YAMLs; ``include_defaults=False`` skips indexing lm-eval's
-    built-in tasks (seconds saved when only local tasks run).
+    built-in tasks (seconds saved when only local tasks run). A ready ``task_manager`` (see ``make_task_manager``)
+    replaces both. ``limit``: examples per task, a count >= 1 or a fraction in (0, 1). Unknown task names and a
+    bad ``limit`` raise ValueError before anything runs.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+    try:
+        limit = check_limit(limit)
+    except ValueError as e:
+        raise ValueError(f"limit: {e}") from None
+    manager = task_manager if task_manager is not None else make_task_manager(include_path, include_defaults)
+    check_tasks(list(tasks), manager)
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),

@@ -17,6 +17,7 @@ import torch
 from .ops import dispatch
 
 STATE_UPDATE_OP = "selective_state_update"
+PREFILL_OPS = ("causal_conv1d", "selective_scan")  # the ops a prompt runs through, with the model's backend
 
 
 @dataclass
@@ -59,6 +60,10 @@ class MambaCache:
         weight = model.model.backbone.embedding.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
+        model_backend = dispatch.requested_backend(model.layers[0].mixer.backend if len(model.layers) else None)
+        if model_backend != "auto":  # the prompt runs the model's own backend: it must run here, as in training
+            for op in PREFILL_OPS:
+                dispatch.resolve(op, device, model_backend)  # BackendUnavailableError naming the op and why
         if backend is None:
             backend = model.layers[0].mixer.backend if len(model.layers) else None
         wanted = dispatch.requested_backend(backend)
@@ -249,9 +254,10 @@ def check_settings(
     top_k = 0 if top_k is None else top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int >= 0 (0 or None disables it), got {top_k!r}")
-    if do_sample:
-        temperature = _check_number("temperature", temperature, 0.0, math.inf, True, True)
-        top_p = _check_number("top_p", top_p, 0.0, 1.0, True, False)
+    # greedy ignores temperature and top_p, but an impossible value is still a mistake (temperature 0 is the
+    # usual way to ask for greedy decoding, so it passes then)
+    temperature = _check_number("temperature", temperature, 0.0, math.inf, do_sample, True)
+    top_p = _check_number("top_p", top_p, 0.0, 1.0, True, False)
     repetition_penalty = _check_number("repetition_penalty", repetition_penalty, 0.0, math.inf, True, True)
     return temperature, top_k, top_p, repetition_penalty
 

@@ -22,9 +22,25 @@ def test_list_and_one_config(capsys):
     assert (info["d_model"], info["n_layer"], info["dt_rank"], info["padded_vocab_size"]) == (4096, 64, 256, 50432)
 
 
+def test_list_json_and_readable_sizes(capsys):
+    assert cli_main(["info", "--list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["mamba_7b"]["n_layer"] == 64 and rows["mamba_tiny"]["parameters"] == 98240
+    assert cli_main(["info"]) == 0  # no model: the list, with sizes at a readable scale
+    out = capsys.readouterr().out
+    assert "params=98.2K" in out and "params=6.947B" in out and "params=129.3M" in out, out
+
+
 def test_unknown_config_is_an_error(capsys):
     assert cli_main(["info", "mamba_9z"]) == 2
-    assert "mamba_9z" in capsys.readouterr().out
+    assert "mamba_9z" in capsys.readouterr().err
+
+
+def test_conflicting_info_requests_are_an_error(capsys):
+    """A model name with --list or --env would be silently ignored: refused instead."""
+    for argv in (["info", "mamba_tiny", "--list"], ["info", "mamba_tiny", "--env"], ["info", "--list", "--env"]):
+        assert cli_main(argv) == 2, argv
+        assert "give one of MODEL, --list and --env" in capsys.readouterr().err
 
 
 def test_env_reports_versions_kernels_and_backends(capsys):

@@ -226,3 +226,202 @@ def test_cli_model_card_runs_zero_shot_tasks_and_mmlu_five_shot(setup, capsys, m
     table = capsys.readouterr().out
     assert "| hellaswag | 0 | 50.0 | 25.0 | 77.9 |" in table
     assert "| mmlu | 5 | 33.3 | - | 33.3 |" in table and "mmlu_anatomy" not in table
+
+
+# -- bad input: one line `error: ...`, exit 2, before anything heavy is loaded ---------------------------------
+
+
+def _eval_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    from openlm_mamba.cli import main as cli_main
+
+    rc = cli_main(["eval", *argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _one_line_error(rc: int, err: str, start: str) -> None:
+    assert rc == 2, err
+    assert err.startswith(start) and "\n" not in err and "Traceback" not in err, err
+
+
+def test_cli_unknown_task_names_them_with_close_matches(setup, task_dir, capsys, monkeypatch):
+    from openlm_mamba.evaluation import evaluate
+
+    root, lm, _ = setup
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = ["--include-path", str(task_dir), "--only-local-tasks"]
+    rc, err = _eval_cli(capsys, [str(root / "hf"), *local, "--tasks", "nonexistent_task,tiny_mx"])
+    _one_line_error(rc, err, "error: --tasks: unknown tasks 'nonexistent_task', 'tiny_mx' (did you mean tiny_mc?)")
+    assert "registered: tiny_mc" in err and "--only-local-tasks skips lm-eval's built-in tasks" in err
+    # the model card's tasks are built-in ones: with --only-local-tasks they are unknown, said so at once
+    rc, err = _eval_cli(capsys, [str(root / "hf"), *local, "--model-card"])
+    _one_line_error(rc, err, "error: --model-card: unknown tasks 'hellaswag', 'piqa'")
+    rc, err = _eval_cli(capsys, [str(root / "hf"), "--include-path", str(root / "no_such_dir"), "--tasks", "tiny_mc"])
+    _one_line_error(rc, err, f"error: --include-path {root / 'no_such_dir'}: no such directory")
+    rc, err = _eval_cli(capsys, [str(root / "hf"), *local, "--tasks", " , "])
+    _one_line_error(rc, err, "error: --tasks ' , ': no task names in it")
+    # the library says the same (ValueError, not lm-eval's KeyError)
+    with pytest.raises(ValueError, match=r"unknown task 'nonexistent_task'.*registered: tiny_mc"):
+        evaluate(lm, ["nonexistent_task"], include_path=task_dir, include_defaults=False)
+    with pytest.raises(ValueError, match="no tasks are registered at all"):
+        evaluate(lm, ["tiny_mc"], include_defaults=False)
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "2.5", "nan", "inf"])
+def test_cli_limit_out_of_range_is_a_clear_error(setup, task_dir, capsys, limit):
+    root = setup[0]
+    argv = [str(root / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--only-local-tasks"]
+    rc, err = _eval_cli(capsys, [*argv, "--limit", limit, "--device", "cpu"])
+    _one_line_error(rc, err, f"error: --limit {float(limit):g}: expected a count of examples per task")
+    assert "or a fraction in (0, 1)" in err
+
+
+def test_limit_semantics_count_or_fraction(setup, task_dir, capsys, monkeypatch):
+    from openlm_mamba.cli import main as cli_main
+    from openlm_mamba.evaluation import check_limit, evaluate
+
+    assert check_limit(None) is None
+    assert check_limit(3.0) == 3 and isinstance(check_limit(3.0), int)
+    assert check_limit(0.5) == 0.5
+    for bad in (0, -1, 1.5, float("nan"), True, "3"):
+        with pytest.raises(ValueError):
+            check_limit(bad)
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    assert "a whole count N >= 1 or a fraction in (0, 1)" in " ".join(capsys.readouterr().out.split())
+
+    lm = setup[1]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = {"include_path": task_dir, "include_defaults": False}
+    with pytest.raises(ValueError, match="limit: expected a count"):
+        evaluate(lm, ["tiny_mc"], limit=0, **local)
+    res = evaluate(lm, ["tiny_mc"], limit=0.5, log_samples=True, **local)  # a fraction of the 6 questions
+    assert len(res["samples"]["tiny_mc"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("device", "built", "available", "count", "expected"),
+    [
+        ("tpu", True, True, 1, "error: --device tpu: not a valid torch device"),
+        ("cuda", False, False, 0, "error: --device cuda: this torch build ("),
+        ("cuda", True, False, 0, "error: --device cuda: no CUDA device is visible"),
+        ("cuda:7", True, True, 1, "error: --device cuda:7: only 1 CUDA device(s) visible"),
+        ("meta", True, True, 1, "error: --device meta: the meta device holds no data"),
+    ],
+)
+def test_cli_unusable_device_is_a_clear_error(setup, capsys, monkeypatch, device, built, available, count, expected):
+    root = setup[0]
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    rc, err = _eval_cli(capsys, [str(root / "hf"), "--tasks", "tiny_mc", "--device", device])
+    _one_line_error(rc, err, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cli_device_cuda_without_cuda(setup, capsys):
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    root, lm, _ = setup
+    rc, err = _eval_cli(capsys, [str(root / "hf"), "--tasks", "tiny_mc", "--device", "cuda"])
+    _one_line_error(rc, err, "error: --device cuda: ")
+    assert "no CUDA" in err
+    with pytest.raises(ValueError, match="MambaEvalLM: device 'cuda': "):
+        MambaEvalLM(pretrained=root / "hf", tokenizer=lm.tokenizer, device="cuda")
+
+
+def test_eval_accepts_a_bare_tokenizer_json_like_generate(setup, task_dir, tmp_path, capsys, monkeypatch):
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    root, lm, _ = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    file = tmp_path / "tokenizer.json"  # what examples/make_tiny_data.py writes: a lone tokenizers file
+    lm.tokenizer.backend_tokenizer.save(str(file))
+    from_file = MambaEvalLM(pretrained=root / "epoch_1.pt", model_config="mamba_tiny", tokenizer=str(file))
+    text = CORPUS[0] + " " + CORPUS[1]
+    assert from_file.tok_encode(text) == lm.tok_encode(text)
+    assert from_file.eot_token_id == lm.eot_token_id == 0 and from_file.tokenizer.eos_token == "<|endoftext|>"
+
+    argv = [str(root / "epoch_1.pt"), "--model", "mamba_tiny", "--tokenizer", str(file), "--tasks", "tiny_mc"]
+    argv += ["--include-path", str(task_dir), "--only-local-tasks", "--limit", "2", "--device", "cpu"]
+    from openlm_mamba.cli import main as cli_main
+
+    assert cli_main(["eval", *argv]) == 0
+    assert "| tiny_mc |" in capsys.readouterr().out
+    rc, err = _eval_cli(capsys, [*argv[:4], str(tmp_path / "missing" / "tokenizer.json"), *argv[5:]])
+    _one_line_error(rc, err, f"error: --tokenizer '{tmp_path / 'missing' / 'tokenizer.json'}': no such file")
+
+
+def test_load_tokenizer_paths_that_do_not_exist_or_hold_no_tokenizer(setup, tmp_path, monkeypatch):
+    from openlm_mamba.commands.generate import load_tokenizer
+
+    lm = setup[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("/nonexistent/tok.json", "./missing", "~/no/such/tokenizer", "missing.json", "a/b/c"):
+        with pytest.raises(SystemExit, match=rf"^error: --tokenizer '{name}': no such file or directory$"):
+            load_tokenizer(name)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"cannot load a tokenizer from this directory: no tokenizer.json / .*empty$"):
+        load_tokenizer(str(empty))
+    # a broken tokenizer dir: the whole (multi-line) cause, on one line
+    (empty / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"from this directory .*Cause: .*\(3\) .*") as info:
+        load_tokenizer(str(empty))
+    assert "\n" not in str(info.value)
+    # a directory holding only tokenizer.json: EOS taken from its end-of-text token, as for the bare file
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    lm.tokenizer.backend_tokenizer.save(str(lone / "tokenizer.json"))
+    for where in (lone, lone / "tokenizer.json"):
+        tok = load_tokenizer(str(where))
+        assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+
+
+class _FakeAutoTokenizer:
+    """Records from_pretrained calls; only ``cached`` names load, and only from the local cache."""
+
+    def __init__(self, cached: dict):
+        self.cached = cached
+        self.calls: list[tuple[str, bool]] = []
+
+    def from_pretrained(self, name, local_files_only=False, **kwargs):
+        self.calls.append((str(name), bool(local_files_only)))
+        if not local_files_only:
+            raise AssertionError("the network was tried")
+        if name in self.cached:
+            return self.cached[name]
+        raise OSError(f"{name} is not in the cache")
+
+
+def test_load_tokenizer_hub_name_cache_first_and_no_retry_loop_offline(monkeypatch):
+    """A hub name: the HF cache first; not cached and the hub unreachable -> fails at once, no ~50 s of retries."""
+    import types
+
+    import huggingface_hub
+    import transformers
+
+    from openlm_mamba.commands import generate
+
+    cached = types.SimpleNamespace(eos_token="</s>")
+    fake = _FakeAutoTokenizer({"org/cached": cached})
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake.from_pretrained)
+    probes = []
+
+    class DeadSession:
+        def head(self, url, **kwargs):
+            probes.append(url)
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "get_session", DeadSession)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    assert generate.load_tokenizer("org/cached") is cached
+    assert fake.calls == [("org/cached", True)] and probes == []  # from the cache, the network untouched
+    fake.calls.clear()
+    with pytest.raises(SystemExit, match=r"'org/missing': not in the local HF cache, and the hub .* cannot be reached"):
+        generate.load_tokenizer("org/missing")
+    assert fake.calls == [("org/missing", True)] and len(probes) == 1

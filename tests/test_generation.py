@@ -309,15 +309,30 @@ def test_state_size_is_constant_while_decoding(model):
 
 
 def test_cache_backend_choice():
+    """An explicit backend that cannot run the prompt's ops here is an error up front, as in training; "cuda"
+    (mamba_ssm's scan) leaves the step op, which has no such backend, to auto."""
+    from openlm_mamba.ops.dispatch import BackendUnavailableError, available_backends
+
     m = tiny_model(n_layer=1)
     assert m.allocate_cache(1).backend == "torch"
-    m.set_backend("cuda")  # the scan's mamba_ssm backend; the step op has none, so auto picks
-    assert m.allocate_cache(1).backend == "torch"
-    from openlm_mamba.ops.dispatch import BackendUnavailableError
-
+    assert m.allocate_cache(1, backend="torch").fused is not None
+    m.set_backend("cuda")
+    if "cuda" in available_backends("selective_scan") and "cuda" in available_backends("causal_conv1d"):
+        assert m.allocate_cache(1).backend == "torch"
+    else:  # no mamba_ssm / causal-conv1d: generate and the no-grad forward refuse, as the training forward does
+        with pytest.raises(BackendUnavailableError, match="causal_conv1d: backend 'cuda' is unavailable on cpu"):
+            m.allocate_cache(1)
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable on cpu"):
+            generate(m, prompt(1, 4, vocab=64), max_new_tokens=2)
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable on cpu"), torch.no_grad():
+            m(prompt(1, 4, vocab=64))
+    m.set_backend(None)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        with pytest.raises(BackendUnavailableError, match="selective_state_update: backend 'triton'"):
-            m.allocate_cache(1, backend="triton")
+        with pytest.raises(BackendUnavailableError, match="selective_state_update: backend 'triton' is unavailable"):
+            m.allocate_cache(1, backend="triton")  # the step's backend
+        m.set_backend("triton")  # the model's: its prompt ops
+        with pytest.raises(BackendUnavailableError, match="causal_conv1d: backend 'triton' is unavailable on cpu"):
+            m.allocate_cache(1)
 
 
 def test_forward_with_cache_rejects_bad_input(model):
@@ -486,6 +501,8 @@ def test_padded_vocab_rows_are_never_chosen(model, monkeypatch):
         ({"do_sample": True, "temperature": -1}, "temperature"),
         ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0.0, 1.0\]"),
         ({"do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"top_p": 1.5}, r"top_p must be in \(0.0, 1.0\]"),  # greedy ignores it, but 1.5 is never valid
+        ({"temperature": -1}, r"temperature must be in \[0.0, inf\)"),  # greedy: 0 is allowed, negative is not
         ({"top_k": -1}, "top_k must be an int >= 0"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"max_new_tokens": -1}, "max_new_tokens must be an int >= 0"),
@@ -501,6 +518,12 @@ def test_padded_vocab_rows_are_never_chosen(model, monkeypatch):
 def test_invalid_settings_raise_clear_errors(model, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         generate(model, prompt(2, 3), max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
+
+
+def test_greedy_accepts_temperature_zero(model):
+    """temperature=0 is the usual way to ask for greedy decoding: accepted (and ignored) when not sampling."""
+    ids = prompt(2, 3)
+    assert torch.equal(generate(model, ids, max_new_tokens=4, temperature=0.0), generate(model, ids, max_new_tokens=4))
 
 
 def test_invalid_inputs_raise_clear_errors(model):

@@ -164,22 +164,66 @@ def test_fallback_loader_without_convert(openlm_style_checkpoint):
         load_openlm_file(path, None, "cpu", torch.float32)
 
 
-def test_cli_clear_errors(monkeypatch, tmp_path, tokenizer_dir, openlm_style_checkpoint):
+def test_cli_clear_errors(monkeypatch, capsys, tmp_path, tokenizer_dir, openlm_style_checkpoint):
+    """Bad input: one line on stderr, exit code 2 (as the other commands), and nothing on stdout: the prompt is
+    echoed only once everything is checked."""
     path, _ = openlm_style_checkpoint
     base = ["--checkpoint", str(path), "--prompt", "x"]
-    with pytest.raises(SystemExit, match=r"--tokenizer 'no-such-org/no-such-tokenizer'.*HF_HUB_OFFLINE"):
-        run_cli(monkeypatch, [*base, "--tokenizer", "no-such-org/no-such-tokenizer"])
-    with pytest.raises(SystemExit, match=r"--tokenizer .*cannot load a tokenizer from this directory"):
-        run_cli(monkeypatch, [*base, "--tokenizer", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"top_p must be in \(0.0, 1.0\]"):
-        run_cli(monkeypatch, [*base, "--tokenizer", str(tokenizer_dir), "--top-p", "0"])
-    with pytest.raises(SystemExit, match="no such file"):
-        run_cli(
-            monkeypatch,
-            ["--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "x", "--tokenizer", str(tokenizer_dir)],
-        )
-    with pytest.raises(SystemExit, match="d_model"):  # checkpoint does not match --model
-        run_cli(monkeypatch, [*base, "--tokenizer", str(tokenizer_dir), "--model", "mamba_130m"])
+    tok = ["--tokenizer", str(tokenizer_dir)]
+    cases = [
+        ([*base, "--tokenizer", "no-such-org/no-such-tokenizer"], r"--tokenizer 'no-such-org/no-such-tokenizer'.*"),
+        ([*base, "--tokenizer", str(tmp_path)], r"--tokenizer .*" + re.escape(str(tmp_path))),
+        ([*base, *tok, "--top-p", "0"], r"top_p must be in \(0.0, 1.0\]"),
+        (["--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "x", *tok], "no such file"),
+        ([*base, *tok, "--model", "mamba_130m"], "d_model"),  # checkpoint does not match --model
+        ([*base, *tok, "--device", "tpu"], r"--device tpu: not a valid torch device"),
+        ([*base, *tok, "--device", "cuda:7"], r"--device cuda:7: (this torch build .* has no CUDA|no CUDA|only \d)"),
+    ]
+    if not torch.cuda.is_available():  # no mamba_ssm kernels on CPU: an explicit "cuda" backend cannot run
+        cases.append(([*base, *tok, "--backend", "cuda"], r"causal_conv1d: backend 'cuda' is unavailable on cpu"))
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        cases.append(([*base, *tok, "--backend", "triton"], r"causal_conv1d: backend 'triton' is unavailable on cpu"))
+    for argv, pattern in cases:
+        rc, out = run_cli(monkeypatch, argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert re.search(r"^error: .*" + pattern, err, re.M | re.S), (argv, err)
+        assert "Traceback" not in err, err
+        assert out.getvalue() == "", (argv, out.getvalue())
+
+
+def test_cli_tokenizer_that_does_not_match_the_checkpoint(monkeypatch, capsys, tmp_path, tokenizer_dir):
+    """Token ids beyond the model's vocabulary: an error naming the mismatch, before anything is printed."""
+    torch.manual_seed(0)
+    small = MambaLM(MambaConfig.load("mamba_tiny").replace(vocab_size=128)).eval()  # the tokenizer has 300 tokens
+    path = tmp_path / "small.pt"
+    torch.save({"state_dict": small.state_dict()}, path)
+    prompt = "The Toyota Supra is a sports car"
+    rc, out = run_cli(monkeypatch, ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", prompt])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside the model's vocabulary of 128: the tokenizer does not match the checkpoint" in err, err
+    assert out.getvalue() == ""
+
+
+def test_cli_greedy_means_no_repetition_penalty(monkeypatch, tokenizer_dir, openlm_style_checkpoint):
+    """--greedy decodes as plain greedy (generate()'s and transformers' default penalty 1.0) unless a penalty
+    is given; sampling keeps the model card's 1.1."""
+    path, model = openlm_style_checkpoint
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = "Mamba is a selective state space model"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    base = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", prompt, "--greedy"]
+    texts = {}
+    for penalty in (None, 1.0, 1.5):
+        argv = [*base, "--max-new-tokens", "24", "--no-stream"]
+        rc, out = run_cli(monkeypatch, argv + ([] if penalty is None else ["--repetition-penalty", str(penalty)]))
+        assert rc == 0
+        texts[penalty] = out.getvalue()
+    plain = generate(model, ids, max_new_tokens=24, eos_token_id=tok.eos_token_id)
+    assert texts[None] == prompt + tok.decode(plain[0, ids.shape[1] :].tolist(), skip_special_tokens=True) + "\n"
+    assert texts[None] == texts[1.0] != texts[1.5]
 
 
 def tiny_recipe():

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (with --tasks)")
     parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer name or dir (default: the checkpoint dir's, else gpt-neox-20b)"
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, tokenizer.json file or HF hub name (default: the checkpoint dir's, else gpt-neox-20b)",
     )
     parser.add_argument("--model", default=None, help="model config the checkpoint must match (name or JSON path)")
     parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (e.g. local JSONL tasks)")
@@ -29,9 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=2048, help="context window for scoring (default 2048)")
     parser.add_argument(
-        "--limit", type=float, default=None, help="examples per task (a fraction if < 1), for quick checks"
+        "--limit",
+        type=float,
+        default=None,
+        help="for quick checks: examples per task, a whole count N >= 1 or a fraction in (0, 1) of each task",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"], help="op backend")
     parser.add_argument("--output", default=None, help="write the full lm-eval results JSON here")
@@ -39,17 +44,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import torch
-
         from ..convert import ConversionError
-        from ..evaluation import MODEL_CARD_TASKS, MambaEvalLM, evaluate, results_table
+        from ..evaluation import (
+            MODEL_CARD_TASKS,
+            MambaEvalLM,
+            check_device,
+            check_limit,
+            check_tasks,
+            evaluate,
+            make_task_manager,
+            results_table,
+        )
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.tasks and not args.model_card:
         print("error: give --tasks a,b,c or --model-card", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # the cheap checks first: nothing is loaded before the arguments are known to be usable
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        print(f"error: --num-fewshot {args.num_fewshot}: expected a count >= 0", file=sys.stderr)
+        return 2
+    try:
+        limit = check_limit(args.limit)
+    except ValueError as e:
+        print(f"error: --limit {args.limit:g}: {e}", file=sys.stderr)
+        return 2
+    try:
+        device = check_device(args.device or None)
+    except ValueError as e:
+        print(f"error: --device {args.device}: {e}", file=sys.stderr)
+        return 2
+    if args.include_path and not Path(args.include_path).is_dir():
+        why = (
+            "not a directory (give the folder holding the task YAMLs)"
+            if Path(args.include_path).exists()
+            else "no such directory"
+        )
+        print(f"error: --include-path {args.include_path}: {why}", file=sys.stderr)
+        return 2
+    if args.model_card:
+        runs: dict[int | None, list[str]] = {}
+        for task, shots, _ in MODEL_CARD_TASKS.values():
+            runs.setdefault(shots, []).append(task)
+        reference = {task: card for task, _, card in MODEL_CARD_TASKS.values()}
+    else:
+        runs = {args.num_fewshot: [t.strip() for t in args.tasks.split(",") if t.strip()]}
+        reference = None
+    if not any(runs.values()):
+        print(f"error: --tasks {args.tasks!r}: no task names in it", file=sys.stderr)
+        return 2
+    manager = make_task_manager(args.include_path, include_defaults=not args.only_local_tasks)
+    try:
+        check_tasks([t for tasks in runs.values() for t in tasks], manager)
+    except ValueError as e:
+        hint = " (--only-local-tasks skips lm-eval's built-in tasks)" if args.only_local_tasks else ""
+        print(f"error: {'--model-card' if args.model_card else '--tasks'}: {e}{hint}", file=sys.stderr)
+        return 2
     backend = None if args.backend == "auto" else args.backend
     try:
         lm = MambaEvalLM(
@@ -65,25 +116,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.model_card:
-        runs: dict[int, list[str]] = {}
-        for task, shots, _ in MODEL_CARD_TASKS.values():
-            runs.setdefault(shots, []).append(task)
-        reference = {task: card for task, _, card in MODEL_CARD_TASKS.values()}
-    else:
-        runs = {args.num_fewshot: [t.strip() for t in args.tasks.split(",") if t.strip()]}
-        reference = None
     merged: dict = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}}
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     for shots, tasks in runs.items():
-        res = evaluate(
-            lm,
-            tasks,
-            num_fewshot=shots,
-            include_path=args.include_path,
-            include_defaults=not args.only_local_tasks,
-            limit=limit,
-        )
+        res = evaluate(lm, tasks, num_fewshot=shots, limit=limit, task_manager=manager)
         for key in merged:
             merged[key].update(res.get(key, {}))
     print(results_table(merged, reference))

@@ -22,20 +22,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json file, or HF hub name")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="default: 50")
     parser.add_argument(
-        "--greedy", action="store_true", help="greedy decoding (default: sampling as on the model card)"
+        "--greedy",
+        action="store_true",
+        help="plain greedy decoding, repetition penalty 1.0 unless given (default: sampling as on the model card)",
     )
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1)
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass in (0, 1] (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k likeliest tokens; 0 disables (default: 50)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="transformers' repetition penalty; 1.0 is none (default: 1.1 when sampling, as on the model card; "
+        "1.0 with --greedy)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU"
     )
-    parser.add_argument("--backend", default=None, help="op backend: auto | torch | triton | cuda")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "torch", "triton", "cuda"],
+        help="op backend (default: auto, or $OPENLM_MAMBA_BACKEND)",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text once at the end")
     parser.add_argument(
         "--stats",
@@ -44,36 +57,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_tokenizer(name: str):
-    """A transformers tokenizer from a directory, a tokenizer.json file or a hub name (clear error if unavailable)."""
+def load_tokenizer(name: str | os.PathLike):
+    """A transformers tokenizer from a directory, a tokenizer.json file or a hub name (clear error if unavailable).
+
+    A hub name is looked up in the local HF cache first; the network is tried only if that fails, HF_HUB_OFFLINE is
+    unset and the hub answers at all (so an offline machine fails at once instead of retrying for a minute).
+    """
     try:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
     except ImportError:
         raise SystemExit(
             "error: --tokenizer needs the `transformers` package (pip install 'openlm-mamba[hf]')"
         ) from None
-    path = Path(name)
-    try:
-        if path.is_file():  # a bare tokenizers file: take the usual end-of-text token as EOS if it has one
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-            for eos in ("<|endoftext|>", "</s>", "<eos>"):
-                if tok.convert_tokens_to_ids(eos) not in (None, tok.unk_token_id):
-                    tok.eos_token = eos
-                    break
-            return tok
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        return AutoTokenizer.from_pretrained(name, local_files_only=offline or path.is_dir())
-    except Exception as e:  # transformers raises many kinds here
-        where = "directory" if path.is_dir() else "name"
-        hint = (
-            " HF_HUB_OFFLINE is set, so only local directories and the local HF cache are searched."
-            if os.environ.get("HF_HUB_OFFLINE")
-            else ""
+    name = str(name)
+    path = Path(name).expanduser()
+    seps = tuple({"/", os.sep, os.altsep or "/"})
+    looks_like_path = (
+        name.startswith((".", "~", *seps))
+        or name.endswith((".json", *seps))
+        or name.count("/") > 1  # a hub name is "repo" or "namespace/repo"
+        or any(sep in name for sep in seps if sep != "/")
+    )
+    if not path.exists() and looks_like_path:
+        raise SystemExit(f"error: --tokenizer {name!r}: no such file or directory")
+    if path.is_dir() and not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    ):
+        raise SystemExit(
+            f"error: --tokenizer {name!r}: cannot load a tokenizer from this directory: "
+            f"no tokenizer.json / tokenizer_config.json in {path}"
         )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        tok = None
+        if path.is_file():  # a bare tokenizers file
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif path.is_dir():
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        else:
+            try:  # a hub name: the local cache first (no network, no retries)
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            except OSError:
+                if offline:
+                    raise
+        if tok is not None:
+            if tok.eos_token is None:  # e.g. a lone tokenizer.json: take the usual end-of-text token if it has one
+                for eos in ("<|endoftext|>", "</s>", "<eos>"):
+                    if tok.convert_tokens_to_ids(eos) not in (None, tok.unk_token_id):
+                        tok.eos_token = eos
+                        break
+            return tok
+        try:
+            from huggingface_hub import constants, get_session
+        except ImportError:
+            get_session = None
+        if get_session is not None:  # one quick request first: huggingface_hub retries a dead link for ~50 s
+            try:
+                get_session().head(constants.ENDPOINT, timeout=10)
+            except Exception as e:  # the HTTP client's connection errors
+                raise SystemExit(
+                    f"error: --tokenizer {name!r}: not in the local HF cache, and the hub ({constants.ENDPOINT}) "
+                    f"cannot be reached ({type(e).__name__}: {e}); pass a local tokenizer directory or "
+                    "tokenizer.json file, or set HF_HUB_OFFLINE=1 with the tokenizer in the HF cache"
+                ) from None
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # transformers raises many kinds here
+        where = "file" if path.is_file() else "directory" if path.is_dir() else "name"
+        hint = (
+            " HF_HUB_OFFLINE is set, so only local directories and the local HF cache are searched." if offline else ""
+        )
+        cause = " ".join(str(e).split())  # one line, not cut at the first line break
+        cause = cause if len(cause) <= 600 else cause[:597] + "..."
         raise SystemExit(
             f"error: --tokenizer {name!r}: cannot load a tokenizer from this {where} "
             f"(expected a directory with tokenizer.json / tokenizer_config.json, a tokenizer.json file, "
-            f"or a hub name available offline).{hint} Cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"or a hub name available offline).{hint} Cause: {type(e).__name__}: {cause}"
         ) from None
 
 
@@ -128,24 +186,40 @@ def load_model(args, device: str, dtype):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..device import check_device
     from ..generation import check_settings, generate
+    from ..ops.dispatch import BackendUnavailableError
 
+    if args.repetition_penalty is None:
+        args.repetition_penalty = 1.0 if args.greedy else 1.1
     try:
         check_settings(
             args.max_new_tokens, not args.greedy, args.temperature, args.top_k, args.top_p, args.repetition_penalty
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}".replace("generate: ", "")) from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device {args.device}: {e}") from None
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     tok = load_tokenizer(args.tokenizer)
     lm = load_model(args, device, dtype)
     if args.backend is not None:
         lm.set_backend(args.backend)
+    try:
+        lm.allocate_cache(1)  # an explicit backend that cannot run here fails now, not after the prompt is shown
+    except (BackendUnavailableError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     ids = tok(args.prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.shape[1] == 0:
         raise SystemExit("error: --prompt encodes to zero tokens")
+    if int(ids.max()) >= lm.cfg.vocab_size:
+        raise SystemExit(
+            f"error: --tokenizer {args.tokenizer}: it gave token id {int(ids.max())}, outside the model's vocabulary "
+            f"of {lm.cfg.vocab_size}: the tokenizer does not match the checkpoint"
+        )
 
     out = sys.stdout
     new: list[int] = []
@@ -182,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             streamer=stream,
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, BackendUnavailableError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.no_stream:
         out.write(args.prompt + tok.decode(result[0, ids.shape[1] :].tolist(), skip_special_tokens=True))

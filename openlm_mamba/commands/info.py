@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = "Show a model config's sizes, parameter count and training FLOPs per token, or (--env) what this machine runs."
 
@@ -88,9 +89,20 @@ def print_environment(env: dict) -> None:
         print(f"  {op:24s} " + "; ".join(parts))
 
 
+def _params(n: int) -> str:
+    """A parameter count at a readable scale: 98.2K, 129.1M, 6.95B."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{3 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, MambaConfig, available_configs
 
+    if sum(map(bool, (args.env, args.list, args.model is not None))) > 1:
+        print("error: give one of MODEL, --list and --env", file=sys.stderr)
+        return 2
     if args.env:
         env = environment()
         if args.json:
@@ -99,16 +111,23 @@ def run(args: argparse.Namespace) -> int:
             print_environment(env)
         return 0
     if args.list or args.model is None:
-        for name in available_configs():
-            cfg = MambaConfig.load(name)
+        configs = {name: MambaConfig.load(name) for name in available_configs()}
+        if args.json:
+            rows = {
+                n: {"d_model": c.d_model, "n_layer": c.n_layer, "parameters": c.num_parameters()}
+                for n, c in configs.items()
+            }
+            print(json.dumps(rows, indent=2))
+            return 0
+        for name, cfg in configs.items():
             print(
-                f"{name:12s} d_model={cfg.d_model:<5d} n_layer={cfg.n_layer:<3d} params={cfg.num_parameters() / 1e9:.3f}B"
+                f"{name:12s} d_model={cfg.d_model:<5d} n_layer={cfg.n_layer:<3d} params={_params(cfg.num_parameters())}"
             )
         return 0
     try:
         cfg = MambaConfig.load(args.model)
     except ConfigError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     info = cfg.to_dict()
     info.update(

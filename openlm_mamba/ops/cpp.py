@@ -2,7 +2,8 @@
 
 ``csrc/*.cpp`` are compiled with ``torch.utils.cpp_extension`` the first time a CPU op needs
 them and cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), keyed by this CPU's instruction set and the sources' hash. They
+``~/.cache/torch_extensions``), keyed by this CPU's instruction set, the sources' hash and the
+toolchain (torch, compiler and ninja versions). They
 are compiled from a copy of the sources kept in that directory, so every checkout or install of
 the same sources shares one build, and a build lock left by a killed build is broken after
 5 minutes instead of hanging every later import. They register the torch ops
@@ -16,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -33,9 +35,20 @@ _ext_state: dict[str, object] = {}  # "ok": bool, "reason": str
 STALE_LOCK_S = 300.0  # a build takes about a minute; torch's build lock older than this was left by a killed build
 
 
+def _tool_version(cmd: str) -> str:
+    """``cmd --version``'s first line, or "" if it does not run."""
+    try:
+        out = subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
 def _build_tag() -> str:
-    """A short hash of this CPU's instruction set and the sources: a cached build is never reused
-    on another CPU or after an edit."""
+    """A short hash of this CPU's instruction set, the sources and the toolchain (torch, compiler,
+    ninja): a cached build is never reused on another CPU, after an edit or under another torch,
+    and two environments with different ninja versions (whose logs disagree, so each would rebuild
+    the other's objects) keep separate builds."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -44,7 +57,10 @@ def _build_tag() -> str:
                 break
     except OSError:
         pass
-    h = hashlib.sha1(f"{platform.machine()} {flags}".encode())
+    toolchain = (
+        f"torch {torch.__version__} | {_tool_version(os.environ.get('CXX', 'c++'))} | ninja {_tool_version('ninja')}"
+    )
+    h = hashlib.sha1(f"{platform.machine()} {flags} {toolchain}".encode())
     for p in sorted(CSRC.iterdir()):
         if p.suffix in (".cpp", ".h"):
             h.update(p.read_bytes())
