@@ -281,11 +281,11 @@ def test_failure_midway_through_writing_leaves_nothing(tiny, tmp_path):
     real = common.TensorSource.get
     calls = {"n": 0}
 
-    def flaky(self, key):
+    def flaky(self, key, **kwargs):
         calls["n"] += 1
         if calls["n"] > 10:
             boom()
-        return real(self, key)
+        return real(self, key, **kwargs)
 
     common.TensorSource.get = flaky
     try:

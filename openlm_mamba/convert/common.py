@@ -1,15 +1,22 @@
-"""Shared pieces of the checkpoint converters: canonical key names, lazy tensor sources, shape checks,
-streaming safetensors writing and atomic output."""
+"""Shared pieces of the checkpoint converters: canonical key names, lazy tensor sources, integrity and
+shape checks, streaming safetensors writing and atomic output."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import struct
+import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,8 @@ from typing import Any
 import torch
 
 from ..config import MambaConfig
+
+_log = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -91,6 +100,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    check: Callable[[], None] | None = None  # raises ConversionError when the stored bytes are corrupted
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +123,8 @@ class TensorSource:
             raise ConversionError(f"{origin}: tensor {key!r} appears twice in {self.description}")
         self.tensors[key] = info
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, check: bool = True) -> torch.Tensor:
+        """Tensor ``key``, its stored bytes verified unless ``check=False`` (then call ``check(key)`` later)."""
         info = self.tensors[key]
         try:
             t = info.load()
@@ -125,7 +136,21 @@ class TensorSource:
             raise ConversionError(
                 f"{self.description}: tensor {key!r} has shape {tuple(t.shape)}, header says {info.shape}"
             )
+        if check:
+            self.check(key)
         return t
+
+    def check(self, key: str) -> None:
+        """Raise ConversionError if tensor ``key``'s stored bytes fail their file's checksum (if it has one)."""
+        info = self.tensors[key]
+        if info.check is None:
+            return
+        try:
+            info.check()
+        except ConversionError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{self.description}: cannot check tensor {key!r}: {e}") from None
 
     def total_bytes(self, keys: list[str] | None = None) -> int:
         return sum(self.tensors[k].nbytes for k in (keys if keys is not None else self.tensors))
@@ -146,17 +171,56 @@ class TensorSource:
         self.close()
 
 
+class BackgroundChecks:
+    """``TensorSource.check`` of tensors already used, run on a worker thread so that it overlaps the writing.
+
+    ``submit(key)`` queues a check (and raises the failure of any finished one); ``wait()`` raises the first
+    failure of all. Used as a context manager, pending checks are dropped when the block fails.
+    """
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="openlm-mamba-check")
+        self.pending: collections.deque[Future[None]] = collections.deque()
+
+    def submit(self, key: str) -> None:
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.source.check, key))
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> BackgroundChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+TensorCheck = Callable[[str, torch.Tensor], None]
+
+
 def add_state_dict(
-    source: TensorSource, state_dict: dict[str, Any], origin: str, rename: Callable[[str], str | None]
+    source: TensorSource,
+    state_dict: dict[str, Any],
+    origin: str,
+    rename: Callable[[str], str | None],
+    check: TensorCheck | None = None,
 ) -> None:
-    """Add the tensors of an in-memory (or mmapped) state dict under canonical names (``rename`` -> None skips)."""
+    """Add the tensors of an in-memory (or mmapped) state dict under canonical names (``rename`` -> None skips).
+
+    ``check(key, tensor)`` (from ``torch_load``) becomes the tensors' integrity check (``TensorSource.check``).
+    """
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
         name = rename(strip_wrappers(key))
         if name is None:
             continue
-        source.add(name, TensorInfo(tuple(value.shape), value.dtype, (lambda v=value: v)), origin)
+        bound = None if check is None else (lambda k=key, v=value: check(k, v))
+        source.add(name, TensorInfo(tuple(value.shape), value.dtype, (lambda v=value: v), bound), origin)
 
 
 def add_safetensors_file(
@@ -187,19 +251,185 @@ def add_safetensors_file(
         source.add(name, TensorInfo(tuple(sl.get_shape()), dtype, (lambda k=key: handle.get_tensor(k))), str(path))
 
 
-def torch_load(path: Path) -> Any:
-    """``torch.load`` with mmap (falls back to a plain load for legacy files); errors become ConversionError."""
+def torch_load(path: Path) -> tuple[Any, TensorCheck]:
+    """``torch.load`` with mmap (falls back to a plain load for legacy files) and a check of the tensors' bytes.
+
+    Returns the loaded object and ``check(key, tensor)``, which raises ConversionError when the zip record
+    holding ``tensor`` fails its CRC32 (``torch.load`` does not verify the data records). Errors become
+    ConversionError.
+    """
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
+    mmapped = True
     try:
-        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except Exception as first:
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            mmapped = False
         except Exception:
             raise ConversionError(
                 f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {first}"
             ) from None
+    return obj, _integrity_check(path, obj, mmapped)
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity of torch.save (zip) files. torch.load does not check the CRC32 of the data records (with or
+# without mmap), so a corrupted file loads as garbage. With mmap, every storage is a slice of one mapping of
+# the whole file, so a storage's address minus the mapping's base is its record's offset: the records of
+# the tensors actually used are then checked, each once, by TensorSource.check, over the mmapped bytes (no
+# copy in memory). When that mapping cannot be established, every data record is checked up front,
+# streaming through the file.
+
+_CHUNK = 16 << 20
+_DATA_RECORD = re.compile(r"[^/]+/data/[^/]+")
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    offset: int  # where the record's bytes start in the file
+    size: int
+    crc: int
+
+
+def _zip_records(path: Path) -> tuple[list[_Record], str | None] | None:
+    """The ``<archive>/data/<key>`` records and the byteorder record of a torch.save zip file; None if legacy."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
+            records, byteorder = [], None
+            with zipfile.ZipFile(f) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith("/byteorder") and info.file_size < 16:
+                        byteorder = zf.read(info).decode(errors="replace")
+                    if not _DATA_RECORD.fullmatch(info.filename):
+                        continue
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise ConversionError(f"{path}: record {info.filename} is compressed (not a torch.save file?)")
+                    f.seek(info.header_offset)
+                    head = f.read(30)
+                    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                        raise ConversionError(f"{path}: the zip header of record {info.filename} is corrupted")
+                    name_len, extra_len = struct.unpack("<HH", head[26:30])
+                    offset = info.header_offset + 30 + name_len + extra_len
+                    records.append(_Record(info.filename, offset, info.file_size, info.CRC))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
+        raise ConversionError(f"{path}: zip directory is unreadable (truncated or corrupted?): {e}") from None
+    return records, byteorder
+
+
+def _storages(obj: Any) -> dict[int, int]:
+    """Address -> size in bytes of every non-empty tensor storage in a loaded checkpoint object."""
+    found: dict[int, int] = {}
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+        elif isinstance(item, torch.TypedStorage):
+            storage = item.untyped()
+        elif isinstance(item, torch.UntypedStorage):
+            storage = item
+        else:
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple, set, frozenset)):
+                stack.extend(item)
+            continue
+        if storage.nbytes():
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def _map_storages(storages: dict[int, int], records: list[_Record]) -> dict[int, _Record] | None:
+    """Storage address -> its record, for storages mmapped from the file; None if they do not line up."""
+    present = sorted((r for r in records if r.size), key=lambda r: r.offset)
+    if not storages or len(storages) != len(present):
+        return None
+    base = min(storages) - present[0].offset
+    by_offset = {r.offset: r for r in present}
+    mapping = {}
+    for ptr, nbytes in storages.items():
+        record = by_offset.get(ptr - base)
+        if record is None or record.size != nbytes:
+            return None
+        mapping[ptr] = record
+    return mapping
+
+
+def _crc_error(path: Path, record: _Record, got: int, tensor: str | None = None) -> ConversionError:
+    what = f"tensor {tensor!r} (record {record.name})" if tensor else f"record {record.name}"
+    return ConversionError(
+        f"{path}: {what} is corrupted: CRC32 of its {record.size} bytes is {got:08x}, expected {record.crc:08x}"
+    )
+
+
+def _verify_records(path: Path, records: list[_Record]) -> None:
+    """Stream each record's bytes from the file and compare their CRC32 with the zip directory's."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        for record in records:
+            f.seek(record.offset)
+            crc, left = 0, record.size
+            while left:
+                n = f.readinto(view[: min(left, _CHUNK)])
+                if not n:
+                    raise ConversionError(f"{path}: record {record.name} is truncated")
+                crc = zlib.crc32(view[:n], crc)
+                left -= n
+            if crc != record.crc:
+                raise _crc_error(path, record, crc)
+
+
+class _MmapCheck:
+    """Checks the record holding a tensor (CRC32 of its mmapped bytes), once per record."""
+
+    def __init__(self, path: Path, mapping: dict[int, _Record]) -> None:
+        self.path = path
+        self.mapping = mapping
+        self.verified: set[str] = set()
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if not storage.nbytes():
+            return
+        record = self.mapping.get(storage.data_ptr())
+        if record is None:  # not a storage of the loaded object: cannot happen, but never skip the check
+            _verify_records(self.path, list(self.mapping.values()))
+            self.verified.update(r.name for r in self.mapping.values())
+            return
+        if record.name in self.verified:
+            return
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        crc = zlib.crc32(data)
+        if crc != record.crc:
+            raise _crc_error(self.path, record, crc, key)
+        self.verified.add(record.name)
+
+
+def _no_check(key: str, tensor: torch.Tensor) -> None:
+    return None
+
+
+def _integrity_check(path: Path, obj: Any, mmapped: bool) -> TensorCheck:
+    found = _zip_records(path)
+    if not found or not found[0]:
+        return _no_check  # legacy format (no checksums) or no tensor data
+    records, byteorder = found
+    # the mmapped bytes are the file's unless torch byteswapped them (big-endian data or machine)
+    native = sys.byteorder == "little" and byteorder in (None, "little")
+    mapping = _map_storages(_storages(obj), records) if mmapped and native else None
+    if mapping is None:
+        _verify_records(path, records)
+        return _no_check
+    return _MmapCheck(path, mapping)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +529,8 @@ def _head_is_tied(source: TensorSource) -> bool:
     """No lm_head tensor, or one that is (or equals) the embedding."""
     if "lm_head.weight" not in source.tensors:
         return True
-    head, emb = source.get("lm_head.weight"), source.get("backbone.embedding.weight")
+    emb = source.get("backbone.embedding.weight")  # first: a damaged shared record is reported as the embedding's
+    head = source.get("lm_head.weight")
     if head.shape != emb.shape or head.dtype != emb.dtype:
         return False
     return head.data_ptr() == emb.data_ptr() or torch.equal(head, emb)
@@ -370,9 +601,10 @@ def write_safetensors(
     items: list[tuple[str, TensorInfo]],
     fetch: Callable[[str], torch.Tensor],
     metadata: dict[str, str] | None = None,
-    on_tensor: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Write ``items`` (name, info) to ``path``; each tensor is fetched, written and dropped in turn."""
+    """Write ``items`` (name, info) to ``path``; each tensor is fetched, written, reported to ``on_tensor(name,
+    nbytes)`` and dropped in turn."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -398,7 +630,7 @@ def write_safetensors(
             data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             f.write(memoryview(data.numpy()))
             if on_tensor is not None:
-                on_tensor(info.nbytes)
+                on_tensor(name, info.nbytes)
             del t, data
 
 
@@ -411,7 +643,8 @@ def atomic_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     parent = dst.parent if str(dst.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{dst.name}.partial-{os.getpid()}"
+    remove_stale_partials(dst)
+    tmp = parent / f".{dst.name}.partial-{_HOST}-{os.getpid()}"
     _remove(tmp)
     try:
         yield tmp
@@ -427,6 +660,51 @@ def atomic_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+# partial outputs are named ``.<dst name>.partial-<host>-<pid>``; older versions wrote ``.<dst name>.partial-<pid>``
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def remove_stale_partials(dst: Path) -> list[Path]:
+    """Remove the partial outputs for ``dst`` left by killed conversions on this host; returns those removed.
+
+    Only names this package writes for ``dst`` whose process is gone (and, for names carrying a host, only
+    ones of this host: a PID says nothing about another machine's processes on a shared filesystem).
+    """
+    dst = Path(dst)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.partial-(?:(?P<host>[A-Za-z0-9._-]+)-)?(?P<pid>\d+)")
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = pattern.fullmatch(path.name)
+        if m is None or m.group("host") not in (None, _HOST) or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            _remove(path)
+        except OSError as e:
+            _log.warning("could not remove stale partial output %s: %s", path, e)
+            continue
+        _log.warning("removed %s, the partial output of an interrupted conversion (process %s)", path, m.group("pid"))
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (``kill(pid, 0)``); True whenever that cannot be told."""
+    if os.name != "posix" or pid <= 0:
+        return True  # on Windows os.kill would terminate the process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # EPERM: it exists, owned by someone else
+    return True
 
 
 def _remove(path: Path) -> None:

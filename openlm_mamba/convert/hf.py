@@ -198,12 +198,12 @@ def _add_file(
     if loader == "safetensors":
         add_safetensors_file(source, file, rename, only)
         return
-    sd = torch_load(file)
+    sd, check = torch_load(file)
     if not isinstance(sd, dict):
         raise ConversionError(f"{file}: expected a state dict, got {type(sd).__name__}")
     if only is not None:
         sd = {k: v for k, v in sd.items() if k in only}
-    add_state_dict(source, sd, str(file), rename)
+    add_state_dict(source, sd, str(file), rename, check)
 
 
 def write_hf(
@@ -213,9 +213,11 @@ def write_hf(
     shard_size: int,
     fetch: Callable[[str], torch.Tensor],
     dtype_of: Callable[[str], torch.dtype],
-    on_tensor: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Write an HF directory: config.json, generation_config.json, model.safetensors or shards + index."""
+    """Write an HF directory: config.json, generation_config.json, model.safetensors or shards + index.
+
+    ``on_tensor(key, nbytes)`` is called with the canonical key after each tensor is written."""
     out.mkdir(parents=True)
     keys = list(source.tensors)
     items = [(k, TensorInfo(source.tensors[k].shape, dtype_of(k), source.tensors[k].load)) for k in keys]
@@ -228,19 +230,20 @@ def write_hf(
         shards[-1].append((to_hf_key(key), info))
         size += info.nbytes
     by_hf = {to_hf_key(k): k for k in keys}
+    written = None if on_tensor is None else (lambda name, nbytes: on_tensor(by_hf[name], nbytes))
     emb_dtype = dtype_of("backbone.embedding.weight")
     (out / "config.json").write_text(json.dumps(hf_config(cfg, emb_dtype), indent=2) + "\n")
     gen = {**NEOX_SPECIAL_IDS}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     meta = {"format": "pt"}
     if len(shards) == 1:
-        write_safetensors(out / "model.safetensors", shards[0], lambda k: fetch(by_hf[k]), meta, on_tensor)
+        write_safetensors(out / "model.safetensors", shards[0], lambda k: fetch(by_hf[k]), meta, written)
         return
     weight_map = {}
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        write_safetensors(out / name, shard, lambda k: fetch(by_hf[k]), meta, on_tensor)
+        write_safetensors(out / name, shard, lambda k: fetch(by_hf[k]), meta, written)
         weight_map.update({k: name for k, _ in shard})
     index = {"metadata": {"total_size": sum(info.nbytes for _, info in items)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

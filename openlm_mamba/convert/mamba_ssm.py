@@ -97,11 +97,11 @@ def read_mamba_ssm(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, Tensor
     weights = path / "pytorch_model.bin"
     if not weights.is_file():
         raise ConversionError(f"{path}: pytorch_model.bin not found (mamba_ssm format)")
-    sd = torch_load(weights)
+    sd, check = torch_load(weights)
     if not isinstance(sd, dict):
         raise ConversionError(f"{weights}: expected a state dict, got {type(sd).__name__}")
     source = TensorSource(f"mamba_ssm checkpoint {path}")
-    add_state_dict(source, sd, str(weights), lambda k: k)
+    add_state_dict(source, sd, str(weights), lambda k: k, check)
     return cfg, source
 
 

@@ -54,7 +54,7 @@ def _config_from_params(file: Path) -> MambaConfig | None:
 def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
     """Config (embedded by our converter or named in params.txt; None if neither), tensors and the file read."""
     file = find_checkpoint_file(path)
-    obj = torch_load(file)
+    obj, check = torch_load(file)
     cfg = None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
@@ -74,7 +74,7 @@ def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
     if cfg is None:
         cfg = _config_from_params(file)
     source = TensorSource(f"OpenLM checkpoint {file}")
-    add_state_dict(source, sd, str(file), from_openlm_key)
+    add_state_dict(source, sd, str(file), from_openlm_key, check)
     return cfg, source, file
 
 

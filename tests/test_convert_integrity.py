@@ -1,0 +1,255 @@
+"""Checkpoint conversion robustness: corrupted tensor data, partial outputs of killed conversions, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from openlm_mamba import MambaLM
+from openlm_mamba.cli import main as cli_main
+from openlm_mamba.convert import ConversionError, common, convert, hf_config, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = MambaLM("mamba_tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def _epoch_ckpt(model: MambaLM, path: Path, optimizer: bool = False) -> Path:
+    """An OpenLM epoch checkpoint as open_lm.main writes it (optionally with optimizer state after the weights)."""
+    ckpt = {"epoch": 1, "step": 5, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}
+    if optimizer:
+        ckpt["optimizer"] = {"state": {0: {"exp_avg": torch.randn(300, 300)}}, "param_groups": [{"lr": 1e-3}]}
+    torch.save(ckpt, path)
+    return path
+
+
+def _data_records(path: Path) -> list[tuple[str, int, int]]:
+    """(name, offset of the bytes in the file, size) of each tensor record of a torch.save file."""
+    out = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if "/data/" in info.filename:
+                f.seek(info.header_offset)
+                n, m = struct.unpack("<HH", f.read(30)[26:30])
+                out.append((info.filename, info.header_offset + 30 + n + m, info.file_size))
+    return out
+
+
+def _flip(path: Path, record: str | None = None, nbytes: int = 5000) -> str:
+    """Overwrite ``nbytes`` in the middle of a tensor record's data (the largest one by default) with 0xff."""
+    records = _data_records(path)
+    name, offset, size = next(r for r in records if r[0] == record) if record else max(records, key=lambda r: r[2])
+    n = min(nbytes, size)
+    start = offset + (size - n) // 2
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * n)
+    return name
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+# -- corrupted tensor data ---------------------------------------------------------------------------------
+def _record_of(path: Path, key: str) -> str:
+    """The record holding state dict entry ``key`` (one before the tied lm_head, the only shared storage)."""
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    # torch.save numbers records in the order it meets the storages: the state dict's order here
+    return next(r for r, _, _ in _data_records(path) if r.endswith(f"/data/{list(sd).index(key)}"))
+
+
+@pytest.mark.parametrize("key", ["backbone.layers.1.mixer.in_proj.weight", "backbone.embedding.weight"])
+@pytest.mark.parametrize("to", ["hf", "openlm", "mamba_ssm"])
+def test_corrupted_tensor_data_raises_and_writes_nothing(tiny, tmp_path, to, key, capsys):
+    src = _epoch_ckpt(tiny, tmp_path / "flip.pt")
+    record = _flip(src, _record_of(src, f"module.model.{key}"), nbytes=5000)
+    dst = tmp_path / ("out.pt" if to == "openlm" else "out")
+    with pytest.raises(ConversionError) as e:
+        convert(src, dst, to=to, model="mamba_tiny", progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: ") and f"record {record}" in msg and "corrupted" in msg and "CRC32" in msg
+    assert "\n" not in msg
+    assert not dst.exists() and not _leftovers(tmp_path)
+    assert cli_main(["convert", str(src), str(dst), "--to", to, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"record {record}" in err and "wrote" not in err
+    assert not dst.exists() and not _leftovers(tmp_path)
+
+
+def test_load_model_rejects_corrupted_small_record(tiny, tmp_path):
+    """A few bytes of a small tensor (D of layer 1) are enough; the message names the tensor."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    key = "module.model.backbone.layers.1.mixer.D"
+    record = _flip(src, _record_of(src, key), nbytes=8)
+    with pytest.raises(ConversionError, match=rf"tensor '{key}' \(record {record}\) is corrupted"):
+        load_model(src)
+
+
+def test_corrupted_weights_in_hf_and_mamba_ssm_bin_files(tiny, tmp_path):
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    convert(src, tmp_path / "ssm", to="mamba_ssm", model="mamba_tiny", progress=False)
+    _flip(tmp_path / "ssm" / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"pytorch_model\.bin: tensor .* is corrupted"):
+        load_model(tmp_path / "ssm")
+    hf = tmp_path / "hfbin"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config(tiny.cfg)))
+    sd = {k.removeprefix("model.").replace("embedding.", "embeddings."): v for k, v in tiny.state_dict().items()}
+    torch.save(sd, hf / "pytorch_model.bin")
+    assert torch.equal(load_model(hf).model.backbone.norm_f.weight, tiny.model.backbone.norm_f.weight)
+    _flip(hf / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="is corrupted"):
+        convert(hf, tmp_path / "out.pt", to="openlm", progress=False)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_views_of_one_flat_buffer_are_checked(tiny, tmp_path):
+    """FSDP-style: every tensor a view into one flat storage; loads intact, fails once the buffer is damaged."""
+    state = tiny.state_dict()
+    state.pop("model.lm_head.weight")  # tied
+    flat = torch.cat([v.reshape(-1) for v in state.values()])
+    sd, at = {}, 0
+    for k, v in state.items():
+        sd[k] = flat[at : at + v.numel()].view(v.shape)
+        at += v.numel()
+    torch.save({"state_dict": sd}, tmp_path / "flat.pt")
+    assert len(_data_records(tmp_path / "flat.pt")) == 1
+    x = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "flat.pt")(x)[0], tiny(x)[0])
+    _flip(tmp_path / "flat.pt")
+    with pytest.raises(ConversionError, match="is corrupted"):
+        load_model(tmp_path / "flat.pt")
+
+
+def test_only_records_of_used_tensors_are_checked(tiny, tmp_path):
+    """Damaged optimizer state (after the weights in the file) does not block converting the weights; damaged
+    weights in the same file do."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt", optimizer=True)
+    records = _data_records(src)
+    assert max(records, key=lambda r: r[2]) == records[-1]  # the optimizer's 300x300 exp_avg
+    _flip(src, records[-1][0])
+    convert(src, tmp_path / "back.pt", to="openlm", model="mamba_tiny", progress=False)
+    back = torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"]
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(back[k], v), k
+    _flip(src, records[0][0])  # the embedding
+    with pytest.raises(ConversionError, match=rf"record {records[0][0]}\) is corrupted"):
+        convert(src, tmp_path / "back2.pt", to="openlm", model="mamba_tiny", progress=False)
+
+
+def test_records_are_streamed_when_storages_cannot_be_mapped(tiny, tmp_path, monkeypatch):
+    """Without the mmap address -> record mapping, every record is checked from the file before anything is read."""
+    monkeypatch.setattr(common, "_map_storages", lambda storages, records: None)
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    convert(src, tmp_path / "ok", to="hf", model="mamba_tiny", progress=False)
+    record = _flip(src)
+    with pytest.raises(ConversionError, match=rf"e\.pt: record {record} is corrupted: CRC32"):
+        convert(src, tmp_path / "out", to="hf", model="mamba_tiny", progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_storage_mapping_matches_records(tiny, tmp_path):
+    """The mmap address arithmetic maps each storage to its own record (checked against record sizes and order)."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt", optimizer=True)
+    obj, check = common.torch_load(src)
+    assert isinstance(check, common._MmapCheck)
+    sd = obj["state_dict"]
+    by_name = {r.name: r for r in check.mapping.values()}
+    assert len(by_name) == len(_data_records(src))
+    for i, key in enumerate(sd):
+        if key.endswith("lm_head.weight"):
+            continue  # shares the embedding's storage
+        record = check.mapping[sd[key].untyped_storage().data_ptr()]
+        assert record.name.endswith(f"/data/{i}") and record.size == sd[key].nbytes, key
+
+
+# -- partial outputs of killed conversions ---------------------------------------------------------------------
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_partials_of_dead_processes_are_removed(tiny, tmp_path, caplog):
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    out = tmp_path / "out"
+    dead, live, host = _dead_pid(), os.getppid(), common._HOST
+    names = {
+        f".out.partial-{dead}": False,  # older naming, no host: treated as this host's
+        f".out.partial-{host}-{dead}": False,
+        f".out.partial-{host}-{live}": True,  # a running conversion
+        f".out.partial-{live}": True,
+        f".out.partial-other-node-{dead}": True,  # another machine's (shared filesystem): its PID means nothing here
+        f".other.partial-{host}-{dead}": True,  # another destination
+        f".out.partial-{host}-{dead}x": True,  # not our naming
+        f".out.old-{dead}": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / f".out.pt.partial-{host}-{dead}").write_bytes(b"x")  # a file partial, for dst out.pt
+    with caplog.at_level("WARNING", logger="openlm_mamba.convert.common"):
+        convert(src, out, to="hf", model="mamba_tiny", progress=False)
+    assert (out / "model.safetensors").is_file()
+    for name, kept in names.items():
+        assert (tmp_path / name).exists() == kept, name
+    assert (tmp_path / f".out.pt.partial-{host}-{dead}").exists()
+    assert sum("interrupted conversion" in r.getMessage() for r in caplog.records) == 2
+    convert(src, tmp_path / "out.pt", to="openlm", model="mamba_tiny", progress=False)
+    assert not (tmp_path / f".out.pt.partial-{host}-{dead}").exists()
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+from openlm_mamba.convert import convert, hf
+real = hf.write_safetensors
+def write_then_die(path, *args, **kwargs):  # SIGKILL after the first shard is written
+    real(path, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+hf.write_safetensors = write_then_die
+convert(sys.argv[1], sys.argv[2], to="hf", model="mamba_tiny", shard_size="100KB", progress=False)
+"""
+
+
+def test_partial_output_of_sigkilled_conversion_is_removed_by_the_next(tiny, tmp_path):
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CONVERSION, str(src), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+    left = _leftovers(tmp_path)
+    assert left == [f".out.partial-{common._HOST}-{proc.pid}"]
+    assert any((tmp_path / left[0]).glob("model-*.safetensors")) and not out.exists()
+    convert(src, out, to="hf", model="mamba_tiny", shard_size="100KB", progress=False)
+    assert _leftovers(tmp_path) == [] and (out / "model.safetensors.index.json").is_file()
+
+
+# -- progress bar -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("to", ["hf", "openlm"])
+def test_progress_bar_in_a_log_ends_at_100_percent(tiny, tmp_path, capsys, to):
+    """stderr is not a terminal under capsys: the bar's last state stays, and it counts the bytes written."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    dst = tmp_path / ("out.pt" if to == "openlm" else "out")
+    convert(src, dst, to=to, model="mamba_tiny", dtype="bfloat16", progress=True)
+    err = capsys.readouterr().err
+    last = [s for s in err.replace("\n", "\r").split("\r") if s.strip()][-1]
+    assert last.startswith(f"convert -> {to}: 100%") and "192k/192k" in last, repr(err)
