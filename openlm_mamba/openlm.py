@@ -21,6 +21,7 @@ What :func:`register` changes, all in memory (OpenLM's files stay untouched):
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -100,11 +101,30 @@ def build_model(cfg: MambaConfig, backend: str | None = None) -> MambaLM:
     return model
 
 
+def _check_model_name(model_arg: str) -> None:
+    """A clear error for a --model that is neither a registered name nor a JSON file (OpenLM's own says only
+    "Pass a pre-defined open_lm model name or a json config")."""
+    if not isinstance(model_arg, str):
+        return
+    if model_arg.endswith(".json"):
+        if not Path(model_arg).is_file():
+            raise ValueError(f"--model {model_arg}: no such JSON config file")
+        return
+    names = sorted(getattr(_olm, "_MODEL_CONFIGS", {}))
+    if model_arg in names:
+        return
+    close = difflib.get_close_matches(model_arg, names, n=3, cutoff=0.6)
+    close += [n for n in names if n.lower() == model_arg.lower() and n not in close]
+    hint = f"did you mean {', '.join(close)}?" if close else f"known names: {', '.join(names)}"
+    raise ValueError(f"--model {model_arg!r} is not an OpenLM model name or a JSON config file; {hint}")
+
+
 def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     """OpenLM's ``create_model(args)``: our MambaLM for Mamba configs, otherwise OpenLM's own model."""
     model_arg = args.model
     cfg = resolve_config(model_arg)
     if cfg is None:
+        _check_model_name(model_arg)
         fallback = _fallback or _ORIGINAL.get("create_model")
         if fallback is None:
             raise ValueError(f"--model {model_arg!r} is not a Mamba config and OpenLM's create_model is unavailable")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -303,8 +304,15 @@ def test_existing_destination_and_bad_arguments(tiny, tmp_path):
         convert(src, tmp_path / "taken", to="hf", progress=False)
     convert(src, tmp_path / "taken", to="hf", overwrite=True, progress=False)
     assert (tmp_path / "taken" / "model.safetensors").is_file() and not _no_leftovers(tmp_path)
-    with pytest.raises(ConversionError, match="--to must be one of"):
+    with pytest.raises(ConversionError, match=r"unknown target format 'gguf' .*expected one of openlm, hf"):
         convert(src, tmp_path / "x", to="gguf")
+    for bad in (-4, 0, 2.5):  # an argument error, not one of the source's config
+        with pytest.raises(ConversionError, match=rf"seq_len \(--seq-len\) must be a positive int, got {bad}"):
+            convert(src, tmp_path / "x", to="hf", seq_len=bad)
+    other = tmp_path / "three_layers.json"
+    tiny.cfg.replace(n_layer=3).save(other)
+    with pytest.raises(ConversionError, match=rf"--model {re.escape(str(other))}"):  # the path as given
+        convert(src, tmp_path / "x", to="hf", model=other)
     with pytest.raises(ConversionError, match=r"give a path ending in \.pt"):
         convert(src, tmp_path / "x", to="openlm")
     with pytest.raises(ConversionError, match="no such file"):

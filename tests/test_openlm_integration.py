@@ -91,6 +91,18 @@ def test_other_openlm_models_untouched(olm, tmp_path):
 
 
 @needs_open_lm
+def test_unknown_model_name_is_a_clear_error(olm, tmp_path):
+    """OpenLM's own message for a typo is "Pass a pre-defined open_lm model name or a json config": ours names
+    the close matches (and a missing JSON file as such)."""
+    with pytest.raises(ValueError, match=r"--model 'mamba_7B' is not an OpenLM model name .* did you mean mamba_7b"):
+        olm.create_model(_args("mamba_7B"))
+    with pytest.raises(ValueError, match=r"'xyzzy' .*known names: .*mamba_7b.*open_lm_test_tiny"):
+        olm.create_model(_args("xyzzy"))
+    with pytest.raises(ValueError, match="no such JSON config file"):
+        olm.create_model(_args(str(tmp_path / "missing.json")))
+
+
+@needs_open_lm
 def test_custom_json_mamba_config(olm, tmp_path):
     from openlm_mamba import MambaConfig, MambaLM
 

@@ -111,6 +111,8 @@ def read_checkpoint(
     inferred from tensor shapes. A ``model`` config that disagrees raises a field-by-field error.
     """
     path = Path(path)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+        raise ConversionError(f"seq_len (--seq-len) must be a positive int, got {seq_len!r}")
     fmt = detect_format(path)
     wanted = _load_config(model)
     length = seq_len or (wanted.seq_len if wanted else 2048)
@@ -126,7 +128,8 @@ def read_checkpoint(
             fields = SHAPE_FIELDS
     try:
         if wanted is not None:
-            compare_configs(cfg, wanted, f"{path}", f"--model {wanted.name}", fields)
+            label = f"--model {model}" if isinstance(model, (str, Path)) else f"--model {wanted.name}"
+            compare_configs(cfg, wanted, f"{path}", label, fields)
             if wanted.padded_vocab_size == cfg.padded_vocab_size:
                 cfg = wanted
         if seq_len is not None and cfg.seq_len != seq_len:
@@ -204,7 +207,7 @@ def convert(
     tensors; HF outputs above ``shard_size`` are sharded with an index. Nothing is left at ``dst`` if anything fails.
     """
     if to not in FORMATS:
-        raise ConversionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+        raise ConversionError(f"unknown target format {to!r} (to= / --to): expected one of {', '.join(FORMATS)}")
     dst = Path(dst)
     if to == "openlm" and dst.suffix not in (".pt", ".pth"):
         raise ConversionError(
@@ -271,7 +274,10 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> MambaLM:
-    """A ``MambaLM`` (eval mode) with the weights of an OpenLM checkpoint, HF directory or mamba_ssm directory."""
+    """A ``MambaLM`` (eval mode) with the weights of an OpenLM checkpoint, HF directory or mamba_ssm directory.
+
+    ``dtype`` is the model's: float32 by default whatever the checkpoint holds (pass ``torch.bfloat16`` to keep
+    a bf16 checkpoint in bf16, as transformers' ``from_pretrained(torch_dtype="auto")`` would)."""
     cast = _dtype(dtype)
     cfg, sd = load_state_dict(path_or_dir, model)
     with torch.device("meta"):
