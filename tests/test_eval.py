@@ -276,6 +276,12 @@ def test_cli_limit_out_of_range_is_a_clear_error(setup, task_dir, capsys, limit)
     assert "or a fraction in (0, 1)" in err
 
 
+def test_cli_num_fewshot_with_model_card_is_refused(setup, capsys):
+    """The model card fixes each task's shots: a --num-fewshot beside it would be silently ignored."""
+    rc, err = _eval_cli(capsys, [str(setup[0] / "hf"), "--model-card", "--num-fewshot", "3", "--device", "cpu"])
+    _one_line_error(rc, err, "error: --num-fewshot with --model-card: the card fixes each task's shots")
+
+
 def test_limit_semantics_count_or_fraction(setup, task_dir, capsys, monkeypatch):
     from openlm_mamba.cli import main as cli_main
     from openlm_mamba.evaluation import check_limit, evaluate

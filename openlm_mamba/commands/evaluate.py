@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --tasks a,b,c or --model-card", file=sys.stderr)
         return 2
     # the cheap checks first: nothing is loaded before the arguments are known to be usable
+    if args.num_fewshot is not None and args.model_card:
+        print("error: --num-fewshot with --model-card: the card fixes each task's shots (0, MMLU 5)", file=sys.stderr)
+        return 2
     if args.num_fewshot is not None and args.num_fewshot < 0:
         print(f"error: --num-fewshot {args.num_fewshot}: expected a count >= 0", file=sys.stderr)
         return 2
