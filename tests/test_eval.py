@@ -276,6 +276,20 @@ def test_cli_limit_out_of_range_is_a_clear_error(setup, task_dir, capsys, limit)
     assert "or a fraction in (0, 1)" in err
 
 
+def test_cli_dataset_that_cannot_be_fetched_is_a_clear_error(setup, task_dir, capsys, monkeypatch):
+    """lm-eval fetching a dataset offline raises ConnectionError from deep in `datasets`: one line, exit 2."""
+    import openlm_mamba.evaluation as evaluation
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(evaluation, "evaluate", offline)
+    argv = [str(setup[0] / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--only-local-tasks"]
+    rc, err = _eval_cli(capsys, [*argv, "--device", "cpu"])
+    _one_line_error(rc, err, "error: tiny_mc: lm-eval could not load the data (ConnectionError: Couldn't reach")
+    assert "HF_DATASETS_OFFLINE=1" in err
+
+
 def test_cli_num_fewshot_with_model_card_is_refused(setup, capsys):
     """The model card fixes each task's shots: a --num-fewshot beside it would be silently ignored."""
     rc, err = _eval_cli(capsys, [str(setup[0] / "hf"), "--model-card", "--num-fewshot", "3", "--device", "cpu"])

@@ -121,7 +121,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     merged: dict = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}}
     for shots, tasks in runs.items():
-        res = evaluate(lm, tasks, num_fewshot=shots, limit=limit, task_manager=manager)
+        try:
+            res = evaluate(lm, tasks, num_fewshot=shots, limit=limit, task_manager=manager)
+        except (ConnectionError, OSError) as e:  # lm-eval fetching a task's dataset (datasets / huggingface_hub)
+            cause = " ".join(str(e).split())
+            print(
+                f"error: {','.join(tasks)}: lm-eval could not load the data ({type(e).__name__}: {cause}). "
+                "Without network access, lm-eval reads datasets from the HF cache only (HF_DATASETS_OFFLINE=1); "
+                "local JSONL tasks go through --include-path",
+                file=sys.stderr,
+            )
+            return 2
         for key in merged:
             merged[key].update(res.get(key, {}))
     print(results_table(merged, reference))
