@@ -240,16 +240,14 @@ def convert(
                 write_hf(source, cfg, tmp, limit, fetch, dtype_of, written)
                 checks.wait()
             else:
-                state: dict[str, torch.Tensor] = {}
-                for key in order:
-                    state[key] = fetch(key)
-                    bar.update(state[key].nbytes)
+                state = {key: fetch(key) for key in order}
                 if cfg.tie_embeddings:
                     state["lm_head.weight"] = state["backbone.embedding.weight"]
                 if to == "openlm":
                     write_openlm(state, cfg, tmp)
                 else:
                     write_mamba_ssm(state, cfg, tmp)
+                bar.update(total)  # one torch.save writes every byte: the bar moves once it has
                 del state
                 for key in order:
                     source.check(key)
