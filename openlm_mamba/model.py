@@ -255,6 +255,18 @@ def _fused_cpu_inference(hidden: torch.Tensor) -> bool:
     )
 
 
+def _fsdp_managed_layers(model: nn.Module) -> bool:
+    """Whether FSDP wraps the layers: their weights are then gathered only inside each layer's own forward, so
+    code that reads them directly (the fused prefill) must not run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return False
+    return any(isinstance(layer, (FullyShardedDataParallel, FSDPModule)) for layer in model.layers)
+
+
 PREFILL_ROWS = 1024  # (batch x tokens) per fused prefill call: long prompts run ~15% faster in slices
 _prefill_workspace = threading.local()  # per thread: the fused prefill's activations, kept between calls
 
@@ -455,7 +467,7 @@ class MambaLM(nn.Module):
             self.check_input_ids(input_ids)
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids)
-        if _fused_cpu_inference(hidden) and hidden.shape[1] > 0:
+        if _fused_cpu_inference(hidden) and hidden.shape[1] > 0 and not _fsdp_managed_layers(self):
             # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
             cache = self.allocate_cache(hidden.shape[0])
             if cache.fused is not None:

@@ -306,6 +306,27 @@ def test_torchrun_fsdp_per_layer_units_meta_device_amp(workdir):
     assert sd["model.backbone.embedding.weight"].abs().sum() > 0
 
 
+def test_torchrun_fsdp_fp32_evaluates_val_data(workdir, tiny_data):
+    """OpenLM's evaluation is a no-grad forward: under FSDP in fp32 it must go through the FSDP-wrapped layers
+    (which gather their shards), not the fused CPU prefill that reads the weights directly."""
+    args = _distributed_args(workdir, "fsdp_val")
+    i = args.index("--dataset-type")  # OpenLM's synthetic data cannot be combined with --val-data
+    args[i : i + 2] = ["--train-data", tiny_data["train_data"], "--data-key", "json.gz"]
+    run(
+        torchrun(
+            *args, "--precision", "fp32", "--fsdp",
+            "--val-data", tiny_data["val_data"], "--val-data-key", "json.gz",
+            "--val-num-samples", 8 * SEQ, "--global-val-batch-size", 4,
+        ),
+        workdir,
+    )  # fmt: skip
+    out = workdir / "logs" / "fsdp_val"
+    results = [json.loads(line) for line in (out / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    val_loss = results[-1][0]["loss"] if isinstance(results[-1], list) else results[-1]["loss"]
+    assert 0 < val_loss < 20, results
+    assert (out / "checkpoints" / "epoch_1.pt").is_file()
+
+
 def test_torchrun_fsdp_pure_bf16(workdir):
     run(
         torchrun(*_distributed_args(workdir, "fsdp_bf16"), "--precision", "amp_bfloat16", "--fsdp", "--fsdp-pure-bf16"),
