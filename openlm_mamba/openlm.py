@@ -14,8 +14,10 @@ What :func:`register` changes, all in memory (OpenLM's files stay untouched):
 * Each residual layer is an :class:`OpenLMMambaBlock`, a subclass of ``open_lm.model.Block``, so
   OpenLM's unmodified FSDP wrap policy makes every layer its own FSDP unit.
 * Compatibility shims, in memory: FSDP full-state-dict saving, DDP and a clean gloo exit on
-  CPU-only machines (:func:`_patch_cpu_distributed`), and webdataset's end-of-shard marker in OpenLM's tar reader
-  (:func:`_patch_wds_eof_marker`). Each docstring says what fails without it.
+  CPU-only machines (:func:`_patch_cpu_distributed`), webdataset's end-of-shard marker in OpenLM's tar reader
+  (:func:`_patch_wds_eof_marker`), and numpy scalars in OpenLM's optimizer checkpoints under torch's
+  ``weights_only`` loading (:func:`_allow_numpy_scalars_in_checkpoints`). Each docstring says what fails
+  without it.
 """
 
 from __future__ import annotations
@@ -109,6 +111,19 @@ def _check_model_name(model_arg: str) -> None:
     if model_arg.endswith(".json"):
         if not Path(model_arg).is_file():
             raise ValueError(f"--model {model_arg}: no such JSON config file")
+        try:
+            data = json.loads(Path(model_arg).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"--model {model_arg}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--model {model_arg}: cannot read it ({e})") from None
+        if isinstance(data, dict) and "model_type" not in data and {"d_state", "d_conv", "expand"} & set(data):
+            raise ValueError(
+                f'--model {model_arg}: looks like a Mamba config but has no "model_type": "mamba" '
+                "(without it OpenLM reads the file as a transformer config)"
+            )
         return
     names = sorted(getattr(_olm, "_MODEL_CONFIGS", {}))
     if model_arg in names:
@@ -178,6 +193,24 @@ def register(module: Any = None) -> None:
     if getattr(getattr(entry, "__spec__", None), "name", None) == "open_lm.main":  # python/torchrun -m open_lm.main
         _patch_cpu_distributed(entry)
     _when_imported("open_lm.data", _patch_wds_eof_marker)
+    _when_imported("open_lm.file_utils", _allow_numpy_scalars_in_checkpoints)
+
+
+def _allow_numpy_scalars_in_checkpoints(file_utils: Any = None) -> None:
+    """Let ``torch.load``'s default ``weights_only=True`` (torch >= 2.6) read numpy scalars.
+
+    OpenLM's cosine scheduler (its default ``--lr-scheduler``) leaves the learning rate as a
+    ``numpy.float64`` in the optimizer state, and its ``pt_load`` calls ``torch.load`` without
+    ``weights_only=False``: ``--resume`` of such a run fails with "Unsupported global: GLOBAL
+    numpy._core.multiarray.scalar". Numpy scalars and their dtypes hold plain numbers, nothing to run,
+    so they join torch's allowlist (``torch.serialization.add_safe_globals``).
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    skip = ("ObjectDType", "VoidDType", "StringDType", "StrDType", "BytesDType")  # numbers and bools only
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n not in skip]
+    torch.serialization.add_safe_globals([core.multiarray.scalar, np.dtype, *dtypes])
 
 
 def _when_imported(name: str, fn: Callable[[Any], None]) -> None:

@@ -100,6 +100,16 @@ def test_unknown_model_name_is_a_clear_error(olm, tmp_path):
         olm.create_model(_args("xyzzy"))
     with pytest.raises(ValueError, match="no such JSON config file"):
         olm.create_model(_args(str(tmp_path / "missing.json")))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "mamba", "d_model": 64,,}')
+    with pytest.raises(ValueError, match=r"broken.json: invalid JSON at line 1 column 39"):
+        olm.create_model(_args(str(broken)))
+    unmarked = tmp_path / "unmarked.json"
+    data = json.loads((ROOT / "model_configs" / "mamba_tiny.json").read_text())
+    del data["model_type"]
+    unmarked.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r'unmarked.json: looks like a Mamba config but has no "model_type": "mamba"'):
+        olm.create_model(_args(str(unmarked)))
 
 
 @needs_open_lm
@@ -171,6 +181,22 @@ def test_pretrained_keys_with_prefixes_load(olm):
     assert dst.model.lm_head.weight is dst.model.backbone.embedding.weight
     with pytest.raises(RuntimeError, match="Unexpected key"):
         dst.load_state_dict({"other." + k: v for k, v in sd.items()})
+
+
+@needs_open_lm
+def test_openlm_pt_load_reads_numpy_scalars(olm, tmp_path):
+    """OpenLM's cosine scheduler leaves numpy.float64 learning rates in optimizer_N.pt, and its pt_load uses
+    torch.load's default weights_only=True: --resume failed ("Unsupported global ... multiarray.scalar")."""
+    import numpy as np
+    import open_lm.file_utils
+
+    path = tmp_path / "optimizer_1.pt"
+    torch.save({"param_groups": [{"lr": np.float64(3e-4), "initial_lr": np.float32(1e-3)}]}, path)
+    group = open_lm.file_utils.pt_load(str(path), map_location="cpu")["param_groups"][0]
+    assert group["lr"] == np.float64(3e-4) and group["initial_lr"] == np.float32(1e-3)
+    with pytest.raises(Exception, match="Unsupported global"):  # anything else stays refused
+        torch.save({"f": np.random.default_rng}, path)
+        open_lm.file_utils.pt_load(str(path), map_location="cpu")
 
 
 @needs_open_lm
