@@ -16,6 +16,7 @@ EXPECTED_SIZES = {
     "mamba_1.4b": (2048, 48),
     "mamba_2.8b": (2560, 64),
     "mamba_7b": (4096, 64),
+    "mamba_1b": (2048, 36),  # the sizes of OpenLM's own four-field mamba_1b entry, which ours replaces
 }
 
 
