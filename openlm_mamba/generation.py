@@ -20,6 +20,15 @@ STATE_UPDATE_OP = "selective_state_update"
 PREFILL_OPS = ("causal_conv1d", "selective_scan")  # the ops a prompt runs through, with the model's backend
 
 
+def check_prompt_backend(model: torch.nn.Module, device: torch.device | str) -> None:
+    """BackendUnavailableError (naming the op and why) if the model's explicit backend cannot run a prompt's ops
+    on ``device``: the prompt runs the model's own backend, which must run here, as in training."""
+    backend = dispatch.requested_backend(model.layers[0].mixer.backend if len(model.layers) else None)
+    if backend != "auto":
+        for op in PREFILL_OPS:
+            dispatch.resolve(op, torch.device(device), backend)
+
+
 @dataclass
 class MambaCache:
     """Per-layer recurrent state of a :class:`~openlm_mamba.model.MambaLM`; updated in place.
@@ -60,10 +69,7 @@ class MambaCache:
         weight = model.model.backbone.embedding.weight
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
-        model_backend = dispatch.requested_backend(model.layers[0].mixer.backend if len(model.layers) else None)
-        if model_backend != "auto":  # the prompt runs the model's own backend: it must run here, as in training
-            for op in PREFILL_OPS:
-                dispatch.resolve(op, device, model_backend)  # BackendUnavailableError naming the op and why
+        check_prompt_backend(model, device)
         if backend is None:
             backend = model.layers[0].mixer.backend if len(model.layers) else None
         wanted = dispatch.requested_backend(backend)

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..device import check_device
-    from ..generation import check_settings, generate
+    from ..generation import check_prompt_backend, check_settings, generate
     from ..ops.dispatch import BackendUnavailableError
 
     if args.repetition_penalty is None:
@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend is not None:
         lm.set_backend(args.backend)
     try:
-        lm.allocate_cache(1)  # an explicit backend that cannot run here fails now, not after the prompt is shown
+        check_prompt_backend(
+            lm, device
+        )  # an explicit backend that cannot run here fails now, before the prompt is shown
     except (BackendUnavailableError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     ids = tok(args.prompt, return_tensors="pt")["input_ids"].to(device)
