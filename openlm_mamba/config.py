@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_TYPE = "mamba"
+# The argument our OpenLM hook adds to OpenLM's args (so to the run's params.txt): the model's full config as JSON.
+PARAMS_CONFIG_KEY = "mamba_config"
 
 # Fields every model config file must state (the architecture), with their JSON types.
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -193,7 +195,9 @@ class MambaConfig:
         if marker is not None and marker != MODEL_TYPE:
             raise ConfigError(f'{source}: model_type must be "{MODEL_TYPE}", got {marker!r}')
         _validate(data, source, require_all=require_all)
-        name = Path(source).stem if source.endswith(".json") else source
+        name = data.pop("name", None)
+        if not isinstance(name, str) or not name:
+            name = Path(source).stem if source.endswith(".json") else source
         return cls(**data, name=name)
 
     @classmethod

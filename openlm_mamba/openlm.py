@@ -36,7 +36,7 @@ import open_lm.model as _olm
 import torch
 from open_lm.model import Block as _OpenLMBlock
 
-from .config import MambaConfig, config_dir, is_mamba_config
+from .config import PARAMS_CONFIG_KEY, MambaConfig, config_dir, is_mamba_config
 from .model import MambaLM, ResidualBlock
 
 __all__ = ["OpenLMMambaBlock", "build_model", "create_model", "register", "resolve_config"]
@@ -147,6 +147,9 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     if model_arg.endswith(".json"):
         args.model = Path(model_arg).stem  # as OpenLM's create_params does for JSON paths
         _olm._MODEL_CONFIGS[args.model] = cfg.to_dict()
+    # OpenLM writes every argument to the run's params.txt: the full config there lets the converter and
+    # loaders rebuild this exact model, even when a custom JSON shares a shipped config's name
+    setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
     return build_model(cfg)
 
 

@@ -171,6 +171,43 @@ def test_fsdp_keys_and_inferred_config(tiny, tmp_path):
     assert torch.equal(load_model(tmp_path / "fsdp.pt").model.backbone.norm_f.weight, tiny.model.backbone.norm_f.weight)
 
 
+def _run_dir(tmp_path: Path, model: MambaLM, params: str) -> Path:
+    """logs/run/checkpoints/epoch_2.pt beside a params.txt, as open_lm.main lays out a run."""
+    run = tmp_path / "logs" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "params.txt").write_text(f"lr: 0.001\n{params}\nseed: 0\n")
+    return _openlm_ckpt(model, run / "checkpoints" / "epoch_2.pt")
+
+
+def test_params_txt_config(tmp_path, caplog):
+    """A run's params.txt: the full config our OpenLM hook records wins (fields shapes cannot tell, too); with
+    only a model name, the tensors' shapes win over it (a custom JSON sharing a shipped config's name)."""
+    custom = MambaConfig.load("mamba_tiny").replace(d_model=32, n_layer=3, norm_epsilon=1e-6, name="mamba_tiny")
+    torch.manual_seed(0)
+    model = MambaLM(custom)
+    recorded = json.dumps({**custom.to_dict(), "name": "mamba_tiny"})
+    cases = {
+        "recorded": (f"mamba_config: {recorded}\nmodel: mamba_tiny", 1e-6),
+        "name only": ("model: mamba_tiny", MambaConfig.load("mamba_tiny").norm_epsilon),
+        "damaged record": ("mamba_config: {not json\nmodel: mamba_tiny", MambaConfig.load("mamba_tiny").norm_epsilon),
+    }
+    for i, (label, (params, eps)) in enumerate(cases.items()):
+        caplog.clear()
+        src = _run_dir(tmp_path / str(i), model, params)
+        with read_checkpoint(src) as ckpt:
+            cfg = ckpt.config
+        assert (cfg.d_model, cfg.n_layer, cfg.norm_epsilon) == (32, 3, eps), label
+        warned = "names model 'mamba_tiny'" in caplog.text and "d_model (64 vs 32)" in caplog.text
+        assert warned == (label != "recorded"), (label, caplog.text)
+        assert torch.equal(load_model(src).model.backbone.norm_f.weight, model.model.backbone.norm_f.weight)
+    # params.txt naming the right shipped config: used as is, no warning
+    caplog.clear()
+    src = _run_dir(tmp_path / "shipped", MambaLM("mamba_tiny"), "model: mamba_tiny")
+    with read_checkpoint(src) as ckpt:
+        assert ckpt.config == MambaConfig.load("mamba_tiny")
+    assert "params.txt" not in caplog.text
+
+
 def test_load_model_detects_every_format(tiny, tmp_path):
     src = _openlm_ckpt(tiny, tmp_path / "epoch_0.pt")
     convert(src, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)

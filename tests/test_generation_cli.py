@@ -137,10 +137,8 @@ def test_cli_accepts_compiled_model_prefix_and_bare_state_dict(monkeypatch, tmp_
 
 def test_cli_accepts_hf_directory(monkeypatch, tmp_path, tokenizer_dir, openlm_style_checkpoint):
     """An HF MambaForCausalLM directory (made by openlm_mamba.convert) generates the same text."""
-    try:
-        from openlm_mamba.convert import convert
-    except ImportError:
-        pytest.skip("openlm_mamba.convert is not available")
+    from openlm_mamba.convert import convert
+
     path, _ = openlm_style_checkpoint
     hf_dir = convert(path, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
     outs = []
@@ -150,18 +148,6 @@ def test_cli_accepts_hf_directory(monkeypatch, tmp_path, tokenizer_dir, openlm_s
         assert rc == 0
         outs.append(out.getvalue())
     assert outs[0] == outs[1]
-
-
-def test_fallback_loader_without_convert(openlm_style_checkpoint):
-    """The CLI's own .pt loader (used only if openlm_mamba.convert cannot be imported) loads the same weights."""
-    from openlm_mamba.commands.generate import load_openlm_file
-
-    path, model = openlm_style_checkpoint
-    loaded = load_openlm_file(path, "mamba_tiny", "cpu", torch.float32)
-    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
-    with pytest.raises(SystemExit, match="--model is required"):
-        load_openlm_file(path, None, "cpu", torch.float32)
 
 
 def test_cli_clear_errors(monkeypatch, capsys, tmp_path, tokenizer_dir, openlm_style_checkpoint):

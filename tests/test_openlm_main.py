@@ -196,6 +196,23 @@ def test_trains_with_falling_loss_and_saves_checkpoints(resumed_runs):
     assert torch.equal(sd["model.lm_head.weight"], sd["model.backbone.embedding.weight"])
 
 
+def test_params_txt_records_the_full_model_config(resumed_runs):
+    """OpenLM's params.txt keeps only the --model JSON's file name; our hook adds the whole config, from which
+    the converter rebuilds the model (no --model needed)."""
+    from openlm_mamba import MambaConfig
+    from openlm_mamba.convert import read_checkpoint
+
+    full = resumed_runs["full"]
+    text = (full / "params.txt").read_text()
+    assert re.search(r"^model: mamba_test_tiny$", text, re.MULTILINE), text
+    recorded = re.search(r"^mamba_config: (.+)$", text, re.MULTILINE)
+    assert recorded, text
+    want = MambaConfig.from_dict(TINY, source="mamba_test_tiny.json")
+    assert MambaConfig.from_dict(json.loads(recorded.group(1))) == want
+    with read_checkpoint(full / "checkpoints" / "epoch_4.pt") as ckpt:
+        assert ckpt.config == want
+
+
 def test_resume_matches_uninterrupted_run(resumed_runs):
     full, half = resumed_runs["full"], resumed_runs["half"]
     assert "resuming checkpoint" in (half / "out.log").read_text()

@@ -135,47 +135,14 @@ def load_tokenizer(name: str | os.PathLike):
         ) from None
 
 
-def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
-
-
-def load_openlm_file(path: Path, model: str | None, device: str, dtype):
-    """Fallback loader for an OpenLM ``.pt`` file (used when ``openlm_mamba.convert`` is unavailable)."""
-    import torch
-
-    from ..config import MambaConfig
-    from ..model import MambaLM
-
-    if model is None:
-        raise SystemExit("error: --model is required to load this checkpoint")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise SystemExit(f"error: --checkpoint {path}: expected a state dict or a dict with 'state_dict'")
-    sd = {_strip(k): v for k, v in sd.items()}
-    lm = MambaLM(MambaConfig.load(model))
-    missing, unexpected = lm.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "model.lm_head.weight"]
-    if missing or unexpected:
-        raise SystemExit(f"error: --checkpoint {path}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    return lm.to(device=device, dtype=dtype).eval()
-
-
 def load_model(args, device: str, dtype):
-    """MambaLM from --checkpoint, through ``openlm_mamba.convert.load_model`` when available."""
+    """MambaLM from --checkpoint (any format ``openlm_mamba.convert.load_model`` reads)."""
     path = Path(args.checkpoint)
     if not path.exists():
         raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
-    try:
-        from ..convert import ConversionError
-        from ..convert import load_model as convert_load
-    except ImportError:
-        if path.is_dir():
-            raise SystemExit("error: loading a checkpoint directory needs openlm_mamba.convert") from None
-        return load_openlm_file(path, args.model, device, dtype)
+    from ..convert import ConversionError
+    from ..convert import load_model as convert_load
+
     try:
         lm = convert_load(path, model=args.model, backend=args.backend, dtype=dtype, device=device)
     except (ConversionError, ValueError) as e:

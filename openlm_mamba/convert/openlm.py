@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ConfigError, MambaConfig
-from .common import ConversionError, TensorSource, add_state_dict, torch_load
+from ..config import PARAMS_CONFIG_KEY, ConfigError, MambaConfig
+from .common import SHAPE_FIELDS, ConversionError, TensorSource, add_state_dict, infer_config, torch_load
+
+_log = logging.getLogger(__name__)
 
 
 def from_openlm_key(key: str) -> str | None:
@@ -38,17 +42,47 @@ def find_checkpoint_file(path: Path) -> Path:
     )
 
 
-def _config_from_params(file: Path) -> MambaConfig | None:
-    """The model config named in an OpenLM run's params.txt (``logs/NAME/params.txt``), if loadable."""
+def _config_from_params(file: Path) -> tuple[MambaConfig | None, bool]:
+    """The model config of the OpenLM run that wrote ``file``, from its params.txt (``logs/NAME/params.txt``):
+    the full config our hook records there (``mamba_config: {...}``), else the config its ``model:`` line names.
+    Returns (config or None, whether it is the recorded full config)."""
     for params in (file.parent / "params.txt", file.parent.parent / "params.txt"):
-        if params.is_file():
-            m = re.search(r"^model: (.+)$", params.read_text(errors="replace"), re.MULTILINE)
-            if m:
-                try:
-                    return MambaConfig.load(m.group(1).strip())
-                except ConfigError:
-                    return None
-    return None
+        if not params.is_file():
+            continue
+        text = params.read_text(errors="replace")
+        m = re.search(rf"^{PARAMS_CONFIG_KEY}: (.+)$", text, re.MULTILINE)
+        if m:
+            try:
+                return MambaConfig.from_dict(json.loads(m.group(1)), source=f"{params} ({PARAMS_CONFIG_KEY})"), True
+            except (ValueError, ConfigError):  # a damaged line: fall back to the model name
+                pass
+        m = re.search(r"^model: (.+)$", text, re.MULTILINE)
+        if m:
+            try:
+                return MambaConfig.load(m.group(1).strip()), False
+            except ConfigError:
+                return None, False
+    return None, False
+
+
+def _config_for(source: TensorSource, file: Path) -> MambaConfig | None:
+    """The config params.txt gives for ``file``, checked against its tensors. A run of a custom JSON that shares
+    a shipped config's name (OpenLM records only the name) gets the architecture from the tensor shapes."""
+    cfg, recorded = _config_from_params(file)
+    if cfg is None or recorded:
+        return cfg
+    inferred = infer_config(source, base=cfg)
+    diffs = [f for f in SHAPE_FIELDS if getattr(inferred, f) != getattr(cfg, f)]
+    if diffs:
+        _log.warning(
+            "%s: its run's params.txt names model %r, whose %s differ from the checkpoint's tensors "
+            "(a custom JSON with a shipped config's name?); using the architecture the tensors show",
+            file,
+            cfg.name,
+            ", ".join(f"{f} ({getattr(cfg, f)} vs {getattr(inferred, f)})" for f in diffs),
+        )
+        return inferred
+    return cfg
 
 
 def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
@@ -71,10 +105,14 @@ def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
         raise ConversionError(
             f"{file}: expected an OpenLM checkpoint (a dict with 'state_dict') or a state dict, got {what}"
         )
-    if cfg is None:
-        cfg = _config_from_params(file)
     source = TensorSource(f"OpenLM checkpoint {file}")
     add_state_dict(source, sd, str(file), from_openlm_key, check)
+    if cfg is None:
+        try:
+            cfg = _config_for(source, file)
+        except BaseException:
+            source.close()
+            raise
     return cfg, source, file
 
 
