@@ -26,6 +26,7 @@ import argparse
 import difflib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -96,10 +97,42 @@ def _strip_prefixes_hook(module, state_dict, prefix, *args) -> None:
             state_dict[prefix + rest] = state_dict.pop(key)
 
 
+def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a Mamba checkpoint of another size (``--pretrained`` / ``--resume``) gets one
+    error saying what the checkpoint holds and what the model is, instead of torch's list of every mismatched
+    tensor (a size mismatch fails in torch with ``strict=False`` too)."""
+    from .convert.common import expected_shapes
+
+    cfg = module.cfg
+    have: dict[str, tuple[int, ...]] = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and isinstance(value, torch.Tensor):
+            name = key[len(prefix) :].replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            have[name.removeprefix("model.")] = tuple(value.shape)
+    if not have:
+        return
+    emb = have.get("backbone.embedding.weight")
+    if emb is None or len(emb) != 2:  # not our layout: torch names the missing and unexpected keys
+        return
+    bad = [(k, have[k], shape) for k, shape in expected_shapes(cfg).items() if k in have and have[k] != shape]
+    if not bad:
+        return
+    model = f"model {cfg.name!r} (d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.padded_vocab_size})"
+    layers = {int(m.group(1)) for k in have if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
+    held = f"d_model {emb[1]}, {max(layers) + 1 if layers else 0} layers, vocabulary {emb[0]}"
+    diffs = "; ".join(f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in bad[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    raise ValueError(
+        f"the checkpoint does not fit {model}: it holds {held} (from its tensor shapes). Build the model it was "
+        f"trained with (--model). Differing tensors: {diffs}{more}"
+    )
+
+
 def build_model(cfg: MambaConfig, backend: str | None = None) -> MambaLM:
     """A MambaLM whose layers are OpenLM Blocks, loading upstream-OpenLM Mamba checkpoints with or without prefixes."""
     model = MambaLM(cfg, block_cls=OpenLMMambaBlock, backend=backend)
     model.register_load_state_dict_pre_hook(_strip_prefixes_hook)
+    model.register_load_state_dict_pre_hook(_check_shapes_hook)
     return model
 
 

@@ -183,6 +183,28 @@ def test_pretrained_keys_with_prefixes_load(olm):
         dst.load_state_dict({"other." + k: v for k, v in sd.items()})
 
 
+def test_pretrained_of_another_size_names_both_architectures(olm):
+    """A checkpoint of another size, also with FSDP's wrapper names in its keys: one error saying what the
+    checkpoint holds and what the model is."""
+    from openlm_mamba import MambaConfig
+    from openlm_mamba.openlm import build_model
+
+    cfg = MambaConfig.load("mamba_tiny")
+    dst = build_model(cfg)
+    other = build_model(cfg.replace(d_model=32, n_layer=3, vocab_size=100)).state_dict()
+    fsdp = {k.replace("layers.0.", "layers.0._fsdp_wrapped_module."): v for k, v in other.items()}
+    for sd in (other, {"module." + k: v for k, v in other.items()}, fsdp):
+        with pytest.raises(ValueError) as e:
+            dst.load_state_dict(sd)
+        msg = str(e.value)
+        assert "does not fit model 'mamba_tiny' (d_model 64, 2 layers, vocabulary 512)" in msg
+        assert "it holds d_model 32, 3 layers, vocabulary 104" in msg
+        assert "backbone.embedding.weight: checkpoint (104, 32), model (512, 64)" in msg
+    # only d_state differs: the differing tensors say so
+    with pytest.raises(ValueError, match=r"mixer\.x_proj\.weight: checkpoint \(20, 128\), model \(36, 128\)"):
+        dst.load_state_dict(build_model(cfg.replace(d_state=8)).state_dict())
+
+
 @needs_open_lm
 def test_openlm_pt_load_reads_numpy_scalars(olm, tmp_path):
     """OpenLM's cosine scheduler leaves numpy.float64 learning rates in optimizer_N.pt, and its pt_load uses

@@ -255,6 +255,23 @@ def test_pretrained_upstream_layout_webdataset_val_gradckpt_bf16(workdir, tiny_d
     assert 0 < val_loss < 20
 
 
+def test_pretrained_of_another_size_is_one_clear_error(workdir, resumed_runs):
+    """--pretrained with a checkpoint of another size: our message (what the checkpoint holds, what the model
+    is), not torch's list of every mismatched tensor."""
+    ckpt = resumed_runs["full"] / "checkpoints" / "epoch_4.pt"
+    cmd = open_lm_main(
+        "--model", "mamba_tiny", "--pretrained", ckpt, "--logs", workdir / "logs", "--name", "mismatch",
+        "--dataset-type", "synthetic", "--train-num-samples", 4 * SEQ, "--global-batch-size", 4,
+        "--precision", "fp32", "--epochs", 1, "--workers", 0,
+    )  # fmt: skip
+    proc = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "the checkpoint does not fit model 'mamba_tiny' (d_model 64, 2 layers" in out, out[-2000:]
+    assert f"it holds d_model 32, {N_LAYER} layers, vocabulary 320" in out, out[-2000:]
+    assert "size mismatch for" not in out  # torch's own message never comes
+
+
 def test_dataset_manifest_with_torchcompile(workdir, tiny_data):
     run(
         open_lm_main(
