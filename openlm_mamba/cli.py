@@ -7,9 +7,12 @@ Modules are imported only when their command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 
 # command name -> module under openlm_mamba.commands
 COMMANDS = {
@@ -41,6 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, Slurm, systemd), raised in the main thread like Ctrl-C's KeyboardInterrupt so
+    that cleanups run: a conversion removes its partial output."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`Terminated`, unless the process already handles it (or this is not the main
+    thread, which cannot set handlers)."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous != signal.SIG_DFL:
+            previous = None
+        else:
+            signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_raises():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except SystemExit as e:  # a command's `raise SystemExit("error: ...")`: the message, and 2 like the others
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -205,7 +205,7 @@ class MambaConfig:
         """Load a config by registered name (e.g. "mamba_7b") or from a path to a JSON file."""
         text = str(name_or_path)
         path = Path(text)
-        if not text.endswith(".json") and not path.exists():
+        if not text.endswith(".json") and not path.is_file():  # a name, even beside a directory called so
             candidate = config_dir() / f"{text}.json"
             if not candidate.exists():
                 known = ", ".join(available_configs())
@@ -215,6 +215,11 @@ class MambaConfig:
             raw = path.read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read model config ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{path}: not a JSON model config (binary data: a checkpoint? `openlm-mamba info` shows a "
+                "checkpoint's config)"
+            ) from None
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:

@@ -100,7 +100,8 @@ def _strip_prefixes_hook(module, state_dict, prefix, *args) -> None:
 def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a Mamba checkpoint of another size (``--pretrained`` / ``--resume``) gets one
     error saying what the checkpoint holds and what the model is, instead of torch's list of every mismatched
-    tensor (a size mismatch fails in torch with ``strict=False`` too)."""
+    tensor (a size mismatch fails in torch with ``strict=False`` too); so does one sharing no tensor name with
+    the model (another model type), which would load nothing."""
     from .convert.common import expected_shapes
 
     cfg = module.cfg
@@ -111,13 +112,20 @@ def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
             have[name.removeprefix("model.")] = tuple(value.shape)
     if not have:
         return
+    want = expected_shapes(cfg)
+    model = f"model {cfg.name!r} (d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.padded_vocab_size})"
+    if not any(k in want for k in have):  # loading would change nothing, strict or not
+        kind = " (an OpenLM Transformer's, by its names)" if "tok_embeddings.weight" in have else ""
+        raise ValueError(
+            f"the checkpoint holds none of the tensors of {model}: its {len(have)} tensors{kind} start with "
+            f"{', '.join(list(have)[:3])}. Is it a checkpoint of another model type?"
+        )
     emb = have.get("backbone.embedding.weight")
-    if emb is None or len(emb) != 2:  # not our layout: torch names the missing and unexpected keys
+    if emb is None or len(emb) != 2:  # torch names the missing and unexpected keys
         return
-    bad = [(k, have[k], shape) for k, shape in expected_shapes(cfg).items() if k in have and have[k] != shape]
+    bad = [(k, have[k], shape) for k, shape in want.items() if k in have and have[k] != shape]
     if not bad:
         return
-    model = f"model {cfg.name!r} (d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.padded_vocab_size})"
     layers = {int(m.group(1)) for k in have if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
     held = f"d_model {emb[1]}, {max(layers) + 1 if layers else 0} layers, vocabulary {emb[0]}"
     diffs = "; ".join(f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in bad[:3])

@@ -36,6 +36,37 @@ def test_unknown_config_is_an_error(capsys):
     assert "mamba_9z" in capsys.readouterr().err
 
 
+def test_checkpoints(capsys, tmp_path, monkeypatch):
+    """A checkpoint (OpenLM .pt, HF directory): its config, tensor count, dtypes and size. A shipped config's
+    name still means the config beside a directory of that name (./NAME for the directory); a binary file given
+    as a JSON config is named as such."""
+    import torch
+
+    from openlm_mamba import MambaLM
+    from openlm_mamba.convert import convert
+
+    torch.manual_seed(0)
+    model = MambaLM("mamba_tiny")
+    pt = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, pt)
+    monkeypatch.chdir(tmp_path)
+    convert(pt, tmp_path / "mamba_tiny", to="hf", model="mamba_tiny", dtype="bfloat16", progress=False)
+    for arg, fmt, dtype in ((str(pt), "openlm", "float32 (22)"), ("./mamba_tiny", "hf", "bfloat16 (22)")):
+        assert cli_main(["info", arg, "--json"]) == 0, capsys.readouterr().err
+        info = json.loads(capsys.readouterr().out)
+        assert (info["checkpoint_format"], info["checkpoint_dtypes"], info["d_model"]) == (fmt, dtype, 64), info
+        assert info["checkpoint_tensors"] == 22 and info["parameters"] == 98240
+        assert info["checkpoint_tensor_bytes"] == 98240 * (4 if fmt == "openlm" else 2)
+    assert cli_main(["info", "mamba_tiny", "--json"]) == 0  # the shipped config, not the directory
+    assert "checkpoint_format" not in json.loads(capsys.readouterr().out)
+    assert cli_main(["info", "mamba_tiny.json"]) == 2  # no such file: a clear error, as before
+    assert "mamba_tiny.json" in capsys.readouterr().err
+    assert cli_main(["convert", "--to", "hf", str(pt), "out", "--model", str(pt), "--no-progress"]) == 2
+    assert "not a JSON model config (binary data: a checkpoint?" in capsys.readouterr().err
+    assert cli_main(["info", str(tmp_path / "empty_dir_missing")]) == 2
+    capsys.readouterr()
+
+
 def test_conflicting_info_requests_are_an_error(capsys):
     """A model name with --list or --env would be silently ignored: refused instead."""
     for argv in (["info", "mamba_tiny", "--list"], ["info", "mamba_tiny", "--env"], ["info", "--list", "--env"]):
@@ -89,3 +120,23 @@ def test_env_reports_a_bad_backend_variable():
         "backend requested: invalid ($OPENLM_MAMBA_BACKEND must be one of auto, torch, triton, cuda; got 'fastest')"
         in (proc.stdout)
     )
+
+
+def test_sigterm_ends_a_command_like_ctrl_c():
+    """SIGTERM (kill, timeout, Slurm) raises in the command, so its cleanups run; exit code 143, one line."""
+    code = (
+        "import os, signal, sys, time\n"
+        "import openlm_mamba.commands.info as info\n"
+        "from openlm_mamba import cli\n"
+        "def run(args):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleanup ran', flush=True)\n"
+        "info.run = run\n"
+        "sys.exit(cli.main(['info']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout == "cleanup ran\n" and proc.stderr.strip() == "terminated", (proc.stdout, proc.stderr)

@@ -179,8 +179,12 @@ def test_pretrained_keys_with_prefixes_load(olm):
         for k, v in dst.state_dict().items():
             assert torch.equal(v, sd[k]), (prefix, k)
     assert dst.model.lm_head.weight is dst.model.backbone.embedding.weight
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(ValueError, match=r"holds none of the tensors of model 'mamba_tiny'.*start with other\.model"):
         dst.load_state_dict({"other." + k: v for k, v in sd.items()})
+    partial = {k: v for k, v in sd.items() if "layers.1." not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):  # a partial Mamba dict: torch's own message
+        dst.load_state_dict(partial)
+    dst.load_state_dict(partial, strict=False)
 
 
 def test_pretrained_of_another_size_names_both_architectures(olm):
@@ -200,6 +204,10 @@ def test_pretrained_of_another_size_names_both_architectures(olm):
         assert "does not fit model 'mamba_tiny' (d_model 64, 2 layers, vocabulary 512)" in msg
         assert "it holds d_model 32, 3 layers, vocabulary 104" in msg
         assert "backbone.embedding.weight: checkpoint (104, 32), model (512, 64)" in msg
+    # an OpenLM Transformer's checkpoint: named as such, not torch's list of every key
+    transformer = olm.create_model(_args("open_lm_test_tiny")).state_dict()
+    with pytest.raises(ValueError, match=r"holds none of the tensors .*an OpenLM Transformer's, by its names"):
+        dst.load_state_dict(transformer)
     # only d_state differs: the differing tensors say so
     with pytest.raises(ValueError, match=r"mixer\.x_proj\.weight: checkpoint \(20, 128\), model \(36, 128\)"):
         dst.load_state_dict(build_model(cfg.replace(d_state=8)).state_dict())

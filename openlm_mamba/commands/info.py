@@ -6,12 +6,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-HELP = "Show a model config's sizes, parameter count and training FLOPs per token, or (--env) what this machine runs."
+HELP = (
+    "Show a model config's (or a checkpoint's) sizes, parameter count and training FLOPs per token, or (--env) "
+    "what this machine runs."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, help="config name (e.g. mamba_7b) or path to a JSON file")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="config name (e.g. mamba_7b), path to a JSON config, or a checkpoint (an OpenLM .pt, an HF or "
+        "mamba_ssm directory): its config, tensor count, dtypes and size",
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
     parser.add_argument(
@@ -97,6 +107,33 @@ def _params(n: int) -> str:
     return str(n)
 
 
+def _is_checkpoint_path(arg: str, names: list[str]) -> bool:
+    """MODEL names a checkpoint (a file that is not JSON, or a directory) rather than a config; a shipped
+    config's name wins over a directory of that name in the working directory (say ./NAME for the directory)."""
+    path = Path(arg)
+    return arg not in names and (path.is_dir() or (path.is_file() and path.suffix != ".json"))
+
+
+def checkpoint_info(path: str | Path) -> tuple:
+    """(config, {format, file, tensors, dtypes, bytes}) of a checkpoint in any format ``convert`` reads."""
+    from ..convert import read_checkpoint
+
+    with read_checkpoint(path) as ckpt:
+        tensors = ckpt.source.tensors.values()
+        dtypes: dict[str, int] = {}
+        for t in tensors:
+            name = str(t.dtype).removeprefix("torch.")
+            dtypes[name] = dtypes.get(name, 0) + 1
+        about = {
+            "checkpoint": str(path),
+            "checkpoint_format": ckpt.format,
+            "checkpoint_tensors": len(tensors),
+            "checkpoint_dtypes": ", ".join(f"{k} ({v})" for k, v in sorted(dtypes.items())),
+            "checkpoint_tensor_bytes": sum(t.nbytes for t in tensors),
+        }
+        return ckpt.config, about
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, MambaConfig, available_configs
 
@@ -124,12 +161,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{name:12s} d_model={cfg.d_model:<5d} n_layer={cfg.n_layer:<3d} params={_params(cfg.num_parameters())}"
             )
         return 0
+    info: dict = {}
     try:
-        cfg = MambaConfig.load(args.model)
-    except ConfigError as e:
+        if _is_checkpoint_path(args.model, available_configs()):
+            cfg, info = checkpoint_info(args.model)
+        else:
+            cfg = MambaConfig.load(args.model)
+    except (ConfigError, ValueError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = cfg.to_dict()
+    info.update(cfg.to_dict())
     info.update(
         d_inner=cfg.d_inner,
         dt_rank=cfg.dt_rank_value,
