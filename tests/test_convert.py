@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,7 @@ def test_params_txt_config(tmp_path, caplog):
             cfg = ckpt.config
         assert (cfg.d_model, cfg.n_layer, cfg.norm_epsilon) == (32, 3, eps), label
         warned = "names model 'mamba_tiny'" in caplog.text and "d_model (64 vs 32)" in caplog.text
+        assert ("pass --model" in caplog.text and "norm_epsilon" in caplog.text) == warned, caplog.text
         assert warned == (label != "recorded"), (label, caplog.text)
         assert torch.equal(load_model(src).model.backbone.norm_f.weight, model.model.backbone.norm_f.weight)
     # params.txt naming the right shipped config: used as is, no warning
@@ -430,3 +433,218 @@ def test_unsupported_or_broken_source_configs(tiny, tmp_path):
     (tmp_path / "hfdir" / "config.json").write_text(json.dumps({"model_type": "mamba2", "hidden_size": 64}))
     with pytest.raises(ConversionError, match='model_type must be "mamba"'):
         load_model(tmp_path / "hfdir")
+
+
+def test_params_txt_model_name_is_a_hint_that_model_overrides(tmp_path):
+    """An old run's params.txt names a shipped config, but the run used a custom JSON of that name: --model with
+    the custom JSON wins (compared on the fields shapes show only); a --model the shapes refute names params.txt."""
+    custom = MambaConfig.load("mamba_tiny").replace(d_model=32, n_layer=3, norm_epsilon=1e-6, name="mamba_tiny")
+    custom.save(tmp_path / "custom.json")
+    torch.manual_seed(0)
+    src = _run_dir(tmp_path, MambaLM(custom), "model: mamba_tiny")
+    with read_checkpoint(src, model=tmp_path / "custom.json") as ckpt:
+        assert ckpt.config == custom  # norm_epsilon 1e-6 from --model, not the shipped mamba_tiny's 1e-5
+    convert(src, tmp_path / "out.pt", to="openlm", model=tmp_path / "custom.json", progress=False)
+    assert torch.load(tmp_path / "out.pt", weights_only=True)["model_config"]["norm_epsilon"] == 1e-6
+    with pytest.raises(ConversionError) as e:
+        read_checkpoint(src, model="mamba_tiny")
+    msg = str(e.value)
+    assert "params.txt names mamba_tiny" in msg and "tensor shapes" in msg and "d_model: " in msg
+    assert "norm_epsilon" not in msg  # the tensors say nothing about it
+    # a recorded full config is exact: every field is compared
+    exact = _run_dir(tmp_path / "exact", MambaLM(custom), f"mamba_config: {json.dumps(custom.to_dict())}")
+    with pytest.raises(ConversionError, match=r"params\.txt \(mamba_config\) has 1e-06, --model .* has 1e-05"):
+        read_checkpoint(exact, model=custom.replace(norm_epsilon=1e-5))
+
+
+def test_mamba_ssm_refuses_norm_epsilon_it_cannot_represent(tmp_path):
+    cfg = MambaConfig.load("mamba_tiny").replace(norm_epsilon=0.5, name="eps")
+    torch.save({"state_dict": MambaLM(cfg).state_dict(), "model_config": cfg.to_dict()}, tmp_path / "eps.pt")
+    with pytest.raises(ConversionError, match=r"mamba_ssm cannot represent norm_epsilon 0\.5.*--to hf or --to openlm"):
+        convert(tmp_path / "eps.pt", tmp_path / "ssm", to="mamba_ssm", progress=False)
+    assert not (tmp_path / "ssm").exists() and not _no_leftovers(tmp_path)
+    convert(tmp_path / "eps.pt", tmp_path / "hf", to="hf", progress=False)  # HF has the field
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["layer_norm_epsilon"] == 0.5
+
+
+def _hf_dirs(tmp_path: Path, tiny: MambaLM) -> tuple[Path, MambaLM]:
+    """tmp_path/hf holding tiny's weights, and another model of the same shapes (for 'which file was read')."""
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    torch.manual_seed(7)
+    other = MambaLM("mamba_tiny").eval()
+    return tmp_path / "hf", other
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_hf_weight_files_are_read_in_transformers_order(tiny, tmp_path, kind):
+    """The single file wins over an index beside it, as in transformers' from_pretrained."""
+    hf, other = _hf_dirs(tmp_path, tiny)
+    if kind == "bin":
+        sd = {k.removeprefix("model.").replace("embedding.", "embeddings."): v for k, v in tiny.state_dict().items()}
+        torch.save(sd, hf / "pytorch_model.bin")
+        (hf / "model.safetensors").unlink()
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    convert(
+        tmp_path / "other.pt", tmp_path / "sharded", to="hf", model="mamba_tiny", shard_size="100KB", progress=False
+    )
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    if kind == "bin":  # the other model as pytorch_model-*.bin shards with their index
+        shards: dict[str, list[str]] = {}
+        for key, name in index["weight_map"].items():
+            shards.setdefault(name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin"), []).append(key)
+        with read_checkpoint(tmp_path / "sharded") as ckpt:
+            for name, keys in shards.items():
+                torch.save({k: ckpt.source.get(k.replace("embeddings.", "embedding.")) for k in keys}, hf / name)
+        weight_map = {k: name for name, keys in shards.items() for k in keys}
+        (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        for name in [*set(index["weight_map"].values()), "model.safetensors.index.json"]:
+            shutil.copy(tmp_path / "sharded" / name, hf / name)
+    x = torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(load_model(hf)(x)[0], tiny(x)[0])
+        if has_module("transformers"):
+            from transformers import MambaForCausalLM
+
+            assert (MambaForCausalLM.from_pretrained(hf)(x).logits - tiny(x)[0]).abs().max() < 1e-4
+
+
+def test_hf_shards_without_index_name_the_missing_shard(tiny, tmp_path):
+    hf = tmp_path / "hfbin"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config(tiny.cfg)))
+    sd = {k.removeprefix("model.").replace("embedding.", "embeddings."): v for k, v in tiny.state_dict().items()}
+    keys = sorted(sd)
+    for i, part in enumerate((keys[:10], keys[10:]), 1):
+        torch.save({k: sd[k].clone() for k in part}, hf / f"pytorch_model-{i:05d}-of-00002.bin")
+    assert torch.equal(load_model(hf).model.backbone.norm_f.weight, tiny.model.backbone.norm_f.weight)
+    (hf / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(ConversionError, match=r"shard 2 of 2 \(pytorch_model-00002-of-00002\.bin\) is missing"):
+        load_model(hf)
+
+
+def test_dtype_must_be_one_of_the_named_ones(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    for bad in (torch.int8, torch.float8_e4m3fn, torch.float64, "float64", 16):
+        with pytest.raises(ConversionError, match="dtype must be one of float32, fp32, bfloat16"):
+            convert(src, tmp_path / "x", to="hf", dtype=bad, progress=False)
+        with pytest.raises(ConversionError, match="dtype must be one of"):
+            load_model(src, dtype=bad)
+    assert not (tmp_path / "x").exists()
+    convert(src, tmp_path / "bf16", to="hf", dtype=torch.bfloat16, progress=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_hf_config_errors_name_hf_keys(tiny, tmp_path):
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    path = tmp_path / "hf" / "config.json"
+    good = json.loads(path.read_text())
+    for change, message in (
+        ({"hidden_size": "64"}, "hidden_size must be int, got '64'"),
+        ({"intermediate_size": "128"}, "intermediate_size must be int or null, got '128'"),
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings must be bool, got 1"),
+        ({"use_bias": "no"}, "use_bias must be bool"),
+        ({"state_size": 0}, "state_size must be a positive int, got 0"),
+        ({"num_hidden_layers": -2}, "num_hidden_layers must be a positive int"),
+        ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be > 0"),
+        ({"time_step_rank": "x"}, 'time_step_rank must be a positive int or "auto"'),
+        ({"time_step_min": 0.5, "time_step_max": 0.1}, "time_step_min/time_step_max must satisfy"),
+        ({"conv_kernel": True}, "conv_kernel must be int, got True"),
+    ):
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConversionError, match=re.escape(message)) as e:
+            load_model(tmp_path / "hf")
+        assert str(e.value).startswith(f"{path}: "), str(e.value)
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "num_hidden_layers"}))
+    with pytest.raises(ConversionError, match="missing field 'num_hidden_layers'"):
+        load_model(tmp_path / "hf")
+
+
+def test_a_file_that_is_not_a_pt_checkpoint_is_named(tiny, tmp_path):
+    hf, _ = _hf_dirs(tmp_path, tiny)
+    for name, what in (("config.json", "config"), ("model.safetensors", "weights file")):
+        with pytest.raises(ConversionError, match=rf"the {what} of the HF checkpoint {re.escape(str(hf))}: pass its"):
+            convert(hf / name, tmp_path / "k.pt", to="openlm", progress=False)
+    (tmp_path / "loose.json").write_text('{"a": 1}')
+    shutil.copy(hf / "model.safetensors", tmp_path / "loose.safetensors")
+    for name, what in (("loose.json", "a JSON file"), ("loose.safetensors", "a safetensors weights file")):
+        with pytest.raises(ConversionError, match=f"{what}, not an OpenLM checkpoint"):
+            detect_format(tmp_path / name)
+    # a .bin that holds safetensors bytes: said when torch.load fails on it
+    shutil.move(hf / "model.safetensors", hf / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"pytorch_model\.bin: a safetensors weights file, not a PyTorch"):
+        load_model(hf)
+
+
+def test_checkpoint_with_python_objects_is_reported_as_intact(tiny, tmp_path):
+    sd = {"module." + k: v for k, v in tiny.state_dict().items()}
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "ns.pt")
+    with pytest.raises(ConversionError) as e:
+        convert(tmp_path / "ns.pt", tmp_path / "hf", to="hf", progress=False)
+    msg = str(e.value)
+    assert "intact" in msg and "argparse.Namespace" in msg and "weights_only" in msg
+    assert "corrupted" not in msg
+
+
+# -- the destination: what --overwrite may replace ---------------------------------------------------------
+def test_destination_holding_the_source_is_refused(tiny, tmp_path, capsys):
+    """`convert run/checkpoints/epoch_2.pt run --overwrite` replaced the whole run dir, source included."""
+    src = _run_dir(tmp_path, tiny, "model: mamba_tiny")
+    run = src.parent.parent
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for dst in (run, run / "checkpoints", src):
+        with pytest.raises(ConversionError, match=rf"(holds|is) the source {re.escape(str(src))}"):
+            convert(src, dst, to="hf", overwrite=True, progress=False)
+        assert cli_main(["convert", "--to", "hf", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
+        assert "wrote" not in capsys.readouterr().out
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    convert(src, tmp_path / "hf", to="hf", progress=False)
+    # an output inside the source directory replaces nothing the conversion reads: allowed
+    convert(tmp_path / "hf", tmp_path / "hf" / "out.pt", to="openlm", progress=False)
+    convert(tmp_path / "hf", tmp_path / "hf" / "sub", to="mamba_ssm", progress=False)
+    want = ["config.json", "generation_config.json", "model.safetensors", "out.pt", "sub"]
+    assert sorted(os.listdir(tmp_path / "hf")) == want
+
+
+TOKENIZER = {"tokenizer.json": '{"model": {}}', "special_tokens_map.json": "{}", "merges.txt": "a b\n"}
+
+
+def test_overwrite_refuses_unrelated_entries_and_keeps_tokenizer_files(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    hf = tmp_path / "hf"
+    convert(src, hf, to="hf", model="mamba_tiny", progress=False)
+    for name, text in TOKENIZER.items():
+        (hf / name).write_text(text)
+    (hf / "notes.txt").write_text("mine")
+    (hf / "checkpoints").mkdir()
+    with pytest.raises(ConversionError, match=r"holds checkpoints/, notes\.txt, which a conversion to hf does not"):
+        convert(src, hf, to="hf", overwrite=True, progress=False)
+    assert (hf / "notes.txt").read_text() == "mine" and (hf / "checkpoints").is_dir()
+    (hf / "notes.txt").unlink()
+    (hf / "checkpoints").rmdir()
+    convert(src, hf, to="hf", overwrite=True, dtype="bfloat16", shard_size="100KB", progress=False)
+    assert (hf / "model.safetensors.index.json").is_file() and not (hf / "model.safetensors").exists()
+    assert {n: (hf / n).read_text() for n in TOKENIZER} == TOKENIZER
+    # mamba_ssm writes no generation_config.json: kept too; over the HF files the source is made of (in place)
+    convert(hf, hf, to="mamba_ssm", overwrite=True, progress=False)
+    assert sorted(os.listdir(hf)) == sorted(["config.json", "pytorch_model.bin", "generation_config.json", *TOKENIZER])
+    assert detect_format(hf) == "mamba_ssm" and not _no_leftovers(tmp_path)
+    # a file where a directory goes, and the reverse
+    with pytest.raises(ConversionError, match="is a file; --to hf writes a directory"):
+        convert(hf, src, to="hf", overwrite=True, progress=False)
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(ConversionError, match="is a directory; --to openlm writes a file"):
+        convert(hf, tmp_path / "dir.pt", to="openlm", overwrite=True, progress=False)
+    assert src.is_file() and (tmp_path / "dir.pt").is_dir()
+
+
+def test_in_place_conversion_still_works(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    hf = tmp_path / "hf"
+    convert(src, hf, to="hf", model="mamba_tiny", progress=False)
+    (hf / "tokenizer.json").write_text("{}")
+    convert(hf, hf, to="hf", dtype="bfloat16", overwrite=True, progress=False)
+    assert sorted(os.listdir(hf)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    convert(src, src, to="openlm", model="mamba_tiny", overwrite=True, progress=False)
+    assert torch.load(src, weights_only=True)["model_config"]["d_model"] == 64 and not _no_leftovers(tmp_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -16,7 +18,7 @@ import torch
 
 from openlm_mamba import MambaLM
 from openlm_mamba.cli import main as cli_main
-from openlm_mamba.convert import ConversionError, common, convert, hf_config, load_model
+from openlm_mamba.convert import ConversionError, common, convert, hf, hf_config, load_model
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +255,135 @@ def test_progress_bar_in_a_log_ends_at_100_percent(tiny, tmp_path, capsys, to):
     err = capsys.readouterr().err
     last = [s for s in err.replace("\n", "\r").split("\r") if s.strip()][-1]
     assert last.startswith(f"convert -> {to}: 100%") and "192k/192k" in last, repr(err)
+
+
+# -- failures to write the output ----------------------------------------------------------------------------
+READ_ONLY = "cannot write: Read-only file system"
+NO_SPACE = "no space left on device while writing"
+WRITE_ERRORS = {  # what the writers raise -> what the error says
+    "EROFS": (OSError(errno.EROFS, os.strerror(errno.EROFS)), READ_ONLY),
+    "ENOSPC": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), NO_SPACE),
+    "torch EROFS": (
+        RuntimeError(
+            "[enforce fail at inline_container.cc:747] . open file failed because of errno 30 on fopen: "
+            "Read-only file system, file path: out.pt"
+        ),
+        READ_ONLY,
+    ),
+    "torch short write": (
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 202944 vs 202896"),
+        NO_SPACE,
+    ),
+}
+
+
+def _out(tmp_path: Path, to: str) -> Path:
+    """A destination two directories below tmp_path, neither of which exists yet."""
+    return tmp_path / "new" / "deeper" / ("out.pt" if to == "openlm" else "out")
+
+
+def _patch_writers(monkeypatch: pytest.MonkeyPatch, after_write) -> None:
+    """Make torch.save and the safetensors writer call ``after_write(path)`` once they have written ``path``."""
+    real_save, real_safetensors = torch.save, hf.write_safetensors
+
+    def save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        after_write(Path(path))
+
+    def write_safetensors(path, *args, **kwargs):
+        real_safetensors(path, *args, **kwargs)
+        after_write(Path(path))
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(hf, "write_safetensors", write_safetensors)
+
+
+@pytest.mark.parametrize("error", list(WRITE_ERRORS))
+@pytest.mark.parametrize("to", ["hf", "openlm", "mamba_ssm"])
+def test_write_failures_are_conversion_errors_and_leave_nothing(tiny, tmp_path, monkeypatch, capsys, to, error):
+    """A read-only or full filesystem: one ConversionError naming dst and the cause, no partial output, and the
+    parent directories the conversion created removed again."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    exc, message = WRITE_ERRORS[error]
+
+    def fail(path: Path) -> None:
+        raise exc
+
+    _patch_writers(monkeypatch, fail)
+    dst = _out(tmp_path, to)
+    with pytest.raises(ConversionError) as e:
+        convert(src, dst, to=to, model="mamba_tiny", progress=False)
+    assert str(e.value).startswith(f"{dst}: {message}"), str(e.value)
+    assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
+    assert cli_main(["convert", "--to", to, str(src), str(dst), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_unwritable_destinations(tiny, tmp_path, capsys):
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    (tmp_path / "afile").write_text("a file, not a directory")
+    for dst in (tmp_path / "afile" / "out", tmp_path / "afile" / "sub" / "out"):
+        with pytest.raises(ConversionError, match=rf"cannot write: {re.escape(str(tmp_path / 'afile'))} is not a dir"):
+            convert(src, dst, to="hf", progress=False)
+        assert cli_main(["convert", "--to", "hf", str(src), str(dst), "--no-progress"]) == 2
+        assert "is not a directory" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "e.pt"]
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here: the unwritable-filesystem half of this test needs it")
+    with pytest.raises(ConversionError, match=r"cannot create directory /proc/openlm-mamba-test"):
+        convert(src, "/proc/openlm-mamba-test/out", to="hf", progress=False)
+    for to, dst in (("hf", "/proc/openlm-mamba-test"), ("openlm", "/proc/openlm-mamba-test.pt")):
+        with pytest.raises(ConversionError, match=rf"^{dst}: cannot write: "):
+            convert(src, dst, to=to, progress=False)
+
+
+@pytest.mark.parametrize("to", ["hf", "openlm"])
+def test_destination_appearing_during_the_conversion_is_not_replaced(tiny, tmp_path, monkeypatch, to):
+    """Two conversions to one destination without --overwrite: the later one fails instead of replacing."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    dst = tmp_path / ("out.pt" if to == "openlm" else "out")
+
+    def other_conversion_finishes(path: Path) -> None:
+        if to == "openlm":
+            dst.write_bytes(b"the other conversion's output")
+        else:
+            dst.mkdir()
+            (dst / "model.safetensors").write_bytes(b"the other conversion's output")
+
+    _patch_writers(monkeypatch, other_conversion_finishes)
+    with pytest.raises(ConversionError, match="appeared while converting"):
+        convert(src, dst, to=to, model="mamba_tiny", progress=False)
+    written = dst if to == "openlm" else dst / "model.safetensors"
+    assert written.read_bytes() == b"the other conversion's output" and _leftovers(tmp_path) == []
+
+
+def test_parent_directories_created_for_a_failed_conversion_are_removed(tiny, tmp_path):
+    src = _epoch_ckpt(tiny, tmp_path / "flip.pt")
+    _flip(src, _record_of(src, "module.model.backbone.layers.1.mixer.in_proj.weight"))  # found while writing
+    (tmp_path / "kept").mkdir()
+    for dst in (tmp_path / "a" / "b" / "out", tmp_path / "kept" / "c" / "out"):
+        with pytest.raises(ConversionError, match="is corrupted"):
+            convert(src, dst, to="hf", model="mamba_tiny", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["flip.pt", "kept"] and os.listdir(tmp_path / "kept") == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_terminated_conversion_leaves_nothing(tmp_path, sig):
+    """SIGTERM (kill, timeout, a batch scheduler) and Ctrl-C while the output is being written: the CLI exits
+    with 143 / 130 and removes its partial output (SIGKILL alone leaves one, for the next conversion to remove)."""
+    torch.manual_seed(0)
+    src = tmp_path / "epoch_1.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in MambaLM("mamba_tiny").state_dict().items()}}, src)
+    code = (
+        "import os, signal, sys\n"
+        "from openlm_mamba import cli\n"
+        "real = os.replace\n"
+        "def replace(a, b):  # the output is complete, about to be renamed into place\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
+        "    real(a, b)\n"
+        "os.replace = replace\n"
+        f"sys.exit(cli.main(['convert', '--to', 'hf', '--no-progress', {str(src)!r}, {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt"], proc.stderr[-2000:]

@@ -25,7 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seq-len", type=int, default=None, help="seq_len to record (HF / mamba_ssm configs have none)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing destination that holds only what this conversion writes (tokenizer files in it "
+        "are kept); refused when it holds anything else or the source (converting an HF / mamba_ssm dir or a .pt "
+        "in place is allowed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

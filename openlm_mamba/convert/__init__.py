@@ -18,21 +18,28 @@ from ..config import ConfigError, MambaConfig
 from ..model import LMHead, MambaLM
 from .common import (
     ARCH_FIELDS,
-    SHAPE_FIELDS,
     BackgroundChecks,
     ConversionError,
     TensorSource,
     atomic_output,
+    check_destination,
     check_tensors,
     compare_configs,
+    describe_file,
     expected_shapes,
-    infer_config,
     parse_size,
     read_json,
 )
-from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, to_transformers, write_hf
-from .mamba_ssm import config_from_mamba_ssm, is_mamba_ssm_dir, mamba_ssm_config, read_mamba_ssm, write_mamba_ssm
-from .openlm import openlm_checkpoint, read_openlm, write_openlm
+from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, to_transformers, write_hf, writes_hf_file
+from .mamba_ssm import (
+    config_from_mamba_ssm,
+    is_mamba_ssm_dir,
+    mamba_ssm_config,
+    read_mamba_ssm,
+    write_mamba_ssm,
+    writes_mamba_ssm_file,
+)
+from .openlm import openlm_checkpoint, openlm_config, read_openlm, write_openlm
 
 FORMATS = ("openlm", "hf", "mamba_ssm")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -61,6 +68,7 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise ConversionError(f"{path}: no such file or directory")
     if path.is_file():
+        _check_checkpoint_file(path)
         return "openlm"
     if (path / "config.json").is_file():
         read_json(path / "config.json", "config.json")  # unreadable JSON: say so, with line and column
@@ -75,13 +83,31 @@ def detect_format(path: str | Path) -> str:
     return "openlm"
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """Raise a ConversionError saying what ``path`` is when it is a JSON or safetensors file, not a ``.pt``."""
+    kind = describe_file(path)
+    if kind is None:
+        return
+    folder = path.parent
+    what = "HF" if is_hf_dir(folder) else "mamba_ssm" if is_mamba_ssm_dir(folder) else None
+    if what is not None:
+        part = "config" if kind == "a JSON file" else "weights file"
+        raise ConversionError(f"{path}: the {part} of the {what} checkpoint {folder}: pass its directory {folder}")
+    raise ConversionError(
+        f"{path}: {kind}, not an OpenLM checkpoint (an HF or mamba_ssm checkpoint is a directory holding "
+        "config.json and the weights: pass that directory)"
+    )
+
+
 @dataclass
 class Checkpoint:
-    """A checkpoint opened for reading: its format, resolved config and lazy tensors (canonical keys)."""
+    """A checkpoint opened for reading: its format, resolved config and lazy tensors (canonical keys), and
+    ``path``, what was read (the ``.pt`` file of an OpenLM checkpoint, the directory of the others)."""
 
     format: str
     config: MambaConfig
     source: TensorSource
+    path: Path
 
     def close(self) -> None:
         self.source.close()
@@ -108,7 +134,8 @@ def read_checkpoint(
     """Open a checkpoint of any supported format and check it against its config (and ``model``, if given).
 
     The architecture comes from the source's own config; for a bare OpenLM state dict without one it is
-    inferred from tensor shapes. A ``model`` config that disagrees raises a field-by-field error.
+    inferred from tensor shapes. A ``model`` config that disagrees raises a field-by-field error (for an OpenLM
+    run whose params.txt only names a config, on the fields tensor shapes show; ``model`` then wins).
     """
     path = Path(path)
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
@@ -116,20 +143,22 @@ def read_checkpoint(
     fmt = detect_format(path)
     wanted = _load_config(model)
     length = seq_len or (wanted.seq_len if wanted else 2048)
-    fields = ARCH_FIELDS
+    fields, found_name, location = ARCH_FIELDS, str(path), path
     if fmt == "hf":
         cfg, source = read_hf(path, length)
     elif fmt == "mamba_ssm":
         cfg, source = read_mamba_ssm(path, length)
     else:
-        cfg, source, _ = read_openlm(path)
-        if cfg is None:
-            cfg = infer_config(source, base=wanted)
-            fields = SHAPE_FIELDS
+        found, source, location = read_openlm(path)
+        try:
+            cfg, found_name, fields = openlm_config(found, source, location, wanted)
+        except BaseException:
+            source.close()
+            raise
     try:
         if wanted is not None:
             label = f"--model {model}" if isinstance(model, (str, Path)) else f"--model {wanted.name}"
-            compare_configs(cfg, wanted, f"{path}", label, fields)
+            compare_configs(cfg, wanted, found_name, label, fields)
             if wanted.padded_vocab_size == cfg.padded_vocab_size:
                 cfg = wanted
         if seq_len is not None and cfg.seq_len != seq_len:
@@ -138,7 +167,7 @@ def read_checkpoint(
     except BaseException:
         source.close()
         raise
-    return Checkpoint(fmt, cfg, source)
+    return Checkpoint(fmt, cfg, source, location)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -174,20 +203,36 @@ def _caster(source: TensorSource, dtype: torch.dtype | None):
     return fetch, dtype_of
 
 
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """``dtype=`` checked: None, one of the names in ``_DTYPES`` or the torch.dtype one of them names."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ConversionError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
-    return names[dtype]
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ConversionError(
+        f"dtype must be one of {', '.join(_DTYPES)} or torch.float32 / torch.bfloat16 / torch.float16, got {dtype!r}"
+    )
+
+
+# per output format: what the output is made of (a file: None; a directory: which file names it holds), and
+# the config.json writer, which raises a ConversionError for a model the format cannot represent
+_OUTPUTS = {
+    "openlm": (None, None),
+    "hf": (writes_hf_file, hf_config),
+    "mamba_ssm": (writes_mamba_ssm_file, mamba_ssm_config),
+}
 
 
 def convert(
@@ -205,6 +250,8 @@ def convert(
 
     ``dst`` is a directory for "hf" / "mamba_ssm" and a ``.pt`` file for "openlm". ``dtype`` casts floating
     tensors; HF outputs above ``shard_size`` are sharded with an index. Nothing is left at ``dst`` if anything fails.
+    ``overwrite`` replaces an existing ``dst`` holding only what such a conversion writes (its tokenizer files are
+    carried over); a ``dst`` that is or holds a file the conversion reads is refused (except the source itself).
     """
     if to not in FORMATS:
         raise ConversionError(f"unknown target format {to!r} (to= / --to): expected one of {', '.join(FORMATS)}")
@@ -217,14 +264,20 @@ def convert(
     limit = parse_size(shard_size)
     if limit <= 0:
         raise ConversionError(f"shard size must be positive, got {shard_size!r}")
+    writes, output_config = _OUTPUTS[to]
     with read_checkpoint(src, model, seq_len) as ckpt:
         source, cfg = ckpt.source, ckpt.config
+        if output_config is not None:
+            output_config(cfg)  # a model the format cannot represent: refused before anything is written
+        carry = check_destination(
+            dst, to=to, writes=writes, source=ckpt.path, source_files=source.files, overwrite=overwrite
+        )
         order = [k for k in expected_shapes(cfg) if k in source.tensors]
         source.tensors = {k: source.tensors[k] for k in order}
         fetch, dtype_of = _caster(source, cast)
         total = sum(math.prod(source.tensors[k].shape) * dtype_of(k).itemsize for k in order)  # bytes out
         with (
-            atomic_output(dst, overwrite) as tmp,
+            atomic_output(dst, overwrite, carry) as tmp,
             _progress(total, f"convert -> {to}", progress) as bar,
             BackgroundChecks(source) as checks,
         ):

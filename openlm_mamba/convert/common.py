@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -15,7 +17,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,7 @@ class TensorSource:
     def __init__(self, description: str) -> None:
         self.description = description
         self.tensors: dict[str, TensorInfo] = {}
+        self.files: list[Path] = []  # every file read (weights and index), for the destination checks
         self._closers: list[Callable[[], None]] = []
 
     def add(self, key: str, info: TensorInfo, origin: str) -> None:
@@ -205,14 +208,16 @@ TensorCheck = Callable[[str, torch.Tensor], None]
 def add_state_dict(
     source: TensorSource,
     state_dict: dict[str, Any],
-    origin: str,
+    origin: Path,
     rename: Callable[[str], str | None],
     check: TensorCheck | None = None,
 ) -> None:
-    """Add the tensors of an in-memory (or mmapped) state dict under canonical names (``rename`` -> None skips).
+    """Add the tensors of an in-memory (or mmapped) state dict loaded from file ``origin`` under canonical
+    names (``rename`` -> None skips).
 
     ``check(key, tensor)`` (from ``torch_load``) becomes the tensors' integrity check (``TensorSource.check``).
     """
+    source.files.append(origin)
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
@@ -220,7 +225,7 @@ def add_state_dict(
         if name is None:
             continue
         bound = None if check is None else (lambda k=key, v=value: check(k, v))
-        source.add(name, TensorInfo(tuple(value.shape), value.dtype, (lambda v=value: v), bound), origin)
+        source.add(name, TensorInfo(tuple(value.shape), value.dtype, (lambda v=value: v), bound), str(origin))
 
 
 def add_safetensors_file(
@@ -237,6 +242,7 @@ def add_safetensors_file(
     except Exception as e:
         raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
     source.on_close(lambda: handle.__exit__(None, None, None))
+    source.files.append(path)
     names = list(handle.keys())  # safe_open handles are not iterable
     for key in names:
         if only is not None and key not in only:
@@ -256,22 +262,63 @@ def torch_load(path: Path) -> tuple[Any, TensorCheck]:
 
     Returns the loaded object and ``check(key, tensor)``, which raises ConversionError when the zip record
     holding ``tensor`` fails its CRC32 (``torch.load`` does not verify the data records). Errors become
-    ConversionError.
+    ConversionError, saying what the file is when it is not a PyTorch checkpoint.
     """
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    mmapped = True
-    try:
-        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except Exception as first:
+    failures: list[Exception] = []
+    for mmapped in (True, False):
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            mmapped = False
-        except Exception:
-            raise ConversionError(
-                f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {first}"
-            ) from None
-    return obj, _integrity_check(path, obj, mmapped)
+            obj = torch.load(str(path), map_location="cpu", mmap=mmapped, weights_only=True)
+        except Exception as e:
+            refused = _refused_global(e)
+            if refused is not None:
+                raise _unsafe_objects_error(path, refused) from None
+            failures.append(e)
+            continue
+        return obj, _integrity_check(path, obj, mmapped)
+    kind = describe_file(path)
+    if kind is not None:
+        raise ConversionError(f"{path}: {kind}, not a PyTorch checkpoint")
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {failures[0]}")
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The class or function ``torch.load(weights_only=True)`` refused to unpickle, if that is the failure."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return m.group(1) if m else None
+
+
+def _unsafe_objects_error(path: Path, refused: str) -> ConversionError:
+    """The error for a readable checkpoint holding non-tensor Python objects (after checking its records)."""
+    found = _zip_records(path)
+    if found:
+        _verify_records(path, found[0])  # "intact" below is checked, not assumed
+    return ConversionError(
+        f"{path}: the file is intact but holds Python objects other than tensors ({refused}), which safe loading "
+        "(torch.load(weights_only=True)) refuses to unpickle. If you trust the file, load it with weights_only=False "
+        "and save only its weights: torch.save({'state_dict': ckpt['state_dict']}, 'clean.pt')"
+    )
+
+
+def describe_file(path: Path) -> str | None:
+    """What a file that is not a ``torch.save`` checkpoint is, from its first bytes ("a safetensors weights
+    file", "a JSON file"); None when it looks like neither."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if len(head) > 8:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return "a safetensors weights file"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,31 +682,175 @@ def write_safetensors(
 
 
 # --------------------------------------------------------------------------------------------------
+# Files a tokenizer (and generation defaults) may leave in a checkpoint directory: an ``--overwrite`` keeps them
+# (copies them into the new output) so that ``eval`` / ``generate`` still find the checkpoint's tokenizer.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "added_tokens.json",
+        "generation_config.json",
+    }
+)
+
+
+def check_destination(
+    dst: Path,
+    *,
+    to: str,
+    writes: Callable[[str], bool] | None,
+    source: Path,
+    source_files: Sequence[Path],
+    overwrite: bool,
+) -> tuple[str, ...]:
+    """Refuse a destination a conversion must not write to or replace; return the tokenizer files to carry over.
+
+    ``writes(name)`` says whether a conversion to ``to`` writes a file of that name into its output directory
+    (None: the output is a single file). ``source`` is the checkpoint read (a file, or an HF / mamba_ssm
+    directory) and ``source_files`` the files read from it. Refused, before anything is changed: a destination
+    that is or holds a file the conversion reads (except the source itself, converted in place), and, with
+    ``overwrite``, a destination of the wrong kind or holding entries the conversion does not write. An output
+    written inside a source directory is fine: nothing the conversion reads is replaced.
+    """
+    target, src = dst.resolve(), source.resolve()
+    in_place = target == src and src.is_dir() == (writes is not None)
+    if not in_place:
+        for path in (source, *source_files):
+            if path.resolve() == target or target in path.resolve().parents:
+                what = "is" if path.resolve() == target else "holds"
+                raise ConversionError(
+                    f"{dst}: {what} the source {path}, which writing {dst} would delete; write the output elsewhere"
+                )
+    if not overwrite or not dst.exists():
+        return ()
+    if writes is None:
+        if dst.is_dir():
+            raise ConversionError(f"{dst}: is a directory; --to {to} writes a file and does not replace a directory")
+        return ()
+    if not dst.is_dir():
+        raise ConversionError(f"{dst}: is a file; --to {to} writes a directory and does not replace a file")
+    replaced = {f.name for f in source_files if f.parent.resolve() == target} if in_place else set()
+    foreign, carry = [], []
+    for entry in sorted(dst.iterdir()):
+        name = entry.name
+        if entry.is_dir():
+            foreign.append(name + "/")
+        elif writes(name) or name in replaced:
+            continue
+        elif name in TOKENIZER_FILES:
+            carry.append(name)
+        else:
+            foreign.append(name)
+    if foreign:
+        listed = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise ConversionError(
+            f"{dst}: holds {listed}, which a conversion to {to} does not write; --overwrite replaces the whole "
+            "directory, so it does not delete them: move them away or write elsewhere (tokenizer files are kept)"
+        )
+    return tuple(carry)
+
+
 @contextlib.contextmanager
-def atomic_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; on success move it to ``dst``, on any failure remove it."""
+def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; on success move it to ``dst``, on any failure remove it.
+
+    ``carry`` names files of an existing ``dst`` directory copied into the new output (tokenizer files).
+    Without ``overwrite``, a ``dst`` that appears while writing (another conversion) is not replaced. Parent
+    directories created here are removed again on failure. Write failures (a read-only or full filesystem,
+    an unwritable location) raise ConversionError naming ``dst`` and the cause.
+    """
     dst = Path(dst)
-    if dst.exists() and not overwrite:
+    if _exists(dst) and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     parent = dst.parent if str(dst.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dst)
     tmp = parent / f".{dst.name}.partial-{_HOST}-{os.getpid()}"
-    _remove(tmp)
+    created = _missing_parents(dst, parent)
     try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(f"{dst}: cannot create directory {e.filename or parent}: {e.strerror}") from None
+        remove_stale_partials(dst)
+        _remove(tmp)
         yield tmp
         if not tmp.exists():
             raise ConversionError(f"internal: nothing was written for {dst}")
-        if dst.exists():
-            old = parent / f".{dst.name}.old-{os.getpid()}"
-            os.replace(dst, old)
+        if not _exists(dst):
             os.replace(tmp, dst)
-            _remove(old)
+        elif not overwrite:
+            raise ConversionError(
+                f"{dst}: appeared while converting (another conversion to it?); left as it is "
+                "(pass overwrite=True / --overwrite to replace it)"
+            )
         else:
-            os.replace(tmp, dst)
-    except BaseException:
+            _replace(tmp, dst, parent / f".{dst.name}.old-{os.getpid()}", carry)
+    except BaseException as e:
         _remove(tmp)
+        for folder in created:  # deepest first; stops at the first one something else has put files in
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        error = write_error(dst, e) if isinstance(e, Exception) else None
+        if error is not None:
+            raise error from None
         raise
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _missing_parents(dst: Path, parent: Path) -> list[Path]:
+    """The directories ``parent.mkdir(parents=True)`` would create, deepest first; ConversionError when an
+    existing ancestor is not a directory (nothing could be written below it)."""
+    missing = []
+    folder = parent
+    while not _exists(folder):
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if _exists(folder) and not folder.is_dir():
+        raise ConversionError(f"{dst}: cannot write: {folder} is not a directory")
+    return missing
+
+
+def _replace(tmp: Path, dst: Path, old: Path, carry: Iterable[str]) -> None:
+    """Move ``tmp`` to the existing ``dst``, carrying ``carry`` over from it; ``dst`` is restored on failure."""
+    for name in carry:
+        if (dst / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(dst / name, tmp / name)
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    _remove(old)
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on device while writing", errno.EDQUOT: "disk quota exceeded while writing"}
+
+
+def write_error(dst: Path, error: Exception) -> ConversionError | None:
+    """A ConversionError naming ``dst`` and the cause for a failure to write it (an OSError with an errno, or
+    the RuntimeError of torch.save's stream writer); None for other exceptions."""
+    if isinstance(error, OSError) and error.errno is not None:
+        cause = _NO_SPACE.get(error.errno) or f"cannot write: {error.strerror or os.strerror(error.errno)}"
+        return ConversionError(f"{dst}: {cause}")
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "inline_container.cc" not in text:
+        return None
+    detail = text.split("] . ", 1)[-1].strip()
+    if "unexpected pos" in text or "file write failed" in text:  # the writer got fewer bytes out than it asked
+        return ConversionError(f"{dst}: {_NO_SPACE[errno.ENOSPC]} (torch.save wrote short: {detail})")
+    m = re.search(r"(?:strerror|fopen): ([^,\n]+)", text)
+    return ConversionError(f"{dst}: cannot write: {m.group(1).strip() if m else detail}")
 
 
 # partial outputs are named ``.<dst name>.partial-<host>-<pid>``; older versions wrote ``.<dst name>.partial-<pid>``

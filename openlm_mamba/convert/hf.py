@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import MambaConfig
+from ..config import ConfigError, MambaConfig
 from .common import (
     ConversionError,
     TensorInfo,
@@ -78,54 +79,71 @@ def hf_config(cfg: MambaConfig, dtype: torch.dtype | str = torch.float32) -> dic
     return out
 
 
+_REQUIRED = object()
+_NUMBER = (int, float)
+
+# HF config.json key -> (MambaConfig field, JSON type, HF's default or _REQUIRED)
+_HF_FIELDS: dict[str, tuple[str, type | tuple[type, ...], Any]] = {
+    "hidden_size": ("d_model", int, _REQUIRED),
+    "num_hidden_layers": ("n_layer", int, _REQUIRED),
+    "vocab_size": ("vocab_size", int, _REQUIRED),
+    "state_size": ("d_state", int, 16),
+    "conv_kernel": ("d_conv", int, 4),
+    "expand": ("expand", int, 2),
+    "time_step_rank": ("dt_rank", (int, str), "auto"),
+    "rms_norm": ("rms_norm", bool, True),
+    "residual_in_fp32": ("residual_in_fp32", bool, True),
+    "fused_add_norm": ("fused_add_norm", bool, True),
+    "layer_norm_epsilon": ("norm_epsilon", _NUMBER, 1e-5),
+    "tie_word_embeddings": ("tie_embeddings", bool, True),
+    "use_conv_bias": ("conv_bias", bool, True),
+    "use_bias": ("bias", bool, False),
+    "time_step_min": ("dt_min", _NUMBER, 1e-3),
+    "time_step_max": ("dt_max", _NUMBER, 1e-1),
+    "time_step_floor": ("dt_init_floor", _NUMBER, 1e-4),
+    "time_step_scale": ("dt_scale", _NUMBER, 1.0),
+    "time_step_init_scheme": ("dt_init", str, "random"),
+    "initializer_range": ("initializer_range", _NUMBER, 0.02),
+}
+_HF_NAMES = {ours: key for key, (ours, _, _) in _HF_FIELDS.items()}
+
+
+def _hf_value(data: dict[str, Any], key: str, types: type | tuple[type, ...], default: Any, source: str) -> Any:
+    """``data[key]`` (or ``default``), type-checked (JSON true is not a number); errors name HF's key."""
+    if key not in data and default is _REQUIRED:
+        raise ConversionError(f"{source}: missing field {key!r}")
+    value = data.get(key, default)
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ConversionError(f"{source}: {key} must be {names}, got {value!r}")
+    return value
+
+
 def config_from_hf(data: dict[str, Any], source: str, seq_len: int = 2048) -> MambaConfig:
-    """A MambaConfig from an HF ``MambaForCausalLM`` config.json dict (HF defaults for absent fields)."""
+    """A MambaConfig from an HF ``MambaForCausalLM`` config.json dict (HF defaults for absent fields).
+
+    Fields are type-checked before use; errors name HF's keys (``state_size``, not ``d_state``)."""
     if data.get("model_type", "mamba") != "mamba":
         raise ConversionError(f'{source}: model_type must be "mamba" (Mamba-1), got {data.get("model_type")!r}')
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if key not in data:
-            raise ConversionError(f"{source}: missing field {key!r}")
-    d = data["hidden_size"]
-    expand = data.get("expand", 2)
-    inter = data.get("intermediate_size")
+    fields = {ours: _hf_value(data, key, types, default, source) for key, (ours, types, default) in _HF_FIELDS.items()}
+    d, expand = fields["d_model"], fields["expand"]
+    inter = _hf_value(data, "intermediate_size", (int, type(None)), None, source)
     if inter is not None and inter != expand * d:
         raise ConversionError(f"{source}: intermediate_size {inter} != expand {expand} x hidden_size {d}")
-    if data.get("hidden_act", "silu") != "silu":
+    if _hf_value(data, "hidden_act", str, "silu", source) != "silu":
         raise ConversionError(f'{source}: hidden_act must be "silu", got {data["hidden_act"]!r}')
-    vocab = data["vocab_size"]
     pad = data.get("pad_vocab_size_multiple", 8)
-    if not isinstance(pad, int) or pad <= 0 or vocab % pad:
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0 or fields["vocab_size"] % pad:
         pad = 1  # HF's vocab_size is the embedding's row count: keep it exactly
-    rank = data.get("time_step_rank", "auto")
-    fields = dict(
-        d_model=d,
-        n_layer=data["num_hidden_layers"],
-        vocab_size=vocab,
-        seq_len=seq_len,
-        d_state=data.get("state_size", 16),
-        d_conv=data.get("conv_kernel", 4),
-        expand=expand,
-        dt_rank=rank,
-        rms_norm=data.get("rms_norm", True),
-        residual_in_fp32=data.get("residual_in_fp32", True),
-        fused_add_norm=data.get("fused_add_norm", True),
-        norm_epsilon=data.get("layer_norm_epsilon", 1e-5),
-        pad_vocab_size_multiple=pad,
-        tie_embeddings=data.get("tie_word_embeddings", True),
-        conv_bias=data.get("use_conv_bias", True),
-        bias=data.get("use_bias", False),
-        dt_min=data.get("time_step_min", 1e-3),
-        dt_max=data.get("time_step_max", 1e-1),
-        dt_init_floor=data.get("time_step_floor", 1e-4),
-        dt_scale=data.get("time_step_scale", 1.0),
-        dt_init=data.get("time_step_init_scheme", "random"),
-        initializer_range=data.get("initializer_range", 0.02),
-        # init-only flag; HF configs must hold False (see hf_config), so it says nothing about training
-    )
+    fields.update(seq_len=seq_len, pad_vocab_size_multiple=pad, name=Path(source).parent.name or "hf")
+    # rescale_prenorm_residual: an init-only flag HF configs must hold False (see hf_config): says nothing here
     try:
-        return MambaConfig(**fields, name=Path(source).parent.name or "hf")
-    except ValueError as e:
-        raise ConversionError(f"{source}: {e}") from None
+        return MambaConfig.from_dict(fields, source=source, require_all=False)
+    except ConfigError as e:  # "<source>: d_state must be ..." -> "<source>: state_size must be ..."
+        detail = str(e).removeprefix(f"{source}: ")
+        detail = re.sub(r"^[\w/]+", lambda m: "/".join(_HF_NAMES.get(f, f) for f in m.group().split("/")), detail)
+        raise ConversionError(f"{source}: {detail}") from None
 
 
 def from_hf_key(key: str) -> str | None:
@@ -138,6 +156,17 @@ def to_hf_key(key: str) -> str:
     if key.startswith("backbone.embedding."):
         return "backbone.embeddings." + key[len("backbone.embedding.") :]
     return key
+
+
+_OUTPUT_NAMES = re.compile(
+    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+)
+
+
+def writes_hf_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a conversion to HF writes into its output directory (the configs,
+    ``model.safetensors``, or the shards and their index of a sharded output)."""
+    return _OUTPUT_NAMES.fullmatch(name) is not None
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -157,39 +186,80 @@ def read_hf(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, TensorSource]
     return cfg, source
 
 
+# transformers' from_pretrained order: the first of these present is what it loads (the others are ignored)
+_WEIGHT_FILES = (
+    ("model.safetensors", "safetensors", False),
+    ("model.safetensors.index.json", "safetensors", True),
+    ("pytorch_model.bin", "torch", False),
+    ("pytorch_model.bin.index.json", "torch", True),
+)
+# shards without an index (transformers would refuse them; we read them when every shard is there)
+_SHARD_NAMES = (
+    (re.compile(r"(model-)(\d+)(-of-)(\d+)(\.safetensors)"), "safetensors"),
+    (re.compile(r"(pytorch_model-)(\d+)(-of-)(\d+)(\.bin)"), "torch"),
+)
+
+
 def _add_weights(source: TensorSource, path: Path, rename: Callable[[str], str | None]) -> None:
-    for index_name, single, loader in (
-        ("model.safetensors.index.json", "model.safetensors", "safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch"),
-    ):
-        index = path / index_name
-        if index.is_file():
-            weight_map = read_json(index, "weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConversionError(f"{index}: missing or empty 'weight_map'")
-            files: dict[str, set[str]] = {}
-            for key, fname in weight_map.items():
-                files.setdefault(fname, set()).add(key)
-            for fname, keys in sorted(files.items()):
-                shard = path / fname
-                if not shard.is_file():
-                    raise ConversionError(f"{index}: lists shard {fname!r}, which does not exist in {path}")
-                _add_file(source, shard, loader, rename, keys)
-                missing = [k for k in keys if rename(k) not in source.tensors and rename(k) is not None]
-                if missing:
-                    raise ConversionError(f"{shard}: index lists {missing[0]!r} but the shard does not contain it")
-            return
-        if (path / single).is_file():
-            _add_file(source, path / single, loader, rename, None)
-            return
-    shards = sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
-    if shards:
-        for shard in shards:
-            _add_file(source, shard, "safetensors" if shard.suffix == ".safetensors" else "torch", rename, None)
+    for name, loader, indexed in _WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if indexed:
+            _add_indexed(source, file, loader, rename)
+        else:
+            _add_file(source, file, loader, rename, None)
         return
+    for pattern, loader in _SHARD_NAMES:
+        shards = _unindexed_shards(path, pattern)
+        if shards:
+            for shard in shards:
+                _add_file(source, shard, loader, rename, None)
+            return
     raise ConversionError(
         f"{path}: no weights found (looked for model.safetensors[.index.json], pytorch_model.bin[.index.json] and shards)"
     )
+
+
+def _add_indexed(source: TensorSource, index: Path, loader: str, rename: Callable[[str], str | None]) -> None:
+    """Add the shards an index json lists, each with only the tensors the index maps to it."""
+    weight_map = read_json(index, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: missing or empty 'weight_map'")
+    source.files.append(index)
+    files: dict[str, set[str]] = {}
+    for key, fname in weight_map.items():
+        files.setdefault(fname, set()).add(key)
+    for fname, keys in sorted(files.items()):
+        shard = index.parent / fname
+        if not shard.is_file():
+            raise ConversionError(f"{index}: lists shard {fname!r}, which does not exist in {index.parent}")
+        _add_file(source, shard, loader, rename, keys)
+        missing = [k for k in keys if rename(k) not in source.tensors and rename(k) is not None]
+        if missing:
+            raise ConversionError(f"{shard}: index lists {missing[0]!r} but the shard does not contain it")
+
+
+def _unindexed_shards(path: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The shards ``NAME-i-of-n`` in ``path`` matching ``pattern``, sorted; ConversionError when one is missing."""
+    matches = [m for p in path.iterdir() if (m := pattern.fullmatch(p.name))]
+    if not matches:
+        return []
+    totals = sorted({m.group(4) for m in matches})
+    if len(totals) > 1:
+        raise ConversionError(
+            f"{path}: shards of {' and '.join(totals)} files mixed, and no index to tell which to use"
+        )
+    found = {int(m.group(2)): m for m in matches}
+    sample = matches[0]
+    n = int(totals[0])
+    for i in range(1, n + 1):
+        if i not in found:
+            name = f"{sample.group(1)}{i:0{len(sample.group(2))}d}{sample.group(3)}{totals[0]}{sample.group(5)}"
+            raise ConversionError(f"{path}: shard {i} of {n} ({name}) is missing")
+    if max(found) > n:
+        raise ConversionError(f"{path}: {found[max(found)].group()} numbers a shard beyond its {n}")
+    return [path / found[i].group() for i in range(1, n + 1)]
 
 
 def _add_file(
@@ -203,7 +273,7 @@ def _add_file(
         raise ConversionError(f"{file}: expected a state dict, got {type(sd).__name__}")
     if only is not None:
         sd = {k: v for k, v in sd.items() if k in only}
-    add_state_dict(source, sd, str(file), rename, check)
+    add_state_dict(source, sd, file, rename, check)
 
 
 def write_hf(

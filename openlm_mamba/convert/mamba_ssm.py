@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,29 @@ _SSM_KEYS = {
 }
 
 
+# mamba_ssm's MambaLMHeadModel builds its norms with MixerModel's default epsilon; its config has no field for it
+NORM_EPSILON = 1e-5
+
+# the files a mamba_ssm directory (as written here) consists of
+OUTPUT_FILES = frozenset({"config.json", "pytorch_model.bin"})
+
+
+def writes_mamba_ssm_file(name: str) -> bool:
+    """Whether a conversion to mamba_ssm writes a file called ``name`` into its output directory."""
+    return name in OUTPUT_FILES
+
+
 def mamba_ssm_config(cfg: MambaConfig) -> dict[str, Any]:
-    """mamba_ssm's config.json for ``cfg`` (fields understood by mamba_ssm 1.x and 2.x)."""
+    """mamba_ssm's config.json for ``cfg`` (fields understood by mamba_ssm 1.x and 2.x).
+
+    Raises ConversionError for a model mamba_ssm would run differently: one whose ``norm_epsilon`` is not the
+    1e-5 its MambaLMHeadModel always uses. (The other fields mamba_ssm lacks, ``seq_len`` and the initialisation
+    recipe, do not change what a loaded model computes.)"""
+    if not math.isclose(cfg.norm_epsilon, NORM_EPSILON, rel_tol=1e-9, abs_tol=0.0):
+        raise ConversionError(
+            f"{cfg.name}: mamba_ssm cannot represent norm_epsilon {cfg.norm_epsilon} (its MambaLMHeadModel always "
+            f"uses {NORM_EPSILON} and its config has no field for it); use --to hf or --to openlm"
+        )
     ssm_cfg = {ours_key: getattr(cfg, ours) for ours_key, ours in _SSM_KEYS.items()}
     return {
         "d_model": cfg.d_model,
@@ -44,7 +66,7 @@ def mamba_ssm_config(cfg: MambaConfig) -> dict[str, Any]:
 
 
 def config_from_mamba_ssm(
-    data: dict[str, Any], source: str, seq_len: int = 2048, norm_epsilon: float = 1e-5
+    data: dict[str, Any], source: str, seq_len: int = 2048, norm_epsilon: float = NORM_EPSILON
 ) -> MambaConfig:
     """A MambaConfig from mamba_ssm's config.json (mamba_ssm defaults for absent fields)."""
     for key in ("d_model", "n_layer", "vocab_size"):
@@ -101,7 +123,7 @@ def read_mamba_ssm(path: Path, seq_len: int = 2048) -> tuple[MambaConfig, Tensor
     if not isinstance(sd, dict):
         raise ConversionError(f"{weights}: expected a state dict, got {type(sd).__name__}")
     source = TensorSource(f"mamba_ssm checkpoint {path}")
-    add_state_dict(source, sd, str(weights), lambda k: k, check)
+    add_state_dict(source, sd, weights, lambda k: k, check)
     return cfg, source
 
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import PARAMS_CONFIG_KEY, ConfigError, MambaConfig
-from .common import SHAPE_FIELDS, ConversionError, TensorSource, add_state_dict, infer_config, torch_load
+from .common import (
+    ARCH_FIELDS,
+    SHAPE_FIELDS,
+    ConversionError,
+    TensorSource,
+    add_state_dict,
+    infer_config,
+    torch_load,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -42,60 +51,85 @@ def find_checkpoint_file(path: Path) -> Path:
     )
 
 
-def _config_from_params(file: Path) -> tuple[MambaConfig | None, bool]:
+@dataclass(frozen=True)
+class FoundConfig:
+    """The config found with an OpenLM checkpoint: ``exact`` when every field was recorded (the ``model_config``
+    our converter embeds, the ``mamba_config`` line our hook adds to params.txt), else a hint (the config
+    params.txt's ``model:`` line names: a custom JSON may have shared its name, so only shapes can confirm it).
+    ``origin`` names where it came from, for messages."""
+
+    config: MambaConfig
+    exact: bool
+    origin: str
+
+
+def _config_from_params(file: Path) -> FoundConfig | None:
     """The model config of the OpenLM run that wrote ``file``, from its params.txt (``logs/NAME/params.txt``):
-    the full config our hook records there (``mamba_config: {...}``), else the config its ``model:`` line names.
-    Returns (config or None, whether it is the recorded full config)."""
+    the full config our hook records there (``mamba_config: {...}``), else the config its ``model:`` line names."""
     for params in (file.parent / "params.txt", file.parent.parent / "params.txt"):
         if not params.is_file():
             continue
         text = params.read_text(errors="replace")
         m = re.search(rf"^{PARAMS_CONFIG_KEY}: (.+)$", text, re.MULTILINE)
         if m:
+            origin = f"{params} ({PARAMS_CONFIG_KEY})"
             try:
-                return MambaConfig.from_dict(json.loads(m.group(1)), source=f"{params} ({PARAMS_CONFIG_KEY})"), True
+                return FoundConfig(MambaConfig.from_dict(json.loads(m.group(1)), source=origin), True, origin)
             except (ValueError, ConfigError):  # a damaged line: fall back to the model name
                 pass
         m = re.search(r"^model: (.+)$", text, re.MULTILINE)
         if m:
+            name = m.group(1).strip()
             try:
-                return MambaConfig.load(m.group(1).strip()), False
+                return FoundConfig(MambaConfig.load(name), False, f"{params} names {name}")
             except ConfigError:
-                return None, False
-    return None, False
+                return None
+    return None
 
 
-def _config_for(source: TensorSource, file: Path) -> MambaConfig | None:
-    """The config params.txt gives for ``file``, checked against its tensors. A run of a custom JSON that shares
-    a shipped config's name (OpenLM records only the name) gets the architecture from the tensor shapes."""
-    cfg, recorded = _config_from_params(file)
-    if cfg is None or recorded:
-        return cfg
-    inferred = infer_config(source, base=cfg)
-    diffs = [f for f in SHAPE_FIELDS if getattr(inferred, f) != getattr(cfg, f)]
-    if diffs:
-        _log.warning(
-            "%s: its run's params.txt names model %r, whose %s differ from the checkpoint's tensors "
-            "(a custom JSON with a shipped config's name?); using the architecture the tensors show",
-            file,
-            cfg.name,
-            ", ".join(f"{f} ({getattr(cfg, f)} vs {getattr(inferred, f)})" for f in diffs),
-        )
-        return inferred
-    return cfg
+def openlm_config(
+    found: FoundConfig | None, source: TensorSource, file: Path, wanted: MambaConfig | None
+) -> tuple[MambaConfig, str, tuple[str, ...]]:
+    """The config of OpenLM checkpoint ``file``, the name to give it in a mismatch error and the fields a
+    ``wanted`` (``--model``) config must match (then ``wanted`` supplies the others).
+
+    An exact config is used as is, all architecture fields compared. Otherwise the tensors' shapes decide: a
+    ``wanted`` config is compared on the fields shapes show; without one, the params.txt hint is used when its
+    shapes fit, else the shapes are (with a warning: the fields they cannot tell are then the hint's)."""
+    if found is not None and found.exact:
+        return found.config, found.origin, ARCH_FIELDS
+    shapes = f"{file} (its tensor shapes{'; ' + found.origin if found else ''})"
+    if found is None or wanted is not None:
+        return infer_config(source, base=wanted), shapes, SHAPE_FIELDS
+    inferred = infer_config(source, base=found.config)
+    diffs = [f for f in SHAPE_FIELDS if getattr(inferred, f) != getattr(found.config, f)]
+    if not diffs:
+        return found.config, found.origin, SHAPE_FIELDS
+    _log.warning(
+        "%s: its run's params.txt names model %r, whose %s differ from the checkpoint's tensors "
+        "(a custom JSON with a shipped config's name?); using the architecture the tensors show, with the fields "
+        "shapes cannot tell (norm_epsilon, residual_in_fp32) from %r: pass --model with the run's config to set them",
+        file,
+        found.config.name,
+        ", ".join(f"{f} ({getattr(found.config, f)} vs {getattr(inferred, f)})" for f in diffs),
+        found.config.name,
+    )
+    return inferred, shapes, SHAPE_FIELDS
 
 
-def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
-    """Config (embedded by our converter or named in params.txt; None if neither), tensors and the file read."""
+def read_openlm(path: Path) -> tuple[FoundConfig | None, TensorSource, Path]:
+    """The config found with the OpenLM checkpoint at ``path`` (embedded by our converter or from its run's
+    params.txt; None if neither), its tensors and the file read (``path``, or a directory's latest epoch_N.pt)."""
     file = find_checkpoint_file(path)
     obj, check = torch_load(file)
-    cfg = None
+    found = None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
         embedded = obj.get("model_config")
         if isinstance(embedded, dict):
+            origin = f"{file} (model_config)"
             try:
-                cfg = MambaConfig.from_dict(embedded, source=f"{file} (model_config)")
+                found = FoundConfig(MambaConfig.from_dict(embedded, source=origin), True, origin)
             except ConfigError as e:
                 raise ConversionError(str(e)) from None
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -106,14 +140,8 @@ def read_openlm(path: Path) -> tuple[MambaConfig | None, TensorSource, Path]:
             f"{file}: expected an OpenLM checkpoint (a dict with 'state_dict') or a state dict, got {what}"
         )
     source = TensorSource(f"OpenLM checkpoint {file}")
-    add_state_dict(source, sd, str(file), from_openlm_key, check)
-    if cfg is None:
-        try:
-            cfg = _config_for(source, file)
-        except BaseException:
-            source.close()
-            raise
-    return cfg, source, file
+    add_state_dict(source, sd, file, from_openlm_key, check)
+    return found or _config_from_params(file), source, file
 
 
 def openlm_checkpoint(
