@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "Generate text from an OpenLM checkpoint (or an HF directory), streaming tokens as they come."
+HELP = "Generate text from a checkpoint (OpenLM .pt, HF or mamba_ssm directory), streaming tokens as they come."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
