@@ -1,6 +1,9 @@
-"""Which torch device to run on, checked up front (clear errors instead of torch's deep inside a run)."""
+"""Checks shared by ``generate`` and ``eval``, made up front (clear errors instead of torch's deep inside a run):
+which torch device to run on, and whether a tokenizer fits a model's vocabulary."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -32,3 +35,14 @@ def check_device(device: str | torch.device | None) -> str:
         except Exception as e:  # torch raises RuntimeError / AssertionError for devices it was not built for
             raise ValueError(f"torch cannot use it here ({type(e).__name__}: {' '.join(str(e).split())})") from None
     return str(dev)
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """ValueError if ``tokenizer`` can produce ids outside a model vocabulary of ``vocab_size`` (a tokenizer of
+    another model: its ids would index the wrong embeddings, or none)."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {n} tokens, more than the model's vocabulary of {vocab_size}: "
+            "it does not match the checkpoint"
+        )

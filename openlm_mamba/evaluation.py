@@ -32,7 +32,8 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 from tqdm.auto import tqdm
 
-from .device import check_device
+from .device import check_device, check_tokenizer
+from .generation import check_prompt_backend
 from .model import MambaLM
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
@@ -157,6 +158,11 @@ class MambaEvalLM(TemplateLM):
             model = load_model(pretrained, model=model_config, backend=backend, dtype=dtype, device=device)
         elif backend is not None:
             model.set_backend(backend)
+        check_prompt_backend(model, next(model.parameters()).device)  # BackendUnavailableError, before any task
+        try:
+            check_tokenizer(self.tokenizer, model.cfg.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"MambaEvalLM: {e}") from None
         self.model = model.eval()
         self._device = next(model.parameters()).device
         self._batch_size = bs
@@ -323,25 +329,39 @@ def evaluate(
 
 
 def results_table(results: dict[str, Any], reference: dict[str, float] | None = None) -> str:
-    """A markdown table (task, n-shot, acc, acc_norm[, model card]) from lm-eval results.
+    """A markdown table (task, n-shot, acc, acc_norm, other metrics[, model card]) from lm-eval results.
 
-    With ``reference`` (task -> model card %), only the reference tasks are listed.
+    acc / acc_norm in %; every other metric a task reports (perplexities, exact_match, ...; with its filter when
+    not "none") in the last column. With ``reference`` (task -> model card %), only the reference tasks are listed.
     """
     n_shot = results.get("n-shot", {})
     has_ref = bool(reference)
-    head = "| Task | n-shot | acc | acc_norm |" + (" model card |" if has_ref else "")
-    lines = [head, "|" + "---|" * (5 if has_ref else 4)]
+    head = "| Task | n-shot | acc | acc_norm | other metrics |" + (" model card |" if has_ref else "")
+    lines = [head, "|" + "---|" * (6 if has_ref else 5)]
     rows = {**results.get("results", {}), **results.get("groups", {})}
     for task, metrics in sorted(rows.items()):
         if has_ref and task not in reference:
             continue  # e.g. MMLU's 57 subjects: the group row carries the model card's number
         acc = metrics.get("acc,none")
         norm = metrics.get("acc_norm,none")
-        row = f"| {task} | {n_shot.get(task, '')} | {_pct(acc)} | {_pct(norm)} |"
+        row = f"| {task} | {n_shot.get(task, '')} | {_pct(acc)} | {_pct(norm)} | {_other_metrics(metrics) or '-'} |"
         if has_ref:
             row += f" {reference.get(task, '')} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _other_metrics(metrics: dict[str, Any]) -> str:
+    """ "name value" for each numeric metric but acc / acc_norm (with ``filter`` when it is not "none")."""
+    parts = []
+    for key, value in metrics.items():
+        name, _, filt = key.partition(",")
+        if not filt or name.endswith("_stderr") or (name in ("acc", "acc_norm") and filt == "none"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            label = name if filt == "none" else f"{name} ({filt})"
+            parts.append(f"{label} {value:,.0f}" if abs(value) >= 1e4 else f"{label} {value:.4g}")
+    return ", ".join(parts)
 
 
 def _pct(value: Any) -> str:

@@ -224,8 +224,33 @@ def test_cli_model_card_runs_zero_shot_tasks_and_mmlu_five_shot(setup, capsys, m
     assert cli_main(["eval", str(setup[0] / "hf"), "--model-card"]) == 0
     assert calls == [(["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"], 0), (["mmlu"], 5)]
     table = capsys.readouterr().out
-    assert "| hellaswag | 0 | 50.0 | 25.0 | 77.9 |" in table
-    assert "| mmlu | 5 | 33.3 | - | 33.3 |" in table and "mmlu_anatomy" not in table
+    assert "| hellaswag | 0 | 50.0 | 25.0 | - | 77.9 |" in table
+    assert "| mmlu | 5 | 33.3 | - | - | 33.3 |" in table and "mmlu_anatomy" not in table
+
+
+def test_results_table_shows_every_metric():
+    """Perplexity and generation tasks report no acc: their own metrics show (they used to print only '-')."""
+    from openlm_mamba.evaluation import results_table
+
+    results = {
+        "results": {
+            "ppl": {
+                "alias": "ppl",
+                "word_perplexity,none": 162892.2,
+                "word_perplexity_stderr,none": "N/A",
+                "byte_perplexity,none": 7.33,
+                "bits_per_byte,none": 2.874,
+            },
+            "gen": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1},
+            "mc": {"acc,none": 0.6, "acc_norm,none": 0.5, "acc_stderr,none": 0.2},
+        },
+        "n-shot": {"ppl": 0, "gen": 5, "mc": 0},
+    }
+    lines = results_table(results).splitlines()
+    assert lines[0] == "| Task | n-shot | acc | acc_norm | other metrics |"
+    assert "| gen | 5 | - | - | exact_match (strict-match) 0.25 |" in lines
+    assert "| mc | 0 | 60.0 | 50.0 | - |" in lines
+    assert "| ppl | 0 | - | - | word_perplexity 162,892, byte_perplexity 7.33, bits_per_byte 2.874 |" in lines
 
 
 # -- bad input: one line `error: ...`, exit 2, before anything heavy is loaded ---------------------------------
@@ -242,6 +267,40 @@ def _eval_cli(capsys, argv: list[str]) -> tuple[int, str]:
 def _one_line_error(rc: int, err: str, start: str) -> None:
     assert rc == 2, err
     assert err.startswith(start) and "\n" not in err and "Traceback" not in err, err
+
+
+def test_cli_backend_tokenizer_and_output_checked_before_evaluating(setup, task_dir, tmp_path, capsys, monkeypatch):
+    """An unusable --backend / $OPENLM_MAMBA_BACKEND, a tokenizer larger than the model's vocabulary and an
+    --output that cannot be written: one line each, before any task runs; --backend auto overrides the variable;
+    --output's missing directories are created and lm-eval's other sections kept."""
+    from openlm_mamba import evaluation
+
+    root = setup[0]
+    ran = []
+
+    def fake_evaluate(lm, tasks, num_fewshot=None, **kwargs):
+        ran.append(tasks)
+        return {"results": {"tiny_mc": {"acc,none": 0.5}}, "n-shot": {"tiny_mc": 0}, "versions": {"tiny_mc": 1.0}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    base = [str(root / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--only-local-tasks"]
+    _one_line_error(*_eval_cli(capsys, [*base, "--backend", "triton"]), "error: ")
+    monkeypatch.setenv("OPENLM_MAMBA_BACKEND", "bogus")
+    _one_line_error(*_eval_cli(capsys, base), "error: $OPENLM_MAMBA_BACKEND must be one of")
+    monkeypatch.setenv("OPENLM_MAMBA_BACKEND", "cuda")
+    _one_line_error(*_eval_cli(capsys, base), "error: ")
+    out = tmp_path / "new" / "dir" / "results.json"
+    assert _eval_cli(capsys, [*base, "--backend", "auto", "--output", str(out)]) == (0, "")
+    assert json.loads(out.read_text())["versions"] == {"tiny_mc": 1.0}
+    monkeypatch.delenv("OPENLM_MAMBA_BACKEND")
+    _one_line_error(*_eval_cli(capsys, [*base, "--output", str(tmp_path)]), f"error: --output {tmp_path}: is a dir")
+    big = setup[1].tokenizer.__class__.from_pretrained(root / "hf")
+    big.add_tokens([f"extra{i}" for i in range(600)])
+    big.save_pretrained(tmp_path / "big_tok")
+    rc, err = _eval_cli(capsys, [*base, "--tokenizer", str(tmp_path / "big_tok")])
+    _one_line_error(rc, err, "error: MambaEvalLM: the tokenizer has")
+    assert "more than the model's vocabulary of 512" in err
+    assert len(ran) == 1  # only the good run evaluated
 
 
 def test_cli_unknown_task_names_them_with_close_matches(setup, task_dir, capsys, monkeypatch):

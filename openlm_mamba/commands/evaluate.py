@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model config the checkpoint must match (name or JSON path)")
     parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (e.g. local JSONL tasks)")
     parser.add_argument("--only-local-tasks", action="store_true", help="skip indexing lm-eval's built-in tasks")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="requests scored together (default: 8)")
     parser.add_argument("--max-length", type=int, default=2048, help="context window for scoring (default 2048)")
     parser.add_argument(
         "--limit",
@@ -37,9 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for quick checks: examples per task, a whole count N >= 1 or a fraction in (0, 1) of each task",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"], help="op backend")
-    parser.add_argument("--output", default=None, help="write the full lm-eval results JSON here")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: the checkpoint's weights in float32, on any device)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "torch", "triton", "cuda"],
+        help="op backend (default: auto, or $OPENLM_MAMBA_BACKEND)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="write lm-eval's results JSON here (results, groups, n-shot, configs, versions, ...; its "
+        "directories are created)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             make_task_manager,
             results_table,
         )
+        from ..ops.dispatch import BackendUnavailableError, requested_backend
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,6 +114,17 @@ def run(args: argparse.Namespace) -> int:
     if not any(runs.values()):
         print(f"error: --tasks {args.tasks!r}: no task names in it", file=sys.stderr)
         return 2
+    try:
+        requested_backend(args.backend)  # --backend, else $OPENLM_MAMBA_BACKEND: a bad name fails now
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        problem = _output_problem(output)
+        if problem:
+            print(f"error: --output {args.output}: {problem}", file=sys.stderr)
+            return 2
     manager = make_task_manager(args.include_path, include_defaults=not args.only_local_tasks)
     try:
         check_tasks([t for tasks in runs.values() for t in tasks], manager)
@@ -104,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
         hint = " (--only-local-tasks skips lm-eval's built-in tasks)" if args.only_local_tasks else ""
         print(f"error: {'--model-card' if args.model_card else '--tasks'}: {e}{hint}", file=sys.stderr)
         return 2
-    backend = None if args.backend == "auto" else args.backend
     try:
         lm = MambaEvalLM(
             pretrained=args.checkpoint,
@@ -114,12 +141,12 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             device=device,
             dtype=args.dtype,
-            backend=backend,
+            backend=args.backend,  # "auto" too: it overrides $OPENLM_MAMBA_BACKEND, as in generate
         )
-    except (ConversionError, ValueError) as e:
+    except (ConversionError, ValueError, BackendUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    merged: dict = {"results": {}, "groups": {}, "n-shot": {}, "configs": {}}
+    merged: dict = {}
     for shots, tasks in runs.items():
         try:
             res = evaluate(lm, tasks, num_fewshot=shots, limit=limit, task_manager=manager)
@@ -132,10 +159,37 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        for key in merged:
-            merged[key].update(res.get(key, {}))
+        for key, value in res.items():  # per-task sections merge across runs; the rest is the last run's
+            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "config":
+                merged[key].update(value)
+            else:
+                merged[key] = value
     print(results_table(merged, reference))
-    if args.output:
-        Path(args.output).write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    if output is not None:
+        try:
+            tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
+            tmp.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+            os.replace(tmp, output)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(
+                f"error: --output {args.output}: cannot write ({e.strerror or e}); the table above has the results",
+                file=sys.stderr,
+            )
+            return 2
         print(f"wrote {args.output}")
     return 0
+
+
+def _output_problem(output: Path) -> str | None:
+    """Why the results JSON could not be written to ``output`` at the end (checked before hours of evaluation),
+    or None; creates its missing parent directories."""
+    if output.is_dir():
+        return "is a directory (give a file name, e.g. results.json)"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its directory ({e.strerror or e})"
+    if not os.access(output.parent, os.W_OK):
+        return f"its directory {output.parent} is not writable"
+    return None
