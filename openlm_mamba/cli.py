@@ -1,7 +1,8 @@
 """The ``openlm-mamba`` command: one sub-command per module in ``openlm_mamba.commands``.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only when their command runs, so ``--help`` stays fast.
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and
+imports torch and the rest only inside ``run``: building the parser (``--help``) takes milliseconds, and
+Ctrl-C while a command starts up reaches :func:`main`'s handler.
 """
 
 from __future__ import annotations

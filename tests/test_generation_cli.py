@@ -184,11 +184,41 @@ def test_cli_tokenizer_that_does_not_match_the_checkpoint(monkeypatch, capsys, t
     small = MambaLM(MambaConfig.load("mamba_tiny").replace(vocab_size=128)).eval()  # the tokenizer has 300 tokens
     path = tmp_path / "small.pt"
     torch.save({"state_dict": small.state_dict()}, path)
-    prompt = "The Toyota Supra is a sports car"
-    rc, out = run_cli(monkeypatch, ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", prompt])
-    err = capsys.readouterr().err
-    assert rc == 2 and "outside the model's vocabulary of 128: the tokenizer does not match the checkpoint" in err, err
-    assert out.getvalue() == ""
+    for prompt in ("The Toyota Supra is a sports car", "a"):  # also a prompt whose ids happen to fit
+        argv = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", prompt]
+        rc, out = run_cli(monkeypatch, argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "more than the model's vocabulary of 128: it does not match the checkpoint" in err, err
+        assert out.getvalue() == ""
+
+
+def test_incremental_text_adds_up_to_the_whole_decode_at_a_bounded_cost(tokenizer_dir):
+    """Streaming decodes a window of the latest tokens, not the whole output again per token (that was quadratic
+    in the output length), and the pieces add up to tokenizer.decode of all tokens: random ids, so multi-byte
+    characters split across tokens and special tokens come up."""
+    from transformers import AutoTokenizer
+
+    from openlm_mamba.commands.generate import IncrementalText
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    longest = []
+    real = tok.decode
+
+    def decode(ids, **kwargs):
+        longest.append(len(ids))
+        return real(ids, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        ids = torch.randint(0, len(tok), (400,), generator=g).tolist()
+        text = IncrementalText(tok)
+        tok.decode = decode
+        try:
+            pieces = [text.add(i) for i in ids] + [text.flush()]
+        finally:
+            tok.decode = real
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), trial
+        assert max(longest) <= text.window + 1, max(longest)
 
 
 def test_cli_greedy_means_no_repetition_penalty(monkeypatch, tokenizer_dir, openlm_style_checkpoint):

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HELP = "Generate text from a checkpoint (OpenLM .pt, HF or mamba_ssm directory), streaming tokens as they come."
 
@@ -153,7 +154,7 @@ def load_model(args, device: str, dtype):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..device import check_device
+    from ..device import check_device, check_tokenizer
     from ..generation import check_prompt_backend, check_settings, generate
     from ..ops.dispatch import BackendUnavailableError
 
@@ -181,31 +182,24 @@ def run(args: argparse.Namespace) -> int:
         )  # an explicit backend that cannot run here fails now, before the prompt is shown
     except (BackendUnavailableError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    try:
+        check_tokenizer(tok, lm.cfg.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}") from None
     ids = tok(args.prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.shape[1] == 0:
         raise SystemExit("error: --prompt encodes to zero tokens")
-    if int(ids.max()) >= lm.cfg.vocab_size:
-        raise SystemExit(
-            f"error: --tokenizer {args.tokenizer}: it gave token id {int(ids.max())}, outside the model's vocabulary "
-            f"of {lm.cfg.vocab_size}: the tokenizer does not match the checkpoint"
-        )
 
     out = sys.stdout
-    new: list[int] = []
+    text = IncrementalText(tok)
     arrivals: list[float] = []  # when each new token was picked
-    printed = 0
 
     def stream(token: torch.Tensor) -> None:
-        nonlocal printed
         arrivals.append(time.perf_counter())
-        new.append(int(token[0]))
-        if args.no_stream:
-            return
-        text = tok.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[printed:])
+        piece = text.add(int(token[0]))
+        if piece and not args.no_stream:
+            out.write(piece)
             out.flush()
-            printed = len(text)
 
     if not args.no_stream:
         out.write(args.prompt)
@@ -230,13 +224,58 @@ def run(args: argparse.Namespace) -> int:
     if args.no_stream:
         out.write(args.prompt + tok.decode(result[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
     else:
-        text = tok.decode(new, skip_special_tokens=True)
-        out.write(text[printed:])
+        out.write(text.flush())
     out.write("\n")
     out.flush()
     if args.stats:
         print(stats_line(ids.shape[1], start, arrivals, device, dtype_name), file=sys.stderr, flush=True)
     return 0
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, handed out piece by piece at a cost per token that does not grow
+    with the output: only a short window of the latest ids is decoded, after the text already settled.
+
+    The window's start moves forward only where decoding the window in two parts gives the same text as in
+    one, so the pieces add up to ``tokenizer.decode(ids)`` (multi-byte characters split across tokens, and
+    tokenizers' clean-up of spaces, included); a piece ending in an incomplete character waits for the rest.
+    """
+
+    def __init__(self, tokenizer: Any, window: int = 16, lookahead: int = 4) -> None:
+        self.tokenizer = tokenizer
+        self.window, self.lookahead = window, lookahead
+        self.ids: list[int] = []
+        self.start = 0  # ids[:start] are settled into `settled`
+        self.settled = ""
+        self.printed = 0  # characters of the text handed out so far
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """Append one token id; the text that became final (maybe "")."""
+        self.ids.append(token)
+        tail = self._decode(self.ids[self.start :])
+        if len(self.ids) - self.start > self.window:
+            for cut in range(len(self.ids) - self.lookahead, self.start + self.lookahead, -1):
+                head = self._decode(self.ids[self.start : cut])
+                if not head.endswith("\ufffd") and head + self._decode(self.ids[cut:]) == tail:
+                    self.settled += head
+                    self.start = cut
+                    tail = tail[len(head) :]
+                    break
+        if tail.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        return self._take(self.settled + tail)
+
+    def flush(self) -> str:
+        """The rest of the text (at the end: incomplete characters included)."""
+        return self._take(self.settled + self._decode(self.ids[self.start :]))
+
+    def _take(self, text: str) -> str:
+        piece = text[self.printed :]
+        self.printed = max(self.printed, len(text))
+        return piece
 
 
 def stats_line(prompt_tokens: int, start: float, arrivals: list[float], device: str, dtype: str) -> str:
