@@ -203,6 +203,11 @@ class MambaConfig:
     @classmethod
     def load(cls, name_or_path: str | Path) -> MambaConfig:
         """Load a config by registered name (e.g. "mamba_7b") or from a path to a JSON file."""
+        if isinstance(name_or_path, dict):
+            raise ConfigError(
+                "MambaConfig.load takes a config name or a JSON path; for a dict of fields use "
+                "MambaConfig.from_dict(d) (checked like a JSON file) or MambaConfig(**d)"
+            )
         text = str(name_or_path)
         path = Path(text)
         if not text.endswith(".json") and not path.is_file():  # a name, even beside a directory called so

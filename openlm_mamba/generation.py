@@ -9,8 +9,10 @@ run once through the scan (prefill), then each new token is one O(1) recurrent s
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,8 +62,10 @@ class MambaCache:
     ) -> MambaCache:
         """Zeroed cache for ``batch_size`` sequences.
 
-        ``backend`` (of the per-step ``selective_state_update``) defaults to the model's backend, else
-        $OPENLM_MAMBA_BACKEND, else auto; a backend the step op lacks (e.g. "cuda") falls back to auto.
+        ``backend`` (of the per-step ``selective_state_update``: "auto", "torch" or "triton") defaults to
+        the model's backend, else $OPENLM_MAMBA_BACKEND, else auto; such a default that the step op lacks
+        (e.g. "cuda", mamba_ssm's scan for the prompt) leaves the step to auto. A backend given here that
+        cannot run the step (e.g. "cuda", or "triton" without a GPU) raises BackendUnavailableError.
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"MambaCache: batch_size must be a positive int, got {batch_size!r}")
@@ -70,11 +74,19 @@ class MambaCache:
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
         check_prompt_backend(model, device)
+        explicit = backend is not None
         if backend is None:
             backend = model.layers[0].mixer.backend if len(model.layers) else None
         wanted = dispatch.requested_backend(backend)
-        if wanted != "auto" and wanted not in dispatch._REGISTRY.get(STATE_UPDATE_OP, {}):
-            backend = "auto"  # e.g. "cuda" (mamba_ssm kernels for the scan): the step has no such backend
+        step_backends = dispatch._REGISTRY.get(STATE_UPDATE_OP, {})
+        if wanted != "auto" and wanted not in step_backends:
+            if explicit:
+                raise dispatch.BackendUnavailableError(
+                    f"{STATE_UPDATE_OP}: backend {wanted!r} is not implemented for this op (available: "
+                    f"{', '.join(sorted(step_backends))}); backend= picks the decoding step's backend (the prompt "
+                    "runs the model's own backend, set with model.set_backend)"
+                )
+            backend = "auto"  # the model's / env's "cuda" (mamba_ssm kernels for the scan): the step has none
         name, fn = dispatch.resolve(STATE_UPDATE_OP, device, backend)
         conv = [torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, dtype=dtype, device=device) for _ in model.layers]
         ssm = [
@@ -101,15 +113,25 @@ class MambaCache:
         self.fused = model_step_args(model, self.params) if self.backend == "torch" else None
 
     def reset(self) -> None:
-        """Zero every state so the cache can be reused for new prompts of the same batch size."""
-        for t in (*self.conv_states, *self.ssm_states):
-            t.zero_()
+        """Zero every state so the cache can be reused for new prompts of the same batch size.
+
+        States that autograd recorded (decoding with autograd on) are replaced by new zeroed tensors, which
+        also detaches the cache from that graph; the others are zeroed in place."""
+        for states in (self.conv_states, self.ssm_states):
+            for i, t in enumerate(states):
+                if t.requires_grad:
+                    states[i] = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                else:
+                    t.zero_()
         self.seqlen_offset = 0
 
     def check(self, model: torch.nn.Module, batch_size: int) -> None:
         """Raise a clear error if this cache does not fit ``model`` and a batch of ``batch_size``."""
-        if not isinstance(self, MambaCache):
-            raise TypeError(f"past_key_values must be a MambaCache, got {type(self).__name__}")
+        if not isinstance(self, MambaCache):  # called as MambaCache.check(obj, ...)
+            raise TypeError(
+                "past_key_values must be a MambaCache (from model.allocate_cache or forward(use_cache=True)), "
+                f"got {type(self).__name__}"
+            )
         cfg = model.cfg
         if len(self) != cfg.n_layer:
             raise ValueError(f"past_key_values: cache has {len(self)} layers, the model has {cfg.n_layer}")
@@ -161,16 +183,40 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool, hi_open
     return float(value)
 
 
+def _as_index(value) -> int | None:
+    """``value`` as a Python int if it is an integer scalar (int, numpy integer, 0-d or 1-element integer
+    tensor; not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python / numpy bools are not token ids
+        return None
+    if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_floating_point()):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _eos_tensor(eos_token_id, vocab: int, device) -> torch.Tensor | None:
+    """EOS ids as a 1-D long tensor (None for none): an int-like scalar (int, numpy integer, 0-d tensor) or a
+    list / tuple / 1-D tensor or array of them, as transformers accepts."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
-            raise ValueError(
-                f"generate: eos_token_id must be an int (or list of ints) in [0, {vocab}), got {eos_token_id!r}"
-            )
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+    bad = ValueError(
+        f"generate: eos_token_id must be an int (or a list / 1-D tensor of ints) in [0, {vocab}), got {eos_token_id!r}"
+    )
+    single = _as_index(eos_token_id) if not isinstance(eos_token_id, torch.Tensor) or eos_token_id.dim() == 0 else None
+    if single is not None:
+        items = [single]
+    elif isinstance(eos_token_id, (str, bytes)) or getattr(eos_token_id, "ndim", 1) != 1:
+        raise bad
+    else:
+        try:
+            items = [_as_index(i) for i in eos_token_id]
+        except TypeError:  # not iterable
+            raise bad from None
+    if any(i is None or not 0 <= i < vocab for i in items):
+        raise bad
+    return torch.tensor(items, dtype=torch.long, device=device) if items else None
 
 
 class _Sampler:
@@ -268,6 +314,24 @@ def check_settings(
     return temperature, top_k, top_p, repetition_penalty
 
 
+OUT_CHUNK = 256  # new-token columns generate() allocates at first; the buffer doubles when full
+
+
+def _stream_fns(streamer) -> tuple[Callable | None, Callable | None, Callable | None]:
+    """(on_prompt, on_token, on_end) for ``streamer``: a callable gets each new token tensor; an object with
+    ``put`` / ``end`` (transformers' BaseStreamer, e.g. TextStreamer) gets what transformers' generate gives it."""
+    if streamer is None:
+        return None, None, None
+    if callable(streamer):
+        return None, streamer, None
+    if callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None)):
+        return (lambda ids: streamer.put(ids.cpu())), (lambda tok: streamer.put(tok.cpu())), streamer.end
+    raise TypeError(
+        "generate: streamer must be a callable (called with each new (batch,) token tensor) or an object with "
+        f"put() and end() (transformers' BaseStreamer, e.g. TextStreamer), got {type(streamer).__name__}"
+    )
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -277,23 +341,36 @@ def generate(
     top_k: int | None = 50,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
-    streamer: Callable[[torch.Tensor], None] | None = None,
+    streamer: Callable[[torch.Tensor], None] | Any | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens; returns prompt + new tokens.
 
     Greedy (``do_sample=False``) or sampling with ``temperature``, ``top_k`` (0/None: off; 50 is
     transformers' default), ``top_p`` in (0, 1] and ``repetition_penalty`` (transformers' semantics
-    and order). Each sequence stops at one of ``eos_token_id``; finished rows are filled with
-    ``pad_token_id`` (default: the first EOS id) until all are done. Prompts in a batch must have
-    equal length (no padding). ``seed`` or ``generator`` makes sampling reproducible.
-    ``streamer(tokens)`` is called with each new (batch,) token tensor as soon as it is chosen.
-    Logits over padded vocabulary rows (ids >= ``cfg.vocab_size``) are never sampled.
+    and order). Each sequence stops at one of ``eos_token_id`` (an int, numpy integer or 0-d tensor, or a
+    list / 1-D tensor of them); finished rows are filled with ``pad_token_id`` (default: the first EOS id)
+    until all are done. Prompts in a batch must have equal length (no padding). ``seed`` or ``generator``
+    makes sampling reproducible. Logits over padded vocabulary rows (ids >= ``cfg.vocab_size``) are never
+    sampled. Token ids may be any integer dtype (the output is int64).
+
+    ``streamer``: a callable is called with each new (batch,) token tensor as soon as it is chosen (never
+    with the prompt). An object with ``put()`` and ``end()`` (transformers' ``BaseStreamer``, e.g.
+    ``TextStreamer(tokenizer)``) is driven as transformers' generate drives it: ``put`` gets the prompt ids
+    (batch, prompt_len) first (``TextStreamer(..., skip_prompt=True)`` leaves them out), then each new token
+    tensor, on the CPU, and ``end()`` is called once decoding stops.
+
+    ``backend``: the backend of the per-token decoding step (the ``selective_state_update`` op): "auto",
+    "torch" or "triton". None takes the model's backend (``model.set_backend``), else
+    $OPENLM_MAMBA_BACKEND, else auto; such a default that the step lacks ("cuda": mamba_ssm's scan) leaves
+    the step to auto. An explicit backend that cannot run the step here ("cuda", or "triton" on CPU
+    without the interpreter) raises ``BackendUnavailableError``. The prompt always runs the model's own
+    backend, which must run on the prompt's device.
     """
     if not hasattr(model, "forward_with_cache") or not hasattr(model, "allocate_cache"):
         raise TypeError(f"generate: model must be an openlm_mamba MambaLM, got {type(model).__name__}")
@@ -301,7 +378,7 @@ def generate(
         raise TypeError(f"generate: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    model.check_input_ids(input_ids)
+    input_ids = model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
     if batch == 0 or prompt_len == 0:
         raise ValueError(
@@ -332,21 +409,30 @@ def generate(
     eos = _eos_tensor(eos_token_id, vocab, device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
-    elif (
-        isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < model.vocab_size
-    ):
-        raise ValueError(f"generate: pad_token_id must be an int in [0, {model.vocab_size}), got {pad_token_id!r}")
+    else:
+        pad = _as_index(pad_token_id)
+        if pad is None or not 0 <= pad < model.vocab_size:
+            raise ValueError(f"generate: pad_token_id must be an int in [0, {model.vocab_size}), got {pad_token_id!r}")
+        pad_token_id = pad
+    on_prompt, on_token, on_end = _stream_fns(streamer)
     if do_sample and generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     sampler = _Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, vocab, generator)
 
     if max_new_tokens == 0:
-        return input_ids.clone()
+        if on_end is not None:
+            on_prompt(input_ids)
+            on_end()
+        return input_ids.to(torch.long, copy=True)
     with torch.inference_mode():
-        out = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+        # the output grows in chunks (doubling): max_new_tokens is a limit, not an allocation
+        cap = min(max_new_tokens, OUT_CHUNK)
+        out = torch.empty(batch, prompt_len + cap, dtype=torch.long, device=device)
         out[:, :prompt_len] = input_ids
         cache = model.allocate_cache(batch, device=device, backend=backend)
+        if on_prompt is not None:
+            on_prompt(input_ids)
         logits = model.forward_with_cache(input_ids, cache, last_only=True)[0][:, -1]
         sampler.observe(input_ids)
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None
@@ -355,10 +441,15 @@ def generate(
             tok = sampler(logits)
             if finished is not None:
                 tok = tok.masked_fill(finished, pad_token_id)
+            if n == cap:
+                cap = min(max_new_tokens, 2 * cap)
+                grown = torch.empty(batch, prompt_len + cap, dtype=torch.long, device=device)
+                grown[:, : prompt_len + n] = out
+                out = grown
             out[:, prompt_len + n] = tok
             n += 1
-            if streamer is not None:
-                streamer(tok)
+            if on_token is not None:
+                on_token(tok)
             if finished is not None:
                 finished |= torch.isin(tok, eos)
                 if bool(finished.all()):
@@ -368,4 +459,6 @@ def generate(
             tok = tok.unsqueeze(1)
             sampler.observe(tok)
             logits = model.forward_with_cache(tok, cache)[0][:, -1]
+    if on_end is not None:
+        on_end()
     return out[:, : prompt_len + n].clone()  # a normal tensor, not an inference-mode one

@@ -7,6 +7,7 @@ Mamba wrapper around mamba_ssm's ``MambaLMHeadModel``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import MambaConfig
+from .config import ConfigError, MambaConfig
 from .ops import add_norm, causal_conv1d, selective_scan
-from .ops.causal_conv1d import causal_conv1d_update
+from .ops.causal_conv1d import causal_conv1d_step_ref, causal_conv1d_update
+from .ops.state_update import selective_state_step_ref
 
 
 class RMSNorm(nn.Module):
@@ -152,12 +154,18 @@ class MambaMixer(nn.Module):
     def forward_cached(
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, fresh: bool, last_only=False
     ):
-        """Prefill: like ``forward`` but starting from and updating the layer's cache in place.
+        """Prefill: like ``forward`` but starting from the layer's cached states; returns
+        ``(out, conv_state, ssm_state)`` with the states after ``hidden``.
 
         conv_state (batch, d_inner, d_conv) holds the last d_conv conv inputs, newest last;
         ssm_state (batch, d_inner, d_state) float32. ``fresh``: the cache holds no tokens yet.
         ``last_only``: the output of the last position only (batch, 1, d_model); the gate z and the
         output projection are then computed for that position alone.
+
+        The states given are updated in place and returned, unless the new ones take part in autograd
+        (autograd on and a parameter, the input or a state requiring grad): then new tensors of the same
+        dtypes are returned and the given ones are left as they were, since writing a graph's tensors in
+        place would break (or silently corrupt) its backward. The caller stores what is returned.
         """
         if last_only:
             di, w, b = self.cfg.d_inner, self.in_proj.weight, self.in_proj.bias
@@ -171,8 +179,6 @@ class MambaMixer(nn.Module):
         x, final = causal_conv1d(
             x, conv_w, self.conv1d.bias, init, return_final_states=True, activation="silu", backend=self.backend
         )
-        if width > 1:
-            conv_state[:, :, 1:].copy_(final)
         delta, A, B, C = self.ssm_inputs(x)
         y, last = selective_scan(
             x,
@@ -188,15 +194,23 @@ class MambaMixer(nn.Module):
             initial_state=None if fresh else ssm_state,
             backend=self.backend,
         )
-        ssm_state.copy_(last)
+        if final.requires_grad or last.requires_grad:  # new states, part of the graph (contiguous, as allocated:
+            # the fused C++ step reads them as such)
+            conv_state = torch.cat([conv_state[:, :, :1], final.to(conv_state.dtype)], dim=-1).contiguous()
+            ssm_state = last.to(ssm_state.dtype).contiguous()
+        else:
+            if width > 1:
+                conv_state[:, :, 1:].copy_(final)
+            ssm_state.copy_(last)
         if last_only:
             y = (y[:, :, -1:].float() * F.silu(z.float())).to(y.dtype)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
 
-    def step_params(self) -> tuple:
+    def step_params(self, detach: bool = True) -> tuple:
         """Tensors one decoding step needs, gathered once per cache (weights by reference; A = -exp(A_log),
-        D and dt_bias as float32 copies)."""
-        with torch.no_grad():
+        D and dt_bias as float32 copies). ``detach=False``: the derived ones computed under the current
+        autograd mode, so gradients reach A_log, D and dt_proj.bias (the differentiable step)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             A = -torch.exp(self.A_log.float())
             r, n = self.cfg.dt_rank_value, self.cfg.d_state
             return (
@@ -228,6 +242,20 @@ class MambaMixer(nn.Module):
         y = state_update(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
         return F.linear(y, out_w, out_b)
 
+    @staticmethod
+    def step_autograd(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, params):
+        """:meth:`step` for autograd: the same math in differentiable PyTorch ops, nothing written in place;
+        returns ``(out, conv_state, ssm_state)`` with new contiguous states of the given states' dtypes.
+
+        ``params`` from ``step_params(detach=False)``, so gradients reach every parameter.
+        """
+        in_w, in_b, conv_w, conv_b, x_w, split, dt_w, A, D, dt_bias, out_w, out_b = params
+        x, z = F.linear(hidden, in_w, in_b).chunk(2, dim=-1)
+        x, new_conv = causal_conv1d_step_ref(x, conv_state, conv_w, conv_b, "silu")
+        dt, B, C = torch.split(F.linear(x, x_w), split, dim=-1)
+        y, new_ssm = selective_state_step_ref(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
+        return F.linear(y, out_w, out_b), new_conv.contiguous(), new_ssm.to(ssm_state.dtype).contiguous()
+
 
 def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool):
     """``add_norm`` for one decoding step (batch, d_model), as few kernels as possible; same math."""
@@ -240,6 +268,16 @@ def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, r
         bias = None if norm.bias is None else norm.bias.float()
         out = F.layer_norm(r, (r.shape[-1],), norm.weight.float(), bias, norm.eps)
     return out.to(x.dtype), (r if residual_in_fp32 else r.to(x.dtype))
+
+
+# token id dtypes forward accepts; int32 / int64 index the embedding as they are, the others are cast to int64
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int8, torch.int16)
+_INTEGER_DTYPES += tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
+
+def _index_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids as the embedding takes them: int32 / int64 unchanged, other integer dtypes as int64."""
+    return input_ids if input_ids.dtype in (torch.int64, torch.int32) else input_ids.long()
 
 
 def _fused_cpu_inference(hidden: torch.Tensor) -> bool:
@@ -324,7 +362,9 @@ class ResidualBlock(nn.Module):
         if cache is None:
             return self.mixer(normed), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
-        out = self.mixer.forward_cached(normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only)
+        out, cache.conv_states[i], cache.ssm_states[i] = self.mixer.forward_cached(
+            normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only
+        )
         return out, (residual[:, -1:] if last_only else residual)
 
 
@@ -386,22 +426,41 @@ class MambaLMHeadModel(nn.Module):
         self.lm_head = LMHead(cfg.d_model, cfg.padded_vocab_size, tied, device=device, dtype=dtype)
 
 
+def _config_from_dict(data: dict) -> MambaConfig:
+    """A config given as a dict: ``MambaConfig.from_dict(data, require_all=False)`` (the fields of
+    ``MambaConfig(**data)``, checked), with a clear error for missing required fields."""
+    required = [f.name for f in dataclasses.fields(MambaConfig) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(
+            f"MambaLM: a config dict must give {', '.join(required)} (the other fields have defaults, as in "
+            f"MambaConfig(**d)); missing {', '.join(missing)}. Or pass a MambaConfig, a shipped config name or a "
+            "JSON path"
+        )
+    return MambaConfig.from_dict({"name": "custom", **data}, source="MambaLM(config dict)", require_all=False)
+
+
 class MambaLM(nn.Module):
     """Mamba-1 language model following OpenLM's model contract.
 
     ``forward(input_ids) -> (logits float32 (batch, seq, padded vocab), hidden, None)``.
+
+    ``cfg``: a :class:`MambaConfig`, a shipped config name or a JSON path (``MambaConfig.load``), or a
+    dict of MambaConfig fields (``MambaConfig.from_dict(d, require_all=False)``: like ``MambaConfig(**d)``).
     """
 
     def __init__(
         self,
-        cfg: MambaConfig | str | Path,
+        cfg: MambaConfig | str | Path | dict,
         block_cls: type[ResidualBlock] = ResidualBlock,
         backend: str | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
-        if not isinstance(cfg, MambaConfig):
+        if isinstance(cfg, dict):
+            cfg = _config_from_dict(cfg)
+        elif not isinstance(cfg, MambaConfig):
             cfg = MambaConfig.load(cfg)
         self.cfg = cfg
         self.vocab_size = cfg.padded_vocab_size
@@ -431,18 +490,22 @@ class MambaLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.backbone.layers
 
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Raise a clear error for ids that are not integer tokens in [0, vocab_size)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.is_complex():
+    def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Raise a clear error for ids that are not integer tokens in [0, vocab_size); returns them as an index
+        tensor: int32 / int64 as given, other integer dtypes (uint8, int16, ...) cast to int64. bool and
+        floating-point tensors are refused."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INTEGER_DTYPES:
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"MambaLM: input_ids must be an integer tensor, got {got}")
         if input_ids.dim() != 2:
             raise ValueError(f"MambaLM: input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        input_ids = _index_ids(input_ids)
         if input_ids.numel() and not torch.compiler.is_compiling():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"MambaLM: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return input_ids
 
     def forward(
         self,
@@ -458,16 +521,20 @@ class MambaLM(nn.Module):
         Incremental decoding (OpenLM's interface): ``use_cache=True`` and/or
         ``past_key_values=cache`` (a :class:`~openlm_mamba.generation.MambaCache`; also accepted
         as ``inference_params``) runs the new tokens from the cached recurrent state and returns
-        ``(logits, hidden, cache)`` with the cache updated in place.
+        ``(logits, hidden, cache)`` with the cache updated (its states replaced by new tensors
+        instead of written in place where autograd records them, so gradients flow through
+        cached decoding as through the full forward).
         """
         cache = past_key_values if past_key_values is not None else inference_params
         if cache is not None or use_cache or inputs_embeds is not None or attention_mask is not None:
             return self._forward_cached(input_ids, inputs_embeds, cache, use_cache, attention_mask)
-        if not torch.compiler.is_compiling():
-            self.check_input_ids(input_ids)
+        input_ids = _index_ids(input_ids) if torch.compiler.is_compiling() else self.check_input_ids(input_ids)
+        return self._forward_full(self.model.backbone.embedding(input_ids))
+
+    def _forward_full(self, hidden: torch.Tensor):
+        """Every layer over embeddings ``hidden`` (batch, L, d_model) from zero states: (logits, hidden, None)."""
         backbone = self.model.backbone
-        hidden = backbone.embedding(input_ids)
-        if _fused_cpu_inference(hidden) and hidden.shape[1] > 0 and not _fsdp_managed_layers(self):
+        if _fused_cpu_inference(hidden) and hidden.numel() > 0 and not _fsdp_managed_layers(self):
             # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
             cache = self.allocate_cache(hidden.shape[0])
             if cache.fused is not None:
@@ -491,16 +558,26 @@ class MambaLM(nn.Module):
         return MambaCache.allocate(self, batch_size, dtype=dtype, device=device, backend=backend)
 
     def _forward_cached(self, input_ids, inputs_embeds, cache, use_cache, attention_mask):
+        from .generation import MambaCache
+
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MambaLM: pass exactly one of input_ids and inputs_embeds")
+        weight = self.model.backbone.embedding.weight
         if input_ids is not None:
-            self.check_input_ids(input_ids)
+            input_ids = self.check_input_ids(input_ids)
             batch, seqlen = input_ids.shape
         else:
+            if not isinstance(inputs_embeds, torch.Tensor):
+                raise TypeError(f"MambaLM: inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
                 raise ValueError(
                     f"MambaLM: inputs_embeds must have shape (batch, seq, {self.cfg.d_model}), "
                     f"got {tuple(inputs_embeds.shape)}"
+                )
+            if inputs_embeds.dtype != weight.dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+                raise TypeError(
+                    f"MambaLM: inputs_embeds has dtype {inputs_embeds.dtype} but the model's weights are "
+                    f"{weight.dtype}: pass inputs_embeds.to({weight.dtype}) (or run under torch.autocast)"
                 )
             batch, seqlen = inputs_embeds.shape[:2]
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -508,17 +585,23 @@ class MambaLM(nn.Module):
                 "MambaLM: attention_mask with masked (padding) positions is not supported; a recurrent model "
                 "needs unpadded, equal-length sequences (got a mask with zeros)"
             )
-        keep = cache is not None or use_cache
+        if cache is None and not use_cache:  # inputs_embeds / attention_mask alone: the plain forward
+            hidden = self.model.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+            return self._forward_full(hidden)
         if cache is None:
-            ref = self.model.backbone.embedding.weight
-            emb_dtype = inputs_embeds.dtype if inputs_embeds is not None else ref.dtype
-            cache = self.allocate_cache(batch, dtype=emb_dtype, device=ref.device)
+            emb_dtype = inputs_embeds.dtype if inputs_embeds is not None else weight.dtype
+            cache = self.allocate_cache(batch, dtype=emb_dtype, device=weight.device)
+        elif not isinstance(cache, MambaCache):
+            raise TypeError(
+                "past_key_values must be a MambaCache (from model.allocate_cache or forward(use_cache=True)), "
+                f"got {type(cache).__name__}"
+            )
         else:
             cache.check(self, batch)
         if seqlen == 0:
             raise ValueError("MambaLM: input_ids must hold at least one token when decoding with a cache")
         logits, hidden = self.forward_with_cache(input_ids, cache, embeds=inputs_embeds)
-        return logits, hidden, (cache if keep else None)
+        return logits, hidden, cache
 
     def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False):
         """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden).
@@ -536,6 +619,16 @@ class MambaLM(nn.Module):
             x = hidden[:, 0].contiguous()
             hidden = torch.ops.openlm_mamba_cpu.model_step(x, cache.conv_states, cache.ssm_states, *cache.fused)
             hidden = hidden.unsqueeze(1)
+        elif seqlen == 1 and self._step_needs_grad(hidden, cache):
+            # the step with autograd: differentiable ops and live parameters (cache.params hold detached
+            # copies), the new states stored in the cache instead of written in place
+            hidden, residual = hidden[:, 0], None
+            for i, layer in enumerate(backbone.layers):
+                normed, residual = step_norm(layer.norm, hidden, residual, layer.residual_in_fp32)
+                hidden, cache.conv_states[i], cache.ssm_states[i] = MambaMixer.step_autograd(
+                    normed, cache.conv_states[i], cache.ssm_states[i], layer.mixer.step_params(detach=False)
+                )
+            hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
         elif seqlen == 1:  # the O(1) recurrent step: a flat loop, no per-layer module calls
             hidden, residual = hidden[:, 0], None
             step, update = MambaMixer.step, cache.state_update
@@ -553,6 +646,17 @@ class MambaLM(nn.Module):
         cache.seqlen_offset += seqlen
         head_in = hidden[:, -1:] if last_only else hidden
         return self.model.lm_head(head_in).float(), hidden
+
+    def _step_needs_grad(self, hidden: torch.Tensor, cache) -> bool:
+        """Whether a decoding step must be differentiable: autograd on, and the input, a parameter or a cached
+        state requires grad."""
+        if not torch.is_grad_enabled():
+            return False
+        return (
+            hidden.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(t.requires_grad for t in (*cache.conv_states, *cache.ssm_states))
+        )
 
     def num_parameters(self) -> int:
         """Unique parameters (tied weights counted once)."""

@@ -97,3 +97,27 @@ def test_bf16_takes_the_pytorch_conv():
     ref = causal_conv1d_ref(x.double(), w.double(), activation="silu")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 5), (0, 4, 0), (2, 0, 5)], ids=str)
+@pytest.mark.parametrize("init", [False, True], ids=["", "init"])
+@pytest.mark.parametrize("cpp_kernels", [True, False], ids=["cpp", "fallback"])
+def test_empty_inputs_give_empty_outputs(shape, init, cpp_kernels, monkeypatch):
+    """Zero-size x (the C++ kernel needs elements; F.conv1d refuses seqlen 0) gives an empty output and
+    gradients; with seqlen 0 the final states are the initial ones (zeros without them)."""
+    if not cpp_kernels:
+        monkeypatch.setattr(conv_cpu, "use_cpp", lambda t: False)
+    batch, dim, L = shape
+    width = 4
+    # views sliced from bigger tensors (their strides are what slicing leaves), as in the issue's report
+    x = torch.randn(batch or 2, dim or 4, L or 5)[:batch, :dim, :L].requires_grad_()
+    w, b = torch.randn(dim or 4, width)[:dim].requires_grad_(), torch.randn(dim or 4)[:dim].requires_grad_()
+    init_s = torch.randn(batch or 2, dim or 4, width - 1)[:batch, :dim].requires_grad_() if init else None
+    out, final = causal_conv1d(x, w, b, init_s, return_final_states=True, activation="silu", backend="torch")
+    assert out.shape == shape and final.shape == (batch, dim, width - 1)
+    if L == 0:
+        assert torch.equal(final, init_s) if init else not final.any()
+    (out.sum() + final.sum()).backward()
+    for t in (x, w, b) + ((init_s,) if init else ()):
+        assert t.grad is not None and t.grad.shape == t.shape
+    assert causal_conv1d(x.detach(), w.detach(), backend="torch").shape == shape

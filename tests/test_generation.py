@@ -597,3 +597,280 @@ def test_bench_prefill_quick_runs(capsys, monkeypatch):
     blocks = sum(counter.get_flop_counts()["ResidualBlock"].values())
     assert bench.kernel_parts(m, 8)[1] == blocks - 2 * 2 * 32 * 64
     assert ("HF / floor:" in out) == with_hf, out
+
+
+# -- autograd through cached decoding ---------------------------------------------------------------------
+def grads_through_cache(m: MambaLM, ids: torch.Tensor, weights: torch.Tensor, plan) -> tuple[torch.Tensor, dict]:
+    """Logits and every parameter's gradient of sum(logits * weights), with the logits from
+    ``plan``: [(start, end), ...] chunks through one cache (first use_cache=True), or None: the full forward."""
+    m.zero_grad()
+    if plan is None:
+        logits = m(ids)[0]
+    else:
+        (a, b), cache, parts = plan[0], None, []
+        logits, _, cache = m(ids[:, a:b], use_cache=True)
+        parts.append(logits)
+        for a, b in plan[1:]:
+            parts.append(m(ids[:, a:b], past_key_values=cache, use_cache=True)[0])
+        logits = torch.cat(parts, 1)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+# prefill, single steps, a second prefill chunk after steps (shorter than the conv window), more steps
+GRAD_PLAN = [(0, 5), (5, 6), (6, 7), (7, 8), (8, 10), (10, 11), (11, 12)]
+
+
+@pytest.mark.parametrize(
+    "dtype,overrides",
+    [
+        (torch.float32, {}),
+        (torch.float64, {}),
+        (torch.float32, {"rms_norm": False, "bias": True, "d_conv": 2}),
+    ],
+    ids=["fp32", "fp64", "layernorm-bias"],
+)
+def test_gradients_through_cached_decoding_equal_full_forward(dtype, overrides):
+    """Backprop through prefill(use_cache) + one-token steps + another chunk gives the full forward's gradients
+    for every parameter (the one-token C++ step kernels have no backward: with autograd on, the step runs
+    differentiable ops and stores new states in the cache instead of writing them in place)."""
+    import warnings
+
+    m = tiny_model(seed=2, **overrides).to(dtype).train()
+    with torch.no_grad():  # non-zero biases, so their gradients are exercised too
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    ids = prompt(2, 12, m.cfg.vocab_size, seed=3)
+    weights = torch.randn(2, 12, m.vocab_size, generator=torch.Generator().manual_seed(4))
+    want_logits, want = grads_through_cache(m, ids, weights, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autograd kernel was not registered" op in the graph
+        got_logits, got = grads_through_cache(m, ids, weights, GRAD_PLAN)
+    tol = 1e-4 if dtype == torch.float32 else 1e-6  # fp64: the cache's ssm states are float32
+    assert (got_logits - want_logits).abs().max().item() < tol
+    assert got.keys() == want.keys()
+    for name in want:
+        err = ((got[name] - want[name]).norm() / want[name].norm()).item()
+        assert want[name].norm() > 0 and err < tol, (name, err)
+
+
+def test_gradients_through_cached_steps_python_step_and_inputs_embeds(monkeypatch):
+    """The same through the per-layer step (no fused args) and with inputs_embeds, including the embeddings'
+    gradient; the cache's states are new tensors of the same shapes and dtypes; reset() detaches them."""
+    from openlm_mamba import generation
+
+    monkeypatch.setattr(generation, "model_step_args", lambda model, params: None)
+    m = tiny_model(seed=5)
+    ids = prompt(1, 7, seed=6)
+    emb = m.model.backbone.embedding(ids).detach()
+    grads = []
+    for cached in (False, True):
+        x = emb.clone().requires_grad_()
+        m.zero_grad()
+        if cached:
+            cache = m.allocate_cache(1)
+            states = [(t.shape, t.dtype) for t in cache.conv_states + cache.ssm_states]
+            parts = [m(inputs_embeds=x[:, :3], past_key_values=cache)[0]]
+            parts += [m(inputs_embeds=x[:, t : t + 1], past_key_values=cache)[0] for t in range(3, 7)]
+            logits = torch.cat(parts, 1)
+            assert [(t.shape, t.dtype) for t in cache.conv_states + cache.ssm_states] == states
+            assert all(t.requires_grad for t in cache.ssm_states)
+        else:
+            logits = m(inputs_embeds=x)[0]
+        logits.square().mean().backward()
+        grads.append((x.grad, m.layers[0].mixer.A_log.grad.clone(), m.layers[1].mixer.in_proj.weight.grad.clone()))
+    for a, b in zip(*grads):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+    cache.reset()
+    assert cache.seqlen_offset == 0 and not any(
+        t.requires_grad or t.any() for t in cache.conv_states + cache.ssm_states
+    )
+    with torch.no_grad():  # decoding without autograd continues on the same cache
+        m(ids[:, :1], past_key_values=cache)
+
+
+def test_decoding_continues_without_autograd_after_autograd_steps(model):
+    """A cache filled with autograd on (prefill, a step) continues without it (the fused C++ step, which reads
+    the states as contiguous tensors) to the full forward's logits."""
+    ids = prompt(2, 12, seed=7)
+    with torch.no_grad():
+        full = model(ids)[0]
+    for grad_steps in (0, 2):
+        _, _, cache = model(ids[:, :5], use_cache=True)
+        parts = [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(5, 5 + grad_steps)]
+        assert all(t.requires_grad and t.is_contiguous() for t in cache.conv_states + cache.ssm_states)
+        with torch.no_grad():
+            parts += [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(5 + grad_steps, 12)]
+        assert (torch.cat(parts, 1) - full[:, 5:]).abs().max().item() < 1e-4, grad_steps
+
+
+def test_no_grad_decoding_keeps_the_fast_paths(model):
+    """Without autograd (or with no tensor requiring grad) the cached path writes the states in place and the
+    steps run the C++ kernels, as before."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ CPU kernels are not built")
+    cache = model.allocate_cache(1)
+    ids_before = [id(t) for t in cache.conv_states + cache.ssm_states]
+    with torch.no_grad():
+        model(prompt(1, 4), past_key_values=cache)
+        model(prompt(1, 1), past_key_values=cache)
+    assert [id(t) for t in cache.conv_states + cache.ssm_states] == ids_before
+    frozen = tiny_model(seed=1).requires_grad_(False)
+    cache = frozen.allocate_cache(1)
+    frozen(prompt(1, 4), past_key_values=cache)
+    with torch.profiler.profile() as prof:
+        logits = frozen(prompt(1, 1), past_key_values=cache)[0]  # autograd on, nothing requires grad
+    assert not logits.requires_grad
+    assert "openlm_mamba_cpu::state_step" in {e.key for e in prof.key_averages()}
+
+
+# -- argument handling ---------------------------------------------------------------------------------------
+def test_past_key_values_must_be_a_cache(model):
+    with pytest.raises(TypeError, match=r"past_key_values must be a MambaCache \(from model.allocate_cache or "):
+        model(prompt(1, 1), past_key_values=[(torch.zeros(1), torch.zeros(1))])
+    with pytest.raises(TypeError, match="got dict"):
+        model(prompt(1, 1), inference_params={})
+
+
+def test_inputs_embeds_of_another_dtype_is_a_clear_error(model):
+    emb = model.model.backbone.embedding(prompt(1, 3)).detach()
+    with pytest.raises(TypeError, match=r"inputs_embeds has dtype torch.float64 but the model's weights are torch.fl"):
+        model(inputs_embeds=emb.double())
+    with pytest.raises(TypeError, match=r"inputs_embeds must be a torch\.Tensor"):
+        model(inputs_embeds=emb.tolist())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast mixes dtypes by design
+        assert model(inputs_embeds=emb.bfloat16())[0].shape == (1, 3, model.vocab_size)
+
+
+def test_inputs_embeds_and_mask_without_cache_take_the_plain_forward(model):
+    """Without a cache asked for, inputs_embeds / attention_mask run the plain forward: also empty batches
+    and sequences, as input_ids do."""
+    ids = prompt(2, 6)
+    emb = model.model.backbone.embedding(ids).detach()
+    with torch.no_grad():
+        want = model(ids)[0]
+        torch.testing.assert_close(model(inputs_embeds=emb)[0], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids, attention_mask=torch.ones(2, 6))[0], want, rtol=0, atol=1e-5)
+        assert model(inputs_embeds=emb[:0])[0].shape == (0, 6, model.vocab_size)
+        assert model(inputs_embeds=emb[:, :0])[0].shape == (2, 0, model.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "eos",
+    [7, torch.tensor(7), torch.tensor([7]), torch.tensor([7, 9]), [7, 9], (7,), "numpy", "numpy-array"],
+    ids=["int", "tensor0d", "tensor1d", "tensor2", "list", "tuple", "np.int64", "np.array"],
+)
+def test_eos_token_id_accepts_integer_likes(model, eos):
+    """transformers accepts an int, a list or a tensor of ids (and numpy integers, via operator.index)."""
+    if isinstance(eos, str):
+        np = pytest.importorskip("numpy")
+        eos = np.int64(7) if eos == "numpy" else np.array([7, 9])
+    from openlm_mamba.generation import _eos_tensor
+
+    got = _eos_tensor(eos, 512, "cpu").tolist()
+    assert got[0] == 7 and len(got) in (1, 2)
+    assert generate(model, prompt(1, 3), max_new_tokens=3, eos_token_id=eos).shape[1] >= 4
+
+
+@pytest.mark.parametrize(
+    "eos", [True, 1.0, torch.tensor(1.0), torch.tensor([[1]]), "7", [7, None], torch.tensor(True), -1, 512]
+)
+def test_bad_eos_token_id_is_a_clear_error(model, eos):
+    with pytest.raises(ValueError, match=r"eos_token_id must be an int \(or a list / 1-D tensor of ints\)"):
+        generate(model, prompt(1, 3), max_new_tokens=2, eos_token_id=eos)
+
+
+def test_explicit_step_backend_that_cannot_run_is_an_error():
+    """generate(backend=...) / allocate_cache(backend=...) name the decoding step's backend: one the step op lacks
+    ("cuda") or that cannot run here raises, as "triton" does on CPU; the model's own "cuda" (mamba_ssm's scan
+    for the prompt) still leaves the step to auto."""
+    from openlm_mamba.ops.dispatch import BackendUnavailableError
+
+    m = tiny_model(n_layer=1)
+    for call in (
+        lambda: generate(m, prompt(1, 3), max_new_tokens=2, backend="cuda"),
+        lambda: m.allocate_cache(1, backend="cuda"),
+    ):
+        with pytest.raises(BackendUnavailableError, match=r"selective_state_update: backend 'cuda' is not implemented"):
+            call()
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="selective_state_update: backend 'triton' is unavailable"):
+            generate(m, prompt(1, 3), max_new_tokens=2, backend="triton")
+    assert generate(m, prompt(1, 3), max_new_tokens=2, backend="auto").shape == (1, 5)
+    assert generate(m, prompt(1, 3), max_new_tokens=2, backend="torch").shape == (1, 5)
+
+
+def test_output_grows_in_chunks(model, monkeypatch):
+    """max_new_tokens is a limit, not an allocation: 10**11 with an immediate EOS returns at once; outputs longer
+    than the first chunk (and than its doublings) equal the unchunked result."""
+    from openlm_mamba import generation
+
+    every = list(range(model.cfg.vocab_size))
+    out = generate(model, prompt(2, 3), max_new_tokens=10**11, eos_token_id=every)
+    assert out.shape == (2, 4)
+    ids = prompt(2, 3, seed=1)
+    want = generate(model, ids, max_new_tokens=11)
+    monkeypatch.setattr(generation, "OUT_CHUNK", 2)  # 2 -> 4 -> 8 -> 11 columns
+    assert torch.equal(generate(model, ids, max_new_tokens=11), want)
+    assert torch.equal(generate(model, ids, max_new_tokens=1), want[:, :4])
+
+
+def test_transformers_streamers(model, capsys):
+    """A transformers BaseStreamer (put / end, e.g. TextStreamer) works: as transformers' generate does, put() gets
+    the prompt first, then each new token, on the CPU, then end(); plain callables get the new tokens only, and
+    an object that is both (benchmarks' clocks) is called."""
+    ids = prompt(1, 4)
+    want = generate(model, ids, max_new_tokens=5)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(("put", value.clone()))
+
+        def end(self):
+            self.calls.append(("end", None))
+
+    rec = Recorder()
+    assert torch.equal(generate(model, ids, max_new_tokens=5, streamer=rec), want)
+    assert [c[0] for c in rec.calls] == ["put"] * 6 + ["end"]
+    assert torch.equal(rec.calls[0][1], ids) and all(c[1].shape == (1,) for c in rec.calls[1:6])
+    assert torch.equal(torch.cat([c[1] for c in rec.calls[1:6]]), want[0, 4:])
+    rec = Recorder()
+    generate(model, ids, max_new_tokens=0, streamer=rec)
+    assert [c[0] for c in rec.calls] == ["put", "end"]
+
+    class Both(Recorder):
+        def __call__(self, tok):
+            self.calls.append(("call", tok.clone()))
+
+    both = Both()
+    generate(model, ids, max_new_tokens=3, streamer=both)
+    assert [c[0] for c in both.calls] == ["call"] * 3
+    with pytest.raises(TypeError, match=r"streamer must be a callable .* or an object with put"):
+        generate(model, ids, max_new_tokens=2, streamer=object())
+    if not has_module("transformers"):
+        return
+    from transformers import TextStreamer
+
+    class Tok:  # the one method TextStreamer uses
+        def decode(self, ids, **kw):
+            return "".join(f"<{i}> " for i in ids)
+
+    generate(model, ids, max_new_tokens=5, streamer=TextStreamer(Tok()))
+    assert capsys.readouterr().out == "".join(f"<{i}> " for i in want[0].tolist()) + "\n"
+    generate(model, ids, max_new_tokens=5, streamer=TextStreamer(Tok(), skip_prompt=True))
+    assert capsys.readouterr().out == "".join(f"<{i}> " for i in want[0, 4:].tolist()) + "\n"
+
+
+def test_generate_accepts_other_integer_id_dtypes(model):
+    ids = prompt(1, 4)
+    want = generate(model, ids, max_new_tokens=3)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        small = ids % 200  # fits uint8
+        assert torch.equal(generate(model, small.to(dtype), max_new_tokens=3), generate(model, small, max_new_tokens=3))
+    assert want.dtype == torch.long

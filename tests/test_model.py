@@ -149,6 +149,8 @@ def test_mamba_7b_on_meta_device():
         (torch.tensor([[-1, 2]]), ValueError, r"token id -1 is outside the vocabulary"),
         (torch.tensor([[0.5, 1.0]]), TypeError, r"input_ids must be an integer tensor, got torch.float32"),
         (torch.tensor([1, 2, 3]), ValueError, r"input_ids must have shape \(batch, seq\), got \(3,\)"),
+        (torch.tensor([[True, False]]), TypeError, r"input_ids must be an integer tensor, got torch.bool"),
+        (torch.tensor([[1, 600]], dtype=torch.int16), ValueError, r"token id 600 is outside the vocabulary"),
     ],
 )
 def test_bad_token_ids_give_clear_errors(ids, error, pattern):
@@ -162,3 +164,48 @@ def test_layernorm_variant_and_untied_head_run():
     assert model.num_parameters() == model.cfg.num_parameters()
     logits, _, _ = model(torch.randint(0, 512, (1, 8)))
     logits.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32])
+def test_integer_id_dtypes_are_accepted(dtype):
+    """Token ids of any integer dtype give the int64 ids' logits (int32 is taken as is, the others cast, as
+    the embedding takes only int32 / int64), with and without autograd and through the cache."""
+    torch.manual_seed(0)
+    model = MambaLM("mamba_tiny")
+    ids = torch.randint(0, 100, (2, 5))
+    want = model(ids)[0]
+    torch.testing.assert_close(model(ids.to(dtype))[0], want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.to(dtype), use_cache=True)[0], want, rtol=0, atol=1e-5)
+
+
+def test_empty_batches_and_sequences_run_with_and_without_autograd():
+    """A batch of 0 sequences (or sequences of 0 tokens) gives empty logits, also under no_grad, where the fused
+    CPU prefill (which needs rows) is skipped; with autograd the backward runs."""
+    model = MambaLM("mamba_tiny")
+    for shape in ((0, 5), (2, 0), (0, 0)):
+        ids = torch.zeros(shape, dtype=torch.long)
+        with torch.no_grad():
+            logits, hidden, _ = model(ids)
+        assert logits.shape == (*shape, model.vocab_size) and hidden.shape == (*shape, model.cfg.d_model)
+        logits = model(ids)[0]
+        assert logits.shape == (*shape, model.vocab_size)
+        logits.sum().backward()
+
+
+def test_config_dict():
+    """A dict is read as MambaConfig fields (MambaConfig.from_dict(d, require_all=False)); missing required
+    fields and MambaConfig.load(dict) point at the ways to build one."""
+    from openlm_mamba import ConfigError
+
+    model = MambaLM({"d_model": 32, "n_layer": 2, "vocab_size": 100, "d_state": 4})
+    assert model.cfg == MambaConfig(d_model=32, n_layer=2, vocab_size=100, d_state=4)
+    assert model(torch.randint(0, 100, (1, 3)))[0].shape == (1, 3, 104)
+    with pytest.raises(
+        ConfigError, match=r"a config dict must give d_model, n_layer, vocab_size .*MambaConfig\(\*\*d\)"
+    ):
+        MambaLM({"d_model": 64})
+    with pytest.raises(ConfigError, match="unknown field 'd_modle'"):
+        MambaLM({"d_modle": 64, "d_model": 64, "n_layer": 1, "vocab_size": 10})
+    with pytest.raises(ConfigError, match=r"use MambaConfig.from_dict\(d\) .* or MambaConfig\(\*\*d\)"):
+        MambaConfig.load({"d_model": 64})

@@ -323,3 +323,51 @@ def test_model_views_are_read_in_place(monkeypatch):
     assert seen["B"].data_ptr() == B.data_ptr() and seen["C"].data_ptr() == C.data_ptr()
     ref = selective_scan_ref(*(a.double() if torch.is_tensor(a) else a for a in args))
     assert (out.double() - ref).abs().max() <= RTOL * ref.abs().max()
+
+
+EMPTY_SHAPES = [(2, 4, 0), (0, 4, 5), (0, 4, 0), (2, 0, 5)]  # (batch, dim, L): no elements
+
+
+def empty_inputs(batch, dim, L, init: bool = True, dtype=torch.float32) -> dict:
+    """make_inputs sliced down to (batch, dim, L): views with the strides slicing leaves, as in a model."""
+    full = make_inputs(batch or 3, dim or 4, L or 5, N=3, x0=init, dtype=dtype)
+    b, d, t = slice(batch if batch == 0 else None), slice(dim if dim == 0 else None), slice(L if L == 0 else None)
+    where = {"u": (b, d, t), "delta": (b, d, t), "z": (b, d, t), "B": (b, slice(None), t), "C": (b, slice(None), t)}
+    where.update({"A": (d,), "D": (d,), "delta_bias": (d,), "initial_state": (b, d)})
+    return {k: None if v is None else v[where[k]] for k, v in full.items()}
+
+
+def check_empty_scan(batch, dim, L, init: bool, dtype=torch.float32):
+    inputs = empty_inputs(batch, dim, L, init, dtype)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    args = {k: leaves.get(k) for k in NAMES}
+    out, last = selective_scan(**args, delta_softplus=True, return_last_state=True, backend="torch")
+    assert out.shape == (batch, dim, L) and out.dtype == dtype
+    assert last.shape == (batch, dim, 3) and last.dtype == torch.float32
+    if init and L == 0:
+        assert torch.equal(last, inputs["initial_state"])  # no step taken: the state comes back
+    elif L == 0:
+        assert not last.any()
+    (out.sum() + (last * 2).sum()).backward()
+    for name, t in leaves.items():
+        assert t.grad is not None and t.grad.shape == t.shape, name
+    if init and L == 0:
+        assert torch.equal(leaves["initial_state"].grad, torch.full_like(last, 2.0))
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("init", [False, True])
+def test_empty_inputs_give_empty_outputs(shape, init):
+    """Zero-size inputs (the C++ kernels need elements) give empty outputs and gradients; with no time
+    step the last state is the initial state (or zeros)."""
+    check_empty_scan(*shape, init)
+    with torch.no_grad():
+        out = selective_scan(*(empty_inputs(*shape)[k] for k in NAMES[:5]))
+    assert out.shape == shape
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES[:2])
+def test_empty_inputs_without_the_extension(forced_fallback, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one "pure PyTorch path" warning
+        check_empty_scan(*shape, init=True)

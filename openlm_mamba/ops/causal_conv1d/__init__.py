@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import dispatch
 from ..checks import check_shape, check_tensor
+from ..cpp import needs_grad
 from .cpu import cpp_conv_applies
-from .reference import causal_conv1d_ref, causal_conv1d_torch
+from .reference import causal_conv1d_ref, causal_conv1d_step_ref, causal_conv1d_torch
 
 OP = "causal_conv1d"
 ACTIVATIONS = (None, "silu", "swish")
@@ -67,22 +67,33 @@ def causal_conv1d_update(
     """One decoding step: shift ``x`` (batch, dim) into ``conv_state`` (batch, dim, width), the last
     ``width`` inputs newest last, in place, and return the conv output (batch, dim) at that step.
 
-    The C++ kernel runs it on CPU (float32 / float64, eager); elsewhere a few torch ops.
+    The C++ kernel runs it on CPU (float32 / float64, eager); elsewhere, and with autograd on and an
+    input requiring grad (the kernel has no backward), a few differentiable torch ops that record the
+    in-place update of ``conv_state``.
     """
     _check_activation(activation)
-    silu = activation is not None
-    if conv_state.is_contiguous() and cpp_conv_applies(conv_state, weight) and x.dtype == conv_state.dtype:
+    if (
+        conv_state.is_contiguous()
+        and cpp_conv_applies(conv_state, weight)
+        and x.dtype == conv_state.dtype
+        and not (torch.is_grad_enabled() and needs_grad(x, conv_state, weight, bias))
+    ):
+        silu = activation is not None
         return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), bias, silu)
-    window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    out, window = causal_conv1d_step_ref(x, conv_state, weight, bias, activation)
     conv_state.copy_(window)
-    out = (window * weight).sum(-1)
-    out = out if bias is None else out + bias
-    return (F.silu(out) if silu else out).to(x.dtype)
+    return out
 
 
 dispatch.register(OP, "torch", causal_conv1d_torch)
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_torch", "causal_conv1d_update"]
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "causal_conv1d_step_ref",
+    "causal_conv1d_torch",
+    "causal_conv1d_update",
+]
 
 # Triton kernels (imported on first call: TRITON_INTERPRET may be set until then; the static
 # import keeps torch.compile tracing through) and, where one exists, the compiled CUDA package.

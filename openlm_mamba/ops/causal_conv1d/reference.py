@@ -38,6 +38,24 @@ def causal_conv1d_ref(
     return out
 
 
+def causal_conv1d_step_ref(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step without side effects: ``(out (batch, dim), new_state)``, where new_state is
+    ``conv_state`` (batch, dim, width; the last inputs, newest last) shifted left by ``x`` (batch, dim).
+    ``conv_state`` itself is left as it is; differentiable in every input."""
+    window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    out = (window * weight).sum(-1)
+    out = out if bias is None else out + bias
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    return out.to(x.dtype), window
+
+
 def causal_conv1d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -47,7 +65,10 @@ def causal_conv1d_torch(
     activation: str | None = None,
 ):
     """PyTorch backend: the C++ kernel on CPU (see ``cpu.py``), else one grouped ``F.conv1d`` call
-    (same semantics as the reference)."""
+    (same semantics as the reference). Empty inputs (batch, dim or seqlen 0) take the reference, which
+    returns empty outputs (and the initial states as the final ones) and has a backward."""
+    if x.numel() == 0:
+        return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation)
     if cpp_conv_applies(x, weight):
         silu = activation in ("silu", "swish")
         return causal_conv1d_cpu(x, weight, bias, initial_states, return_final_states, silu)

@@ -166,9 +166,15 @@ def _partitions(batch: int, groups: int, blocks: int) -> int:
     return max(1, min(blocks, -(-want // (batch * groups))))
 
 
+def _cpp_runs(u: torch.Tensor, At: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these inputs: they need at least one element (empty inputs, whose
+    strides are arbitrary, go to the PyTorch kernels, which handle them)."""
+    return u.numel() > 0 and At.numel() > 0 and use_cpp(u)
+
+
 def _fwd_impl(u, delta, At, Bt, Ct, D, z, bias, sp: bool, x0, K: int):
     """(out (batch, L, dim), last state (batch, N, dim), chunk states (batch, nc, N, dim))."""
-    if use_cpp(u):
+    if _cpp_runs(u, At):
         out, last, ck = torch.ops.openlm_mamba_cpu.scan_fwd(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K)
         return out, last, ck
     return _fwd_torch_tm(u, delta, At, Bt, Ct, D, z, bias, sp, x0, K)
@@ -178,7 +184,7 @@ def _bwd_impl(gout, glast, u, delta, At, Bt, Ct, D, z, bias, sp: bool, ck, K: in
     """(du, ddelta, dAt, dBt, dCt, dD, dbias, dz, dx0); dD / dbias / dz are None when D / bias / z are None."""
     gout = gout.contiguous()
     glast = None if glast is None else glast.contiguous()
-    if not use_cpp(u):
+    if not _cpp_runs(u, At):
         return _bwd_torch_tm(gout, glast, u, delta, At, Bt, Ct, D, z, bias, sp, ck, K)
     batch, _, dim = u.shape
     G = Bt.shape[1]

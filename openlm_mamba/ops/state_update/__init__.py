@@ -6,7 +6,8 @@ import torch
 
 from .. import dispatch
 from ..checks import check_shape, check_tensor
-from .reference import selective_state_update_ref, selective_state_update_torch
+from ..cpp import needs_grad
+from .reference import selective_state_step_ref, selective_state_update_ref, selective_state_update_torch
 
 OP = "selective_state_update"
 
@@ -58,10 +59,15 @@ def selective_state_update(
     state (batch, dim, d_state), updated in place (keep it float32); x, dt, z (batch, dim);
     A (dim, d_state); B, C (batch, d_state) or grouped (batch, groups, d_state); D, dt_bias (dim,).
     Returns out (batch, dim) in x's dtype.
+
+    Differentiable: with autograd on and an input requiring grad, every backend runs the PyTorch
+    reference step (the kernels have no backward), which records the in-place update of ``state``.
     """
     if not torch.compiler.is_compiling():
         _check(state, x, dt, A, B, C, D, z, dt_bias)
     _, fn = dispatch.resolve(OP, state.device, backend)
+    if needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
@@ -72,4 +78,9 @@ from ..triton_utils import lazy, triton_available  # noqa: E402
 
 dispatch.register(OP, "triton", lazy(__name__ + ".triton", "selective_state_update_triton"), triton_available)
 
-__all__ = ["selective_state_update", "selective_state_update_ref", "selective_state_update_torch"]
+__all__ = [
+    "selective_state_step_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "selective_state_update_torch",
+]

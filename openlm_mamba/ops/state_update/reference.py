@@ -12,8 +12,44 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import compute_dtype
-from ..cpp import use_cpp
+from ..cpp import needs_grad, use_cpp
 from ..selective_scan.reference import expand_groups
+
+
+def selective_state_step_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference step without side effects: returns ``(out, new_state)`` and leaves ``state`` as it is.
+
+    Differentiable in every input (``state`` included); ``new_state`` is in the compute dtype
+    (float64 if any input is float64, else float32). Arguments as in :func:`selective_state_update_ref`.
+    """
+    ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    dim = x.shape[1]
+    dt_ = dt.to(ct)
+    if dt_bias is not None:
+        dt_ = dt_ + dt_bias.to(ct)
+    if dt_softplus:
+        dt_ = F.softplus(dt_)
+    x_ = x.to(ct)
+    B_, C_ = expand_groups(B.to(ct), dim, 2), expand_groups(C.to(ct), dim, 2)
+    dA = torch.exp(dt_[..., None] * A.to(ct))  # (batch, dim, d_state)
+    new_state = state.to(ct) * dA + (dt_ * x_)[..., None] * B_
+    out = (new_state * C_).sum(-1)
+    if D is not None:
+        out = out + x_ * D.to(ct)
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    return out.to(x.dtype), new_state
 
 
 def selective_state_update_ref(
@@ -32,25 +68,13 @@ def selective_state_update_ref(
 
     state (batch, dim, d_state); x, dt, z (batch, dim); A (dim, d_state); B, C (batch, d_state)
     or grouped (batch, groups, d_state); D, dt_bias (dim,). Returns out (batch, dim), dtype of x.
+    Differentiable: with autograd on, the step reads a copy of ``state`` (autograd saves what it reads,
+    and the in-place update would otherwise overwrite it), and the update of ``state`` is recorded.
     """
-    ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
-    dim = x.shape[1]
-    dt_ = dt.to(ct)
-    if dt_bias is not None:
-        dt_ = dt_ + dt_bias.to(ct)
-    if dt_softplus:
-        dt_ = F.softplus(dt_)
-    x_ = x.to(ct)
-    B_, C_ = expand_groups(B.to(ct), dim, 2), expand_groups(C.to(ct), dim, 2)
-    dA = torch.exp(dt_[..., None] * A.to(ct))  # (batch, dim, d_state)
-    new_state = state.to(ct) * dA + (dt_ * x_)[..., None] * B_
+    old = state.clone() if needs_grad(state, x, dt, A, B, C, D, z, dt_bias) else state
+    out, new_state = selective_state_step_ref(old, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     state.copy_(new_state)
-    out = (new_state * C_).sum(-1)
-    if D is not None:
-        out = out + x_ * D.to(ct)
-    if z is not None:
-        out = out * F.silu(z.to(ct))
-    return out.to(x.dtype)
+    return out
 
 
 def selective_state_update_torch(
@@ -66,7 +90,10 @@ def selective_state_update_torch(
     dt_softplus: bool = False,
 ) -> torch.Tensor:
     """PyTorch backend: the C++ step kernel on CPU (float32 / float64 state), else the reference with
-    fewer temporaries (in-place state update when fp32)."""
+    fewer temporaries (in-place state update when fp32). With autograd on and an input requiring grad,
+    the differentiable reference (the kernel and the in-place fast path have no backward)."""
+    if torch.is_grad_enabled() and needs_grad(state, x, dt, A, B, C, D, z, dt_bias):  # (cheap test first: per step)
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if state.is_contiguous() and use_cpp(state) and not torch.compiler.is_compiling():
         ct = state.dtype
 
