@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None):
     except ImportError as e:
         raise SystemExit(
             f"openlm_mamba.train: OpenLM (open_lm) is not importable ({e}); install it: "
-            "pip install 'git+https://github.com/mlfoundations/open_lm.git'"
+            "pip install 'open_lm @ git+https://github.com/mlfoundations/open_lm.git@9bb92ef1689333534b7057942a20d18a46d1fa52' "
+            "(or this package's extra: pip install 'openlm-mamba[openlm]')"
         ) from None
     from .openlm import register
 
