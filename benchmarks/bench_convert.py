@@ -2,6 +2,10 @@
 
     python benchmarks/bench_convert.py --model mamba_790m [--dir /tmp/bench_convert] [--keep]
 
+The checkpoints go to a new temp dir (removed at the end), or to --dir, which must be new or
+empty: at the end (also after a failure) only the files the benchmark wrote there are removed,
+and the directory itself only if the benchmark created it. --keep keeps everything.
+
 Each conversion runs in a fresh Python process; peak RSS is that process's ``ru_maxrss`` (it includes
 the interpreter + torch baseline, reported separately, and file pages touched through mmap, which the
 kernel can drop under pressure); peak anonymous RSS (sampled every 5 ms from /proc/self/status) is the
@@ -19,6 +23,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter
 
 CHILD = r"""
 import json, resource, sys, threading, time
@@ -78,50 +85,99 @@ sd = {{k: torch.randn(s, generator=g) * 0.02 for k, s in expected_shapes(cfg).it
 sd["lm_head.weight"] = sd["backbone.embedding.weight"]
 torch.save(openlm_checkpoint(sd, cfg), {str(path)!r})
 """
-    subprocess.run([sys.executable, "-c", code], check=True)
+    child([code], f"writing the {model} checkpoint")
     return path.stat().st_size
 
 
+def child(argv: list[str], what: str) -> str:
+    """Run ``python -c argv...`` and return its stdout; if it fails, print the last lines of its
+    stderr and exit 1 (the caller's ``finally`` still cleans up)."""
+    proc = subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-8:] or ["(no output on stderr)"]
+        print(f"bench_convert: {what} failed (exit code {proc.returncode}):", file=sys.stderr)
+        for line in tail:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(1)
+    return proc.stdout
+
+
 def run(kind: str, src: Path, dst: Path, to: str, extra: dict | None = None) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, str(src), str(dst), to, json.dumps(extra or {})],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = child([CHILD, kind, str(src), str(dst), to, json.dumps(extra or {})], f"{kind} {src.name} -> {dst.name}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mamba_790m")
-    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed afterwards)")
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
-    work = Path(args.dir or tempfile.mkdtemp(prefix="bench_convert_"))
-    work.mkdir(parents=True, exist_ok=True)
+def remove_outputs(work: Path, names: list[str], created: bool) -> None:
+    """Remove the entries ``names`` of ``work`` (what the benchmark wrote), then ``work`` if it is
+    empty and the benchmark created it; anything else in it stays. A conversion killed midway leaves
+    ``.<name>.partial-*`` (and ``.<name>.old-*``) beside its output: those are removed too."""
+    paths = [work / name for name in names]
+    for name in names:
+        paths += [*work.glob(f".{name}.partial-*"), *work.glob(f".{name}.old-*")]
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if created and work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="mamba_790m", help="model config name or JSON path (random weights)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="work directory, new or empty (refused otherwise); without --keep only the files written there "
+        "are removed at the end, and the directory if it was created (default: a new temp dir, removed)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the checkpoint and every converted output (the work dir's path is printed)",
+    )
+    args = parser.parse_args(argv)
+
+    from openlm_mamba import ConfigError, MambaConfig
+
     try:
-        src = work / "epoch_0.pt"
+        MambaConfig.load(args.model)
+    except ConfigError as exc:
+        parser.error(f"argument --model: {exc}")
+    if args.dir is None:
+        work, own, created = Path(tempfile.mkdtemp(prefix="bench_convert_")), True, True
+    else:
+        work, own = Path(args.dir), False
+        if work.exists() and not work.is_dir():
+            parser.error(f"argument --dir: {work} exists and is not a directory")
+        if work.is_dir() and any(work.iterdir()):
+            parser.error(f"argument --dir: {work} is not empty; give a new or empty directory")
+        created = not work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+    src = work / "epoch_0.pt"
+    cases = [
+        ("ours", "openlm -> hf (1 file)", src, work / "hf", "hf", {}),
+        ("ours", "openlm -> hf (1GB shards)", src, work / "hf_sharded", "hf", {"shard_size": "1GB"}),
+        ("naive_to_hf", "openlm -> hf (1 file)", src, work / "hf_naive", "hf", None),
+        ("ours", "hf -> openlm", work / "hf", work / "back.pt", "openlm", {}),
+        ("ours", "hf (shards) -> openlm", work / "hf_sharded", work / "back2.pt", "openlm", {}),
+        ("naive_to_openlm", "hf -> openlm", work / "hf", work / "back_naive.pt", "openlm", None),
+        ("ours", "openlm -> mamba_ssm", src, work / "ssm", "mamba_ssm", {}),
+        ("ours", "mamba_ssm -> openlm", work / "ssm", work / "back3.pt", "openlm", {}),
+    ]
+    outputs = [src.name] + [case[3].name for case in cases]  # everything the benchmark writes into work
+    try:
         t = time.perf_counter()
         size = make_checkpoint(args.model, src)
         print(
             f"# {args.model}: random fp32 checkpoint {size / 2**30:.2f} GiB written in {time.perf_counter() - t:.0f} s",
             flush=True,
         )
-        cases = [
-            ("ours", "openlm -> hf (1 file)", src, work / "hf", "hf", {}),
-            ("ours", "openlm -> hf (1GB shards)", src, work / "hf_sharded", "hf", {"shard_size": "1GB"}),
-            ("naive_to_hf", "openlm -> hf (1 file)", src, work / "hf_naive", "hf", None),
-            ("ours", "hf -> openlm", work / "hf", work / "back.pt", "openlm", {}),
-            ("ours", "hf (shards) -> openlm", work / "hf_sharded", work / "back2.pt", "openlm", {}),
-            ("naive_to_openlm", "hf -> openlm", work / "hf", work / "back_naive.pt", "openlm", None),
-            ("ours", "openlm -> mamba_ssm", src, work / "ssm", "mamba_ssm", {}),
-            ("ours", "mamba_ssm -> openlm", work / "ssm", work / "back3.pt", "openlm", {}),
-        ]
         print(
             "| converter | direction | checkpoint GiB | baseline RSS GiB | peak RSS GiB | peak / checkpoint "
             "| peak anon RSS above baseline GiB | time s |"
@@ -139,9 +195,14 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        if not args.keep:
+        if args.keep:
+            print(f"# kept: {work}", file=sys.stderr)
+        elif own:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            remove_outputs(work, outputs, created)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

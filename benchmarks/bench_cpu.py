@@ -19,8 +19,36 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter, int_list, name_list, nonneg_int, positive_int, progress
 
 CONTENDERS = ("openlm_mamba", "mambapy", "transformers")
+# Defaults of the flags --quick changes (None on the command line: filled from here).
+FULL = {
+    "d_model": 256,
+    "n_layer": 4,
+    "d_state": 16,
+    "vocab": 1024,
+    "batch": 4,
+    "seq": 512,
+    "prefill": 2048,
+    "runs": 5,
+    "hf_runs": 1,
+    "scaling": [1024, 2048, 4096, 8192],
+}
+QUICK = {  # measured in-process: no memory columns
+    **FULL,
+    "d_model": 32,
+    "n_layer": 2,
+    "vocab": 128,
+    "batch": 2,
+    "seq": 64,
+    "prefill": 128,
+    "runs": 2,
+    "scaling": [64, 128],
+}
 
 
 def _rss_kib() -> int:
@@ -196,35 +224,57 @@ def run_worker(args, name: str, task: str, runs: int, warmup: int, **over) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few runs, in-process, no memory (CI smoke test)")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512, help="training sequence length")
-    p.add_argument("--prefill", type=int, default=2048, help="prefill length (batch 1, forward only)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
-    p.add_argument("--hf-runs", type=int, default=1, help="timed runs for transformers (slow)")
-    p.add_argument("--scaling", default="1024,2048,4096,8192", help="seq lengths for the scaling table (batch 1)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+
+    def default(key: str) -> str:
+        q, f = QUICK[key], FULL[key]
+        q, f = (",".join(map(str, v)) if isinstance(v, list) else v for v in (q, f))
+        return f"default {f}" + (f"; --quick: {q}" if q != f else "")
+
     p.add_argument(
-        "--threads", type=int, default=0, help="torch threads per contender (0: torch's default, one per core)"
+        "--quick",
+        action="store_true",
+        help="tiny shapes, few runs, in-process, no memory columns (CI smoke test); fills only the flags not given",
+    )
+    p.add_argument("--d-model", type=positive_int, help=f"model width ({default('d_model')})")
+    p.add_argument("--n-layer", type=positive_int, help=f"layers ({default('n_layer')})")
+    p.add_argument("--d-state", type=positive_int, help=f"SSM state size ({default('d_state')})")
+    p.add_argument("--vocab", type=positive_int, help=f"vocabulary size ({default('vocab')})")
+    p.add_argument("--batch", type=positive_int, help=f"training batch size ({default('batch')})")
+    p.add_argument("--seq", type=positive_int, help=f"training sequence length ({default('seq')})")
+    p.add_argument("--prefill", type=positive_int, help=f"prefill length, batch 1, forward only ({default('prefill')})")
+    p.add_argument("--runs", type=positive_int, help=f"timed runs per measurement, median reported ({default('runs')})")
+    p.add_argument("--hf-runs", type=positive_int, help=f"timed runs for transformers, slow ({default('hf_runs')})")
+    p.add_argument(
+        "--scaling",
+        type=int_list,
+        help=f"comma-separated seq lengths for the scaling table, batch 1 ({default('scaling')})",
+    )
+    p.add_argument(
+        "--contenders",
+        type=name_list(CONTENDERS),
+        default=",".join(CONTENDERS),
+        help="comma-separated, from: " + ", ".join(CONTENDERS) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=nonneg_int,
+        default=0,
+        help="torch threads per contender (0: torch's default, one per core)",
     )
     p.add_argument("--json", help="also write the results here")
     # worker mode (internal)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("train", "prefill"), help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=nonneg_int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # --quick fills only what was not given
+            setattr(args, key, value)
 
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    if args.quick:
-        args.d_model, args.n_layer, args.vocab, args.batch, args.seq, args.prefill = 32, 2, 128, 2, 64, 128
-        args.runs, args.hf_runs, args.scaling = 2, 1, "64,128"  # measured in-process: no memory columns
     # build the C++ kernel once up front so no contender's timing includes the compile
     from openlm_mamba.ops.cpp import load_extension
 
@@ -232,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    names = args.contenders
     threads = args.threads or torch.get_num_threads()
     print(
         f"# bench_cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -249,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_worker(args, name, task, args.hf_runs if slow else args.runs, 0 if slow else 1)
             if r is not None:
                 results[f"{task}/{name}"] = r
+                progress(f"# {name} {task}: {r['median_s']:.3f} s (median of {len(r['times'])})")
     rows = []
     for task in ("train", "prefill"):
         ours = results.get(f"{task}/openlm_mamba")
@@ -278,13 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             spread = max(vals.values()) - min(vals.values())
             print(f"# {task}: same weights, result spread across contenders {spread:.2e} ({vals})")
 
-    scaling = [int(s) for s in args.scaling.split(",") if s.strip()]
     srows, prev = [], None
-    for L in scaling:
+    for L in args.scaling:
         r = run_worker(args, "openlm_mamba", "train", args.runs, 1, batch=1, seq=L)
         if r is None:
             srows.append((str(L), "failed", "", "", ""))
             continue
+        progress(f"# scaling: openlm_mamba train, batch 1 x {L}: {r['median_s']:.3f} s (median of {len(r['times'])})")
         results[f"scaling/{L}"] = r
         tr = f"{r['median_s'] / prev['median_s']:.2f}" if prev else "-"
         mr = f"{r['act_mib'] / prev['act_mib']:.2f}" if prev and prev["act_mib"] > 0 else "-"  # nan > 0 is False

@@ -19,12 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter, check_cuda_device, int_list, positive_int
+
 from openlm_mamba import MambaConfig, MambaLM, generate
+from openlm_mamba.ops.dispatch import BACKENDS
 
 
 def build_model(args) -> MambaLM:
@@ -90,19 +96,34 @@ def timed(run, clock: Clock) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=50277)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[16, 1024, 4096])
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-repeats", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--backend", default=None, help="op backend for openlm_mamba (default: auto / env)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--d-model", type=positive_int, default=256, help="model width")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="layers")
+    p.add_argument("--vocab", type=positive_int, default=50277, help="vocabulary size (padded as the model pads it)")
+    p.add_argument("--batch", type=positive_int, default=1, help="prompts decoded together")
+    p.add_argument(
+        "--contexts", type=int_list, default="16,1024,4096", help="comma-separated prompt lengths, one table row each"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=64,
+        help="tokens generated per run, at least 2 (decode speed is timed over the tokens after the first)",
+    )
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds for openlm_mamba (median reported)")
+    p.add_argument(
+        "--hf-repeats", type=positive_int, default=1, help="timed rounds for transformers (--no-hf skips it)"
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if torch sees one, else cpu; here: %(default)s)",
+    )
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--backend", default=None, choices=BACKENDS, help="op backend for openlm_mamba (default: auto / env)"
+    )
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument(
         "--sample",
@@ -111,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         "instead of greedy decoding, the same seed on both sides",
     )
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("argument --new-tokens: must be at least 2 (decode speed is timed over the tokens after the first)")
+    check_cuda_device(p, args.device)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,6 +9,8 @@ layer at 16K tokens per step: d_model 4096, d_inner 8192, d_state 16, width 4, b
     python benchmarks/bench_kernels.py                  # GPU, Mamba-7B shapes
     python benchmarks/bench_kernels.py --quick          # CPU, tiny shapes, Triton interpreter
     python benchmarks/bench_kernels.py --json out.json  # also write the rows as JSON
+
+Without --quick it needs a CUDA GPU (on a machine without one it exits with code 2).
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter, name_list, needs_gpu, positive_int, progress
 
 # Peak HBM bandwidth (bytes/s) of common training GPUs, matched by substring of the device name.
 PEAK_BANDWIDTH = (
@@ -44,21 +50,39 @@ FULL = {
     "repeats": 5,
 }
 QUICK = {"tokens": 16, "seqlen": 8, "d_model": 32, "d_inner": 32, "d_state": 4, "dtype": "float32", "repeats": 1}
+OPS = ("selective_scan", "causal_conv1d", "add_norm")
+BACKENDS = ("torch", "triton", "cuda")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-    p.add_argument("--tokens", type=int, help="tokens per step (batch * seqlen); default 16384 (--quick: 16)")
-    p.add_argument("--seqlen", type=int, help="default 2048 (--quick: 8)")
-    p.add_argument("--d-model", type=int, help="default 4096 (--quick: 32)")
-    p.add_argument("--d-inner", type=int, help="default 8192 (--quick: 32)")
-    p.add_argument("--d-state", type=int, help="default 16 (--quick: 4)")
-    p.add_argument("--width", type=int, default=4)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes on CPU through the Triton interpreter (without --quick a CUDA GPU is needed)",
+    )
+    p.add_argument("--tokens", type=positive_int, help="tokens per step (batch * seqlen); default 16384 (--quick: 16)")
+    p.add_argument("--seqlen", type=positive_int, help="default 2048 (--quick: 8)")
+    p.add_argument("--d-model", type=positive_int, help="default 4096 (--quick: 32)")
+    p.add_argument("--d-inner", type=positive_int, help="default 8192 (--quick: 32)")
+    p.add_argument("--d-state", type=positive_int, help="default 16 (--quick: 4)")
+    p.add_argument("--width", type=int, default=4, choices=(1, 2, 3, 4), help="causal conv1d kernel width")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bfloat16 (--quick: float32)")
-    p.add_argument("--repeats", type=int, help="timed runs per measurement; default 5 (--quick: 1)")
-    p.add_argument("--ops", default="selective_scan,causal_conv1d,add_norm")
-    p.add_argument("--backends", default="torch,triton,cuda")
+    p.add_argument("--repeats", type=positive_int, help="timed runs per measurement; default 5 (--quick: 1)")
+    p.add_argument(
+        "--ops",
+        type=name_list(OPS),
+        default=",".join(OPS),
+        help="comma-separated ops, from: " + ", ".join(OPS) + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backends",
+        type=name_list(BACKENDS),
+        default=",".join(BACKENDS),
+        help="comma-separated backends, from: "
+        + ", ".join(BACKENDS)
+        + " (one not installed or not usable here gets an 'unavailable' row; default: %(default)s)",
+    )
     p.add_argument("--json", default=None, help="write the result rows to this file")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -185,6 +209,9 @@ def run_op(op: str, backend: str, args, device, dtype) -> dict:
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
         return row
+    except Exception as exc:  # one op/backend failing must not hide the other rows
+        row["error"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        return row
     peak = peak_bandwidth(device)
     if peak:
         row["fwd_bw_frac"] = fwd_bytes / (row["fwd_ms"] / 1e3) / peak
@@ -197,28 +224,45 @@ def fmt(v, spec: str) -> str:
     return "-".rjust(width) if v is None else format(v, spec)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or CPU (saying whether Triton kernels run through its interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from openlm_mamba.ops.triton_utils import interpreting
+
+    return "CPU (Triton interpreter)" if interpreting() else "CPU"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.quick and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        if not args.quick:
+            return needs_gpu("bench_kernels")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
     from openlm_mamba.ops import available_backends
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    name = device_name(device)
     batch = args.tokens // args.seqlen
     print(
         f"device: {name}; tokens {args.tokens} (batch {batch} x seqlen {args.seqlen}), d_model {args.d_model}, "
         f"d_inner {args.d_inner}, d_state {args.d_state}, width {args.width}, {args.dtype}; median of {args.repeats}"
     )
     rows = []
-    for op in args.ops.split(","):
+    for op in args.ops:
         have = available_backends(op, device)
-        for backend in args.backends.split(","):
+        for backend in args.backends:
             if backend not in have:
                 rows.append({"op": op, "backend": backend, "error": "unavailable"})
+                progress(f"# {op} {backend}: unavailable")
                 continue
             rows.append(run_op(op, backend, args, device, dtype))
+            r = rows[-1]
+            progress(
+                f"# {op} {backend}: "
+                + (r["error"] if "error" in r else f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms")
+            )
     header = f"{'op':16s} {'backend':8s} {'fwd ms':>10s} {'fwd+bwd ms':>11s} {'fwd BW':>7s} {'f+b BW':>7s} {'saved MiB':>10s}"
     print(header)
     print("-" * len(header))

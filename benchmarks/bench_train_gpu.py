@@ -8,6 +8,9 @@ GPU memory and each contender's time relative to openlm_mamba, measured in this 
     python benchmarks/bench_train_gpu.py                       # mamba_130m, 4 x 2048 tokens, bf16
     python benchmarks/bench_train_gpu.py --model mamba_370m --batch 8
     python benchmarks/bench_train_gpu.py --quick               # tiny, CPU, seconds (CI smoke test)
+
+Without --quick it needs a CUDA GPU (on a machine without one it exits with code 2), unless
+--device cpu is given explicitly. --quick fills only the flags not given on the command line.
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter, check_cuda_device, name_list, needs_gpu, nonneg_int, positive_int
 from bench_cpu import _build
 
+from openlm_mamba import ConfigError, MambaConfig
+from openlm_mamba.ops.dispatch import BACKENDS
+
 CONTENDERS = ("openlm_mamba", "openlm_mamba+ckpt", "mambapy", "transformers")
+# Defaults of the flags --quick changes (None on the command line: filled from here).
+FULL = {"model": "mamba_130m", "batch": 4, "seq": 2048, "dtype": "bfloat16", "runs": 5, "hf_runs": 2}
+QUICK = {"model": "mamba_tiny", "batch": 2, "seq": 64, "dtype": "float32", "runs": 1, "hf_runs": 1}
 
 
 def _sync(device: str) -> None:
@@ -70,29 +80,65 @@ def measure(name: str, cfg, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model on CPU, 1 run (CI smoke test)")
-    p.add_argument("--model", default="mamba_130m", help="model config name (default mamba_130m)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="autocast dtype")
-    p.add_argument("--runs", type=int, default=5, help="timed steps per contender (median reported)")
-    p.add_argument("--hf-runs", type=int, default=2, help="timed steps for transformers (slow)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--hf-warmup", type=int, default=1, help="untimed steps for transformers")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="openlm_mamba op backend (default: triton on GPU, torch on CPU)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+
+    def default(key: str) -> str:
+        return f"default {FULL[key]}; --quick: {QUICK[key]}"
+
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model on CPU, 1 run (CI smoke test); fills only the flags not given",
+    )
+    p.add_argument("--model", help=f"model config name or JSON path ({default('model')})")
+    p.add_argument("--batch", type=positive_int, help=f"sequences per step ({default('batch')})")
+    p.add_argument("--seq", type=positive_int, help=f"tokens per sequence ({default('seq')})")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help=f"autocast dtype ({default('dtype')})")
+    p.add_argument("--runs", type=positive_int, help=f"timed steps per contender, median reported ({default('runs')})")
+    p.add_argument("--hf-runs", type=positive_int, help=f"timed steps for transformers, slow ({default('hf_runs')})")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps per contender")
+    p.add_argument("--hf-warmup", type=nonneg_int, default=1, help="untimed steps for transformers")
+    p.add_argument(
+        "--contenders",
+        type=name_list(CONTENDERS),
+        default=",".join(CONTENDERS),
+        help="comma-separated, from: "
+        + ", ".join(CONTENDERS)
+        + "; must include openlm_mamba, the baseline of the ratios (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        help="torch device (default cuda; --quick: cpu; without CUDA and without --quick the script stops "
+        "unless --device cpu is given)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="openlm_mamba op backend (default: triton on GPU, torch on CPU)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.batch, args.seq, args.runs, args.hf_runs, args.device = "mamba_tiny", 2, 64, 1, 1, "cpu"
-        args.dtype = "float32"
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # --quick fills only what was not given
+            setattr(args, key, value)
+    if "openlm_mamba" not in args.contenders:
+        p.error("argument --contenders: must include openlm_mamba (the baseline every ratio is measured against)")
+    try:
+        cfg = MambaConfig.load(args.model).replace(seq_len=args.seq)
+    except ConfigError as exc:
+        p.error(f"argument --model: {exc}")
+    if args.device is None:
+        if args.quick:
+            args.device = "cpu"
+        elif torch.cuda.is_available():
+            args.device = "cuda"
+        else:
+            return needs_gpu(
+                "bench_train_gpu", "--quick runs a tiny CPU smoke test; --device cpu runs the given shapes on CPU"
+            )
+    check_cuda_device(p, args.device)
     args.backend = args.backend or ("triton" if args.device.startswith("cuda") else "torch")
 
-    from openlm_mamba import MambaConfig
-
-    cfg = MambaConfig.load(args.model).replace(seq_len=args.seq)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"# bench_train_gpu: {dev}, torch {torch.__version__}; {args.model} (d_model {cfg.d_model} x {cfg.n_layer}, "
@@ -101,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = []
-    for name in args.contenders.split(","):
+    for name in args.contenders:
         try:
             r = measure(name, cfg, args)
         except Exception as exc:  # one contender failing (OOM, missing package) must not hide the others
@@ -116,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| contender | step ms | tokens/s | peak GiB | time vs openlm_mamba |\n|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['median_s'] / base['median_s']:.2f}x" if base else "-"
-        print(
-            f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {tokens / r['median_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} |"
-        )
+        peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"  # nan (not on a GPU) -> "-"
+        print(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {tokens / r['median_s']:,.0f} | {peak} | {ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": dev, "results": results}, indent=1))
     return 0 if base else 1

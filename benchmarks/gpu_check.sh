@@ -11,6 +11,18 @@
 # bench_kernels.{txt,json}, bench_train.txt, bench_generate.txt (8 files).
 # Needs torch with CUDA and triton; mambapy/transformers only for their benchmark columns.
 set -uo pipefail
+usage="usage: bash benchmarks/gpu_check.sh [-h|--help]   (no other arguments; results go to \$OUT or a new temp dir)"
+case "${1:-}" in
+    -h|--help)
+        echo "$usage"
+        sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"  # the comment above: what it runs and writes
+        exit 0 ;;
+    "") ;;
+    *)
+        echo "gpu_check: unknown argument '$1'" >&2
+        echo "$usage" >&2
+        exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-$(mktemp -d -t gpu_check.XXXX)}"
 mkdir -p "$RESULTS"

@@ -9,6 +9,10 @@ time in this process.
     python benchmarks/sweep_scan.py                      # GPU, default candidate shapes
     python benchmarks/sweep_scan.py --fwd 16x16x4,8x16x4 --bwd 8x16x4
     python benchmarks/sweep_scan.py --quick              # tiny; on CPU through the interpreter (CI smoke test)
+
+Without --quick it needs a CUDA GPU (on a machine without one it exits with code 2). --quick
+takes tiny inputs and, unless --fwd / --bwd are given, two forward and one backward shape.
+A shape that fails to compile or run is a row of the table, not the end of the sweep.
 """
 
 from __future__ import annotations
@@ -21,13 +25,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import HelpFormatter, needs_gpu, nonneg_int, shape_list
 
 FWD = "16x16x4,16x16x8,8x16x4,8x32x4,16x8x4,32x4x4"
 BWD = "4x32x4,4x32x2,4x16x2,8x8x2,8x16x4,16x16x8,32x4x4"
-
-
-def _shapes(spec: str) -> list[tuple[int, int, int]]:
-    return [tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item]
+QUICK_FWD, QUICK_BWD = "4x16x1,8x8x1", "4x16x1"
 
 
 def _setup(quick: bool):
@@ -73,35 +75,60 @@ def ss_env() -> str:
     return LAUNCH_ENV
 
 
-def _compile_worker(job) -> str:
-    """Compile one launch shape by running it once (fills Triton's cache for the timing process)."""
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+
+
+def _compile_worker(job) -> tuple[str, tuple[int, int, int], str | None]:
+    """Compile one launch shape by running it once (fills Triton's cache for the timing process);
+    returns (pass, shape, None) or, when it failed, (pass, shape, the error)."""
     quick, which, launch = job
-    _, _, _, tensors, kwargs, _, _ = _setup(quick)
-    _run(tensors, kwargs, which, launch)
-    return f"{which} {launch}"
+    try:
+        _, _, _, tensors, kwargs, _, _ = _setup(quick)
+        _run(tensors, kwargs, which, launch)
+    except Exception as exc:  # a shape that does not compile is a result row, not the end of the sweep
+        return which, launch, _error(exc)
+    return which, launch, None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fwd", default=FWD, help="forward shapes TILExBLOCK_DxWARPS, comma-separated")
-    p.add_argument("--bwd", default=BWD, help="backward shapes, same form")
-    p.add_argument("--jobs", type=int, help="parallel compile workers (default 8, --quick 0; 0: compile while timing)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few launch shapes (CPU: through the interpreter)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--fwd",
+        type=shape_list,
+        help=f"forward shapes TILExBLOCK_DxWARPS, comma-separated (default {FWD}; --quick: {QUICK_FWD})",
+    )
+    p.add_argument("--bwd", type=shape_list, help=f"backward shapes, same form (default {BWD}; --quick: {QUICK_BWD})")
+    p.add_argument(
+        "--jobs",
+        type=nonneg_int,
+        help="parallel compile workers (default 8, --quick 0; 0: compile while timing)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, few launch shapes (CPU: through the interpreter); without --quick a CUDA GPU is needed",
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.fwd, args.bwd = "4x16x1,8x8x1", "4x16x1"
+    fwd = args.fwd if args.fwd is not None else shape_list(QUICK_FWD if args.quick else FWD)
+    bwd = args.bwd if args.bwd is not None else shape_list(QUICK_BWD if args.quick else BWD)
     if args.jobs is None:
         args.jobs = 0 if args.quick else 8
-    fwd, bwd = _shapes(args.fwd), _shapes(args.bwd)
-    bk, bargs, device, tensors, kwargs, fwd_bytes, total_bytes = _setup(args.quick)
     import torch
 
+    if not args.quick and not torch.cuda.is_available():
+        return needs_gpu("sweep_scan")
+    bk, bargs, device, tensors, kwargs, fwd_bytes, total_bytes = _setup(args.quick)
+
+    failed: dict[tuple[str, tuple[int, int, int]], str] = {}  # shapes whose compile worker failed
     if args.jobs:
         jobs = [(args.quick, "fwd", s) for s in fwd] + [(args.quick, "bwd", s) for s in bwd]
         with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-            for i, done in enumerate(pool.imap_unordered(_compile_worker, jobs), 1):
-                print(f"# compiled {i}/{len(jobs)}: {done}", flush=True)
+            for i, (which, launch, err) in enumerate(pool.imap_unordered(_compile_worker, jobs), 1):
+                print(f"# compiled {i}/{len(jobs)}: {which} {launch}" + (f": failed: {err}" if err else ""), flush=True)
+                if err:
+                    failed[which, tuple(launch)] = err
 
     ref = {w: _run(tensors, kwargs, w, None, backend="torch") for w in ("fwd", "bwd")}
     peak = bk.peak_bandwidth(device)
@@ -109,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     for which, shapes, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, total_bytes)):
         for shape in shapes:
             row = {"pass": which, "tile": shape[0], "block_d": shape[1], "warps": shape[2]}
+            if (which, tuple(shape)) in failed:
+                row["error"] = failed[which, tuple(shape)]
+                rows.append(row)
+                print(f"# {row}", flush=True)
+                continue
             try:
                 got = _run(tensors, kwargs, which, shape)
                 row["rel_err"] = max(
@@ -121,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["ms"] = sec * 1e3
                 row["bw_frac"] = nbytes / sec / peak if peak else None
             except Exception as exc:  # a shape that does not compile or fit is a result, not a crash
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                row["error"] = _error(exc)
             rows.append(row)
             print(f"# {row}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
+    name = bk.device_name(device)
     print(f"\nselective scan launch sweep: {name}, tokens {bargs.tokens}, d_inner {bargs.d_inner}, {bargs.dtype}")
     print("| pass | TILE | BLOCK_D | warps | ms | BW | max rel err vs torch |\n|---|---|---|---|---|---|---|")
     for r in rows:
