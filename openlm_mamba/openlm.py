@@ -191,7 +191,39 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     # OpenLM writes every argument to the run's params.txt: the full config there lets the converter and
     # loaders rebuild this exact model, even when a custom JSON shares a shipped config's name
     setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
+    for flag in ("pretrained", "resume"):
+        _warn_if_config_differs(getattr(args, flag, None), f"--{flag}", cfg)
     return build_model(cfg)
+
+
+def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:
+    """Warn when a checkpoint our converter wrote (it embeds its ``model_config``) was made from a model that
+    differs from ``cfg`` in a field its tensor shapes do not show (norm_epsilon, residual_in_fp32, ...):
+    OpenLM loads the weights into ``cfg``'s model, silently."""
+    if not isinstance(path, str) or not Path(path).is_file():
+        return
+    from .convert.common import ARCH_FIELDS
+
+    try:  # mmap: only the pickled structure is read, not the tensors
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        embedded = MambaConfig.from_dict(ckpt.get("model_config"), source=path) if isinstance(ckpt, dict) else None
+    except Exception:  # no model_config, or unreadable: OpenLM's own loading reports what is wrong
+        return
+    diffs = [
+        f"{f} {getattr(embedded, f)!r} vs {getattr(cfg, f)!r}"
+        for f in ARCH_FIELDS
+        if getattr(embedded, f) != getattr(cfg, f)
+    ]
+    if diffs:
+        _log.warning(
+            "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "
+            "--model's; pass the checkpoint's own config as --model (openlm-mamba info %s shows it)",
+            flag,
+            path,
+            cfg.name,
+            "; ".join(diffs),
+            path,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -214,6 +214,29 @@ def test_pretrained_of_another_size_names_both_architectures(olm):
 
 
 @needs_open_lm
+def test_pretrained_converted_checkpoint_with_another_config_warns(olm, tmp_path, caplog):
+    """A converted .pt embeds its model_config: --pretrained / --resume with a --model that differs in a field
+    shapes do not show (norm_epsilon) gets a warning naming it (the weights load into --model's model)."""
+    from openlm_mamba import MambaConfig, MambaLM
+    from openlm_mamba.convert.openlm import openlm_checkpoint
+
+    shipped = MambaConfig.load("mamba_tiny")
+    for eps, warned in ((0.5, True), (shipped.norm_epsilon, False)):
+        cfg = shipped.replace(norm_epsilon=eps)
+        path = tmp_path / f"converted_{eps}.pt"
+        torch.save(openlm_checkpoint(MambaLM(cfg).state_dict(), cfg), path)
+        for flag in ("pretrained", "resume"):
+            args = _args("mamba_tiny")
+            setattr(args, flag, str(path))
+            caplog.clear()
+            olm.create_model(args)
+            hit = [r.getMessage() for r in caplog.records if "differs from --model" in r.getMessage()]
+            assert bool(hit) == warned, (eps, flag, caplog.text)
+            if warned:
+                assert f"--{flag} {path}" in hit[0] and "norm_epsilon 0.5 vs 1e-05" in hit[0], hit
+
+
+@needs_open_lm
 def test_openlm_pt_load_reads_numpy_scalars(olm, tmp_path):
     """OpenLM's cosine scheduler leaves numpy.float64 learning rates in optimizer_N.pt, and its pt_load uses
     torch.load's default weights_only=True: --resume failed ("Unsupported global ... multiarray.scalar")."""
