@@ -94,6 +94,17 @@ def name_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
     return names
 
 
+def add_names_arg(parser: argparse.ArgumentParser, flag: str, names: Iterable[str], note: str = "") -> None:
+    """``flag``: comma-separated names from ``names`` (all by default), validated by :func:`name_list`."""
+    names = tuple(names)
+    parser.add_argument(
+        flag,
+        type=name_list(names),
+        default=",".join(names),
+        help=f"comma-separated, from: {', '.join(names)}{note} (default: %(default)s)",
+    )
+
+
 def check_cuda_device(parser: argparse.ArgumentParser, device: str) -> None:
     """``parser.error`` when ``device`` is a CUDA device and this torch cannot use one."""
     import torch

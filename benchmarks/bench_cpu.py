@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, int_list, name_list, nonneg_int, positive_int, progress
+from _bench_args import HelpFormatter, add_names_arg, int_list, nonneg_int, positive_int, progress
 
 CONTENDERS = ("openlm_mamba", "mambapy", "transformers")
 # Defaults of the flags --quick changes (None on the command line: filled from here).
@@ -250,12 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int_list,
         help=f"comma-separated seq lengths for the scaling table, batch 1 ({default('scaling')})",
     )
-    p.add_argument(
-        "--contenders",
-        type=name_list(CONTENDERS),
-        default=",".join(CONTENDERS),
-        help="comma-separated, from: " + ", ".join(CONTENDERS) + " (default: %(default)s)",
-    )
+    add_names_arg(p, "--contenders", CONTENDERS)
     p.add_argument(
         "--threads",
         type=nonneg_int,

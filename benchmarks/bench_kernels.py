@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, name_list, needs_gpu, positive_int, progress
+from _bench_args import HelpFormatter, add_names_arg, needs_gpu, positive_int, progress
 
 # Peak HBM bandwidth (bytes/s) of common training GPUs, matched by substring of the device name.
 PEAK_BANDWIDTH = (
@@ -69,20 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=4, choices=(1, 2, 3, 4), help="causal conv1d kernel width")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bfloat16 (--quick: float32)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per measurement; default 5 (--quick: 1)")
-    p.add_argument(
-        "--ops",
-        type=name_list(OPS),
-        default=",".join(OPS),
-        help="comma-separated ops, from: " + ", ".join(OPS) + " (default: %(default)s)",
-    )
-    p.add_argument(
-        "--backends",
-        type=name_list(BACKENDS),
-        default=",".join(BACKENDS),
-        help="comma-separated backends, from: "
-        + ", ".join(BACKENDS)
-        + " (one not installed or not usable here gets an 'unavailable' row; default: %(default)s)",
-    )
+    add_names_arg(p, "--ops", OPS)
+    add_names_arg(p, "--backends", BACKENDS, "; one not installed or not usable here gets an 'unavailable' row")
     p.add_argument("--json", default=None, help="write the result rows to this file")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, check_cuda_device, name_list, needs_gpu, nonneg_int, positive_int
+from _bench_args import HelpFormatter, add_names_arg, check_cuda_device, needs_gpu, nonneg_int, positive_int
 from bench_cpu import _build
 
 from openlm_mamba import ConfigError, MambaConfig
@@ -98,14 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-runs", type=positive_int, help=f"timed steps for transformers, slow ({default('hf_runs')})")
     p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps per contender")
     p.add_argument("--hf-warmup", type=nonneg_int, default=1, help="untimed steps for transformers")
-    p.add_argument(
-        "--contenders",
-        type=name_list(CONTENDERS),
-        default=",".join(CONTENDERS),
-        help="comma-separated, from: "
-        + ", ".join(CONTENDERS)
-        + "; must include openlm_mamba, the baseline of the ratios (default: %(default)s)",
-    )
+    add_names_arg(p, "--contenders", CONTENDERS, "; must include openlm_mamba, the baseline of the ratios")
     p.add_argument(
         "--device",
         help="torch device (default cuda; --quick: cpu; without CUDA and without --quick the script stops "
