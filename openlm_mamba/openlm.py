@@ -102,14 +102,13 @@ def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
     error saying what the checkpoint holds and what the model is, instead of torch's list of every mismatched
     tensor (a size mismatch fails in torch with ``strict=False`` too); so does one sharing no tensor name with
     the model (another model type), which would load nothing."""
-    from .convert.common import expected_shapes
+    from .convert.common import expected_shapes, strip_wrappers
 
     cfg = module.cfg
     have: dict[str, tuple[int, ...]] = {}
     for key, value in state_dict.items():
         if key.startswith(prefix) and isinstance(value, torch.Tensor):
-            name = key[len(prefix) :].replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-            have[name.removeprefix("model.")] = tuple(value.shape)
+            have[strip_wrappers(key[len(prefix) :]).removeprefix("model.")] = tuple(value.shape)
     if not have:
         return
     want = expected_shapes(cfg)
@@ -202,18 +201,14 @@ def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:
     OpenLM loads the weights into ``cfg``'s model, silently."""
     if not isinstance(path, str) or not Path(path).is_file():
         return
-    from .convert.common import ARCH_FIELDS
+    from .convert.common import config_differences
 
     try:  # mmap: only the pickled structure is read, not the tensors
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        embedded = MambaConfig.from_dict(ckpt.get("model_config"), source=path) if isinstance(ckpt, dict) else None
+        embedded = MambaConfig.from_dict(ckpt["model_config"], source=path)
     except Exception:  # no model_config, or unreadable: OpenLM's own loading reports what is wrong
         return
-    diffs = [
-        f"{f} {getattr(embedded, f)!r} vs {getattr(cfg, f)!r}"
-        for f in ARCH_FIELDS
-        if getattr(embedded, f) != getattr(cfg, f)
-    ]
+    diffs = [f"{label} {a!r} vs {b!r}" for label, a, b in config_differences(embedded, cfg)]
     if diffs:
         _log.warning(
             "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "

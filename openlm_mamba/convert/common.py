@@ -583,16 +583,27 @@ def _head_is_tied(source: TensorSource) -> bool:
     return head.data_ptr() == emb.data_ptr() or torch.equal(head, emb)
 
 
+def config_differences(
+    a: MambaConfig, b: MambaConfig, fields: tuple[str, ...] = ARCH_FIELDS
+) -> list[tuple[str, Any, Any]]:
+    """(field label, a's value, b's value) for each of ``fields`` on which the configs differ (floats within
+    1e-12 relative count as equal)."""
+    diffs = []
+    for f in fields:
+        x, y = getattr(a, f), getattr(b, f)
+        if x != y and not (isinstance(x, float) and isinstance(y, float) and abs(x - y) <= 1e-12 * max(abs(x), abs(y))):
+            diffs.append(({"padded_vocab_size": "vocab_size (padded)", "dt_rank_value": "dt_rank"}.get(f, f), x, y))
+    return diffs
+
+
 def compare_configs(
     found: MambaConfig, wanted: MambaConfig, found_name: str, wanted_name: str, fields: tuple[str, ...] = ARCH_FIELDS
 ) -> None:
     """Raise a ConversionError listing every architecture field on which the two configs differ."""
-    diffs = []
-    for f in fields:
-        a, b = getattr(found, f), getattr(wanted, f)
-        if a != b and not (isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-12 * max(abs(a), abs(b))):
-            label = {"padded_vocab_size": "vocab_size (padded)", "dt_rank_value": "dt_rank"}.get(f, f)
-            diffs.append(f"  {label}: {found_name} has {a!r}, {wanted_name} has {b!r}")
+    diffs = [
+        f"  {label}: {found_name} has {a!r}, {wanted_name} has {b!r}"
+        for label, a, b in config_differences(found, wanted, fields)
+    ]
     if diffs:
         raise ConversionError(f"architecture mismatch between {found_name} and {wanted_name}:\n" + "\n".join(diffs))
 

@@ -18,6 +18,7 @@ from .common import (
     ConversionError,
     TensorSource,
     add_state_dict,
+    config_differences,
     infer_config,
     torch_load,
 )
@@ -102,7 +103,7 @@ def openlm_config(
     if found is None or wanted is not None:
         return infer_config(source, base=wanted), shapes, SHAPE_FIELDS
     inferred = infer_config(source, base=found.config)
-    diffs = [f for f in SHAPE_FIELDS if getattr(inferred, f) != getattr(found.config, f)]
+    diffs = config_differences(found.config, inferred, SHAPE_FIELDS)
     if not diffs:
         return found.config, found.origin, SHAPE_FIELDS
     _log.warning(
@@ -111,7 +112,7 @@ def openlm_config(
         "shapes cannot tell (norm_epsilon, residual_in_fp32) from %r: pass --model with the run's config to set them",
         file,
         found.config.name,
-        ", ".join(f"{f} ({getattr(found.config, f)} vs {getattr(inferred, f)})" for f in diffs),
+        ", ".join(f"{label} ({a} vs {b})" for label, a, b in diffs),
         found.config.name,
     )
     return inferred, shapes, SHAPE_FIELDS

@@ -76,7 +76,7 @@ def causal_conv1d_update(
         conv_state.is_contiguous()
         and cpp_conv_applies(conv_state, weight)
         and x.dtype == conv_state.dtype
-        and not (torch.is_grad_enabled() and needs_grad(x, conv_state, weight, bias))
+        and not needs_grad(x, conv_state, weight, bias)
     ):
         silu = activation is not None
         return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), bias, silu)

@@ -92,7 +92,7 @@ def selective_state_update_torch(
     """PyTorch backend: the C++ step kernel on CPU (float32 / float64 state), else the reference with
     fewer temporaries (in-place state update when fp32). With autograd on and an input requiring grad,
     the differentiable reference (the kernel and the in-place fast path have no backward)."""
-    if torch.is_grad_enabled() and needs_grad(state, x, dt, A, B, C, D, z, dt_bias):  # (cheap test first: per step)
+    if needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if state.is_contiguous() and use_cpp(state) and not torch.compiler.is_compiling():
         ct = state.dtype
