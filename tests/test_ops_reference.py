@@ -114,6 +114,19 @@ def test_reference_scan_dtypes_and_empty():
     assert out.shape == (2, 4, 0)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_reference_scan_without_time_steps_keeps_the_graph(gated):
+    """L = 0: the empty output still backpropagates (zero gradients) to every input, with or without D and z."""
+    e = scan_inputs(seqlen=0, dtype=torch.float64)
+    names = ["u", "delta", "A", "B", "C"] + (["D", "z"] if gated else [])
+    leaves = {n: e[n].detach().clone().requires_grad_() for n in names}
+    out = selective_scan_ref(**leaves)
+    assert out.shape == (2, 4, 0) and out.requires_grad
+    out.sum().backward()
+    for name, t in leaves.items():
+        assert t.grad is not None and not t.grad.any(), name
+
+
 def test_public_scan_dispatches_to_torch_on_cpu():
     x = scan_inputs(dtype=torch.float32)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
