@@ -205,6 +205,21 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(run(selective_scan_cpu, strided), run(selective_scan_cpu, inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sequence_first_inputs(dtype):
+    """Every input stored (L, batch, dim), as a sequence-first model keeps activations: the gradients
+    (allocated by the kernel, not copied from u's layout) equal those of contiguous inputs."""
+    inputs = make_inputs(2, 20, 37, 4, dtype=dtype)
+    seq_first = dict(inputs)
+    for k in ("u", "delta", "z"):
+        seq_first[k] = inputs[k].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        assert not seq_first[k].is_contiguous()
+    got, want = run(selective_scan_cpu, seq_first), run(selective_scan_cpu, inputs)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     """torch waits forever on a build lock a killed build left behind; the loader breaks a stale one."""
     import os

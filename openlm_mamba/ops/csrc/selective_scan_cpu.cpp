@@ -532,14 +532,14 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const std::optional<at:
   check_layouts(u, delta, At, Bt, Ct, z);
   TORCH_CHECK(gout.is_contiguous() && gout.sizes() == u.sizes(), "scan_bwd: gout must be contiguous, like u");
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2), N = At.size(0), G = Bt.size(1);
-  auto du = at::empty_like(u);
-  auto ddelta = at::empty_like(u);
+  auto du = at::empty({batch, L, dim}, u.options());
+  auto ddelta = at::empty({batch, L, dim}, u.options());
   auto dA_b = at::empty({batch, N, dim}, u.options());
   auto dB_p = at::empty({batch, G, P, L, N}, u.options());  // every entry is written
   auto dC_p = at::empty({batch, G, P, L, N}, u.options());
   auto dD_b = at::empty({batch, dim}, u.options());
   auto dbias_b = at::empty({batch, dim}, u.options());
-  auto dz = z ? at::empty_like(u) : at::empty({0}, u.options());
+  auto dz = z ? at::empty({batch, L, dim}, u.options()) : at::empty({0}, u.options());
   auto dx0 = at::empty({batch, N, dim}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_bwd", [&] {
     bwd_kernel<scalar_t>(gout, glast, u, delta, At, Bt, Ct, D, z, bias, softplus, ck, K, P, du, ddelta, dA_b, dB_p,
