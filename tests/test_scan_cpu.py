@@ -220,6 +220,22 @@ def test_sequence_first_inputs(dtype):
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.parametrize("where", ["delta", "delta_bias", "z", "u"])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_nan_inputs_propagate_like_the_reference(where, softplus):
+    """A NaN in an input gives NaN exactly where the reference has one (the vector clamps in exp and
+    softplus must not replace it by a finite value: a diverging run has to show)."""
+    inputs = make_inputs(1, 32, 9, 4, dtype=torch.float32, x0=False)
+    t = inputs[where]
+    t[(0,) * (t.dim() - 1) + (3,)] = float("nan")  # delta_bias: channel 3; others: channel 0 at step 3
+    with torch.no_grad():
+        fast = selective_scan_cpu(**inputs, delta_softplus=softplus, return_last_state=True)
+        ref = selective_scan_ref(**inputs, delta_softplus=softplus, return_last_state=True)
+    assert torch.isnan(ref[0]).any()
+    for a, b in zip(fast, ref):  # the output, then the last state (which a NaN gate leaves finite)
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+
+
 def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     """torch waits forever on a build lock a killed build left behind; the loader breaks a stale one."""
     import os

@@ -161,9 +161,10 @@ OLM_INLINE __m512 vexp2_32(__m512 a, __m512 b) {
   return _mm512_scalef_ps(p, _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32)));  // scalef: * 2^floor(k / 32)
 }
 
-// e^x for 16 floats, x clamped to [-87, 88] (so e^-inf = 1.6e-38, not NaN).
+// e^x for 16 floats, x clamped to [-87, 88] (so e^-inf = 1.6e-38, not NaN). The constant goes first
+// in min / max, which return their second operand when either is NaN: a NaN x stays NaN.
 OLM_INLINE __m512 vexp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
   return vexp2_32(x, _mm512_set1_ps(kExp2x32));
 }
 
@@ -211,7 +212,7 @@ OLM_INLINE void softplus_lanes<16, float>(const float* __restrict__ in, float* _
   p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f / 3));
   p = _mm512_fmadd_ps(p, r2, _mm512_set1_ps(1.0f));
   const __m512 lg = _mm512_mul_ps(_mm512_add_ps(r, r), p);  // log1p(s)
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), lg));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_max_ps(_mm512_setzero_ps(), v), lg));
 }
 #endif
 
