@@ -236,6 +236,17 @@ def test_nan_inputs_propagate_like_the_reference(where, softplus):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
 
 
+@pytest.mark.parametrize("gb,gc", [(6, None), (None, 3), (2, 3), (None, 1)])  # None: ungrouped
+def test_b_and_c_with_different_group_layouts(gb, gc):
+    """B and C grouped differently (the kernel takes one group count from B) match the reference,
+    forward and backward."""
+    inputs = make_inputs(2, 12, 20, 4)
+    g = torch.Generator().manual_seed(1)
+    for name, groups in (("B", gb), ("C", gc)):
+        inputs[name] = torch.randn(*((2, 4, 20) if groups is None else (2, groups, 4, 20)), generator=g).double()
+    assert_close(run(selective_scan, inputs), run(selective_scan_ref, inputs), 1e-10)
+
+
 def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     """torch waits forever on a build lock a killed build left behind; the loader breaks a stale one."""
     import os

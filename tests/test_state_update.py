@@ -105,6 +105,20 @@ def test_conv_update_equals_the_full_conv(width, dtype, bias):
     torch.testing.assert_close(state, x[:, :, L - width :])
 
 
+@pytest.mark.parametrize("gb,gc", [(2, 0), (0, 3), (2, 3), (0, 1)])  # 0: ungrouped (batch, d_state)
+def test_b_and_c_with_different_group_layouts(gb, gc):
+    """B and C grouped differently (the kernels take one group count) match the reference."""
+    state, x, dt, A, _, _, D, z, dt_bias = make_inputs(2, 12, 4)
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(*((2, gb, 4) if gb else (2, 4)), generator=g)
+    C = torch.randn(*((2, gc, 4) if gc else (2, 4)), generator=g)
+    s1, s2 = state.clone(), state.clone()
+    out = selective_state_update(s1, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True, backend="torch")
+    ref = selective_state_update_ref(s2, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s1, s2)
+
+
 def test_bf16_inputs_keep_fp32_state():
     state, x, dt, A, B, C, D, z, dt_bias = make_inputs(2, 32, 8, dtype=torch.bfloat16)
     s_ref, s_fast = state.clone(), state.clone()

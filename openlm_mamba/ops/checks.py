@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,24 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], wh
     if tuple(t.shape) != tuple(expected):
         layout = f" {what}" if what else ""
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{layout}, got {tuple(t.shape)}")
+
+
+def match_groups(B: torch.Tensor, C: torch.Tensor, grouped_ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C with one group layout: the kernels take the group count from B and index C with it. Unchanged
+    when they agree (the usual case); else both grouped (dim 1, an ungrouped one counting as 1 group) into
+    the least common multiple of their group counts, each group repeated. ``grouped_ndim``: a grouped
+    tensor's number of dimensions."""
+    gb = B.shape[1] if B.dim() == grouped_ndim else 1
+    gc = C.shape[1] if C.dim() == grouped_ndim else 1
+    if gb == gc and B.dim() == C.dim():
+        return B, C
+    g = math.lcm(gb, gc)
+
+    def widen(M: torch.Tensor, gm: int) -> torch.Tensor:
+        M = M if M.dim() == grouped_ndim else M.unsqueeze(1)
+        return M if gm == g else M.repeat_interleave(g // gm, dim=1)
+
+    return widen(B, gb), widen(C, gc)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

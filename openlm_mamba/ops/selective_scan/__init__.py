@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..checks import check_shape, check_tensor
+from ..checks import check_shape, check_tensor, match_groups
 from .cpu import selective_scan_cpu
 from .reference import selective_scan_ref
 
@@ -70,6 +70,7 @@ def selective_scan(
     """
     if not torch.compiler.is_compiling():
         _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    B, C = match_groups(B, C, 4)
     _, fn = dispatch.resolve(OP, u.device, backend)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from ..checks import check_shape, check_tensor
+from ..checks import check_shape, check_tensor, match_groups
 from ..cpp import needs_grad
 from .reference import selective_state_step_ref, selective_state_update_ref, selective_state_update_torch
 
@@ -65,6 +65,7 @@ def selective_state_update(
     """
     if not torch.compiler.is_compiling():
         _check(state, x, dt, A, B, C, D, z, dt_bias)
+    B, C = match_groups(B, C, 3)
     _, fn = dispatch.resolve(OP, state.device, backend)
     if needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
