@@ -13,6 +13,7 @@ from openlm_mamba.ops import (
     BackendUnavailableError,
     add_norm,
     add_norm_ref,
+    available_backends,
     causal_conv1d,
     causal_conv1d_ref,
     selective_scan,
@@ -262,6 +263,20 @@ def test_conv_bad_arguments_are_named():
             causal_conv1d(*args, **kwargs)
 
 
+@pytest.mark.parametrize("is_rms_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_norm_checks_its_arguments(is_rms_norm, dtype):
+    x, w = torch.randn(3, 8, dtype=dtype), torch.ones(8)
+    cases = [
+        ((x, torch.ones(7)), {}, r"weight must have shape \(8,\) \(hidden,\), got \(7,\)"),
+        ((x, w, torch.zeros(1)), {}, r"bias must have shape \(8,\) \(hidden,\), got \(1,\)"),
+        ((x, w), {"residual": torch.randn(3, 7)}, r"residual must have shape \(3, 8\) like x"),
+    ]
+    for args, kwargs, pattern in cases:
+        with pytest.raises(ValueError, match="add_norm: " + pattern):
+            add_norm(*args, **kwargs, is_rms_norm=is_rms_norm)
+
+
 def test_unavailable_backend_is_a_clear_error(monkeypatch):
     x = {k: v.detach() for k, v in scan_inputs(dtype=torch.float32).items()}
     with pytest.raises(BackendUnavailableError, match=r"selective_scan: backend 'cuda' is"):
@@ -271,6 +286,10 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"])
     monkeypatch.setenv("OPENLM_MAMBA_BACKEND", "torch")
     assert selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"]).shape == (2, 4, 5)
+    with pytest.raises(TypeError, match=r"backend must be a string, one of auto, torch, triton, cuda; got int"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend=1)
+    with pytest.raises(ValueError, match=r"unknown op 'causal_conv1d_update'; ops with backends: add_norm, "):
+        available_backends("causal_conv1d_update")
 
 
 def test_grid_of_reference_shapes_is_consistent():

@@ -17,7 +17,7 @@ from openlm_mamba.ops import (
     selective_state_update,
     selective_state_update_ref,
 )
-from openlm_mamba.ops.causal_conv1d import causal_conv1d_update
+from openlm_mamba.ops.causal_conv1d import causal_conv1d_step_ref, causal_conv1d_update
 from openlm_mamba.ops.state_update import selective_state_update_torch
 
 from .conftest import has_module
@@ -103,6 +103,30 @@ def test_conv_update_equals_the_full_conv(width, dtype, bias):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(steps, full, rtol=tol, atol=tol)
     torch.testing.assert_close(state, x[:, :, L - width :])
+
+
+def test_conv_update_checks_its_arguments():
+    x, state, w = torch.randn(2, 5), torch.randn(2, 5, 4), torch.randn(5, 4)
+    cases = [
+        ((x, torch.randn(2, 5, 5), w), r"conv_state must have shape \(2, 5, 4\) \(batch, dim, width\)"),
+        ((torch.randn(3, 5), state, w), r"conv_state must have shape \(3, 5, 4\)"),
+        ((x, state, torch.randn(3, 4)), r"weight must have shape \(dim=5, width 1-4\), got \(3, 4\)"),
+        ((x, torch.randn(2, 5, 5), torch.randn(5, 5)), r"weight must have shape \(dim=5, width 1-4\), got \(5, 5\)"),
+        ((x, state, w, torch.randn(4)), r"bias must have shape \(5,\)"),
+        ((x[0], state, w), r"x must have 2 dimensions"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(ValueError, match="causal_conv1d_update: " + pattern):
+            causal_conv1d_update(*args)
+    with pytest.raises(TypeError, match="causal_conv1d_update: conv_state must be a floating-point tensor"):
+        causal_conv1d_update(x, state.long(), w)
+    # a strided bias, and one of another dtype than the state, give the reference's answer
+    for bias in (torch.randn(10)[::2], torch.randn(5, dtype=torch.float64)):
+        s1, s2 = state.clone(), state.clone()
+        out = causal_conv1d_update(x, s1, w, bias, "silu")
+        ref, window = causal_conv1d_step_ref(x, s2, w, bias.float(), "silu")
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(s1, window)
 
 
 @pytest.mark.parametrize("gb,gc", [(2, 0), (0, 3), (2, 3), (0, 1)])  # 0: ungrouped (batch, d_state)

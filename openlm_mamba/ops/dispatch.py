@@ -49,6 +49,8 @@ def register(
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend asked for: the argument, else $OPENLM_MAMBA_BACKEND, else "auto"."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {', '.join(BACKENDS)}; got {type(backend).__name__}")
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower() or "auto"
     if name not in BACKENDS:
@@ -80,5 +82,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     """Backends of ``op`` that can run on ``device`` now."""
+    if op not in _REGISTRY:
+        raise ValueError(f"available_backends: unknown op {op!r}; ops with backends: {', '.join(sorted(_REGISTRY))}")
     device = torch.device(device)
     return [name for name, impl in sorted(_REGISTRY.get(op, {}).items()) if impl.available(device) is None]

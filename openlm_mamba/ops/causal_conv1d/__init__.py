@@ -36,6 +36,21 @@ def _check(x, weight, bias, initial_states, activation) -> None:
     _check_activation(activation)
 
 
+def _check_update(x, conv_state, weight, bias, activation) -> None:
+    op = "causal_conv1d_update"
+    check_tensor(op, "x", x, 2)
+    batch, dim = x.shape
+    check_tensor(op, "weight", weight, 2, device=x.device)
+    if weight.shape[0] != dim or not 1 <= weight.shape[1] <= 4:
+        raise ValueError(f"{op}: weight must have shape (dim={dim}, width 1-4), got {tuple(weight.shape)}")
+    check_tensor(op, "conv_state", conv_state, 3, device=x.device)
+    check_shape(op, "conv_state", conv_state, (batch, dim, weight.shape[1]), "(batch, dim, width), like x and weight")
+    if bias is not None:
+        check_tensor(op, "bias", bias, 1, device=x.device)
+        check_shape(op, "bias", bias, (dim,), "(dim,)")
+    _check_activation(activation)
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,17 +84,20 @@ def causal_conv1d_update(
 
     The C++ kernel runs it on CPU (float32 / float64, eager); elsewhere, and with autograd on and an
     input requiring grad (the kernel has no backward), a few differentiable torch ops that record the
-    in-place update of ``conv_state``.
+    in-place update of ``conv_state``. One implementation for every device: no ``backend`` choice.
     """
-    _check_activation(activation)
+    if not torch.compiler.is_compiling():
+        _check_update(x, conv_state, weight, bias, activation)
     if (
         conv_state.is_contiguous()
         and cpp_conv_applies(conv_state, weight)
         and x.dtype == conv_state.dtype
+        and (bias is None or bias.dtype == conv_state.dtype)
         and not needs_grad(x, conv_state, weight, bias)
     ):
         silu = activation is not None
-        return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), bias, silu)
+        b = None if bias is None else bias.contiguous()
+        return torch.ops.openlm_mamba_cpu.conv_step(conv_state, x.contiguous(), weight.contiguous(), b, silu)
     out, window = causal_conv1d_step_ref(x, conv_state, weight, bias, activation)
     conv_state.copy_(window)
     return out

@@ -27,6 +27,9 @@ def add_norm(
         check_tensor(OP, "x", x, (2, 3))
         check_tensor(OP, "weight", weight, 1, device=x.device)
         check_shape(OP, "weight", weight, (x.shape[-1],), "(hidden,)")
+        if bias is not None:
+            check_tensor(OP, "bias", bias, 1, device=x.device)
+            check_shape(OP, "bias", bias, (x.shape[-1],), "(hidden,)")
         if residual is not None:
             check_tensor(OP, "residual", residual, x.dim(), device=x.device)
             check_shape(OP, "residual", residual, x.shape, "like x")
