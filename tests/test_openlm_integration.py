@@ -144,6 +144,7 @@ def test_mamba_7b_yaml_parses_and_builds_on_meta(olm):
 
     args = parse_args(["--config", str(ROOT / "examples" / "mamba_7b.yaml")])
     assert args.model == "mamba_7b" and args.precision == "amp_bfloat16" and args.fsdp
+    assert args.resume == "latest" and args.name, "resume: latest needs a fixed run name"
     assert (args.lr, args.lr_cooldown_end, args.warmup, args.z_loss_coefficient) == (3e-4, 1e-5, 2000, 1e-4)
     assert args.global_batch_size == 1024
     with torch.device("meta"):
