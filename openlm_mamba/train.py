@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None):
     except ImportError as e:
         raise SystemExit(
             f"openlm_mamba.train: OpenLM (open_lm) is not importable ({e}); install it: "
-            "pip install 'open_lm @ git+https://github.com/mlfoundations/open_lm.git@9bb92ef1689333534b7057942a20d18a46d1fa52' "
-            "(or this package's extra: pip install 'openlm-mamba[openlm]')"
+            "pip install 'openlm-mamba[openlm]' (the packages OpenLM imports), then pip install --no-deps "
+            "'open_lm @ git+https://github.com/mlfoundations/open_lm.git@9bb92ef1689333534b7057942a20d18a46d1fa52' "
+            "(--no-deps: its own requirements would replace torch)"
         ) from None
     from .openlm import register
 
