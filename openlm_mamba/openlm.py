@@ -159,10 +159,15 @@ def _check_model_name(model_arg: str) -> None:
             ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--model {model_arg}: cannot read it ({e})") from None
-        if isinstance(data, dict) and "model_type" not in data and {"d_state", "d_conv", "expand"} & set(data):
+        if isinstance(data, dict) and {"d_state", "d_conv", "expand"} & set(data):
+            if "model_type" not in data:
+                raise ValueError(
+                    f'--model {model_arg}: looks like a Mamba config but has no "model_type": "mamba" '
+                    "(without it OpenLM reads the file as a transformer config)"
+                )
             raise ValueError(
-                f'--model {model_arg}: looks like a Mamba config but has no "model_type": "mamba" '
-                "(without it OpenLM reads the file as a transformer config)"
+                f'--model {model_arg}: looks like a Mamba config, but "model_type" must be "mamba" (Mamba-1, '
+                f"the architecture this package builds), got {data['model_type']!r}"
             )
         return
     names = sorted(getattr(_olm, "_MODEL_CONFIGS", {}))
@@ -196,19 +201,31 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
 
 
 def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:
-    """Warn when a checkpoint our converter wrote (it embeds its ``model_config``) was made from a model that
-    differs from ``cfg`` in a field its tensor shapes do not show (norm_epsilon, residual_in_fp32, ...):
-    OpenLM loads the weights into ``cfg``'s model, silently."""
+    """Warn when a checkpoint was made from a model that differs from ``cfg`` in a field its tensor shapes
+    do not show (norm_epsilon, residual_in_fp32, ...): OpenLM loads the weights into ``cfg``'s model,
+    silently. The checkpoint's config: the ``model_config`` our converter embeds, else the full config our
+    hook records in its training run's params.txt."""
     if not isinstance(path, str) or not Path(path).is_file():
         return
     from .convert.common import config_differences
+    from .convert.openlm import _config_from_params
 
     try:  # mmap: only the pickled structure is read, not the tensors
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        embedded = MambaConfig.from_dict(ckpt["model_config"], source=path)
-    except Exception:  # no model_config, or unreadable: OpenLM's own loading reports what is wrong
+    except Exception:  # unreadable: OpenLM's own loading reports what is wrong
         return
-    diffs = [f"{label} {a!r} vs {b!r}" for label, a, b in config_differences(embedded, cfg)]
+    embedded = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    try:
+        if isinstance(embedded, dict):
+            theirs = MambaConfig.from_dict(embedded, source=path)
+        else:
+            found = _config_from_params(Path(path))
+            if found is None or not found.exact:  # params.txt only names a config: nothing to compare
+                return
+            theirs = found.config
+    except Exception:  # a damaged config: OpenLM's own loading and the shape check report what matters
+        return
+    diffs = [f"{label} {a!r} vs {b!r}" for label, a, b in config_differences(theirs, cfg)]
     if diffs:
         _log.warning(
             "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "

@@ -110,6 +110,11 @@ def test_unknown_model_name_is_a_clear_error(olm, tmp_path):
     unmarked.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r'unmarked.json: looks like a Mamba config but has no "model_type": "mamba"'):
         olm.create_model(_args(str(unmarked)))
+    for model_type in ("Mamba", "mamba2"):  # OpenLM read these as a transformer (KeyError) or its own mamba_ssm path
+        other = tmp_path / f"{model_type}_cfg.json"
+        other.write_text(json.dumps({**data, "model_type": model_type}))
+        with pytest.raises(ValueError, match=rf"\"model_type\" must be \"mamba\" .*got '{model_type}'"):
+            olm.create_model(_args(str(other)))
 
 
 @needs_open_lm
@@ -235,6 +240,31 @@ def test_pretrained_converted_checkpoint_with_another_config_warns(olm, tmp_path
             assert bool(hit) == warned, (eps, flag, caplog.text)
             if warned:
                 assert f"--{flag} {path}" in hit[0] and "norm_epsilon 0.5 vs 1e-05" in hit[0], hit
+
+
+@needs_open_lm
+def test_pretrained_run_checkpoint_with_another_config_warns(olm, tmp_path, caplog):
+    """A training run's epoch_N.pt has no embedded config, but our hook recorded the full config in the run's
+    params.txt: --pretrained with a --model that differs in norm_epsilon warns, as for converted checkpoints."""
+    from openlm_mamba import MambaConfig, MambaLM
+    from openlm_mamba.config import PARAMS_CONFIG_KEY
+
+    trained = MambaConfig.load("mamba_tiny").replace(norm_epsilon=0.5)
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    recorded = json.dumps({**trained.to_dict(), "name": "mamba_tiny"})
+    (tmp_path / "run" / "params.txt").write_text(f"model: mamba_tiny\n{PARAMS_CONFIG_KEY}: {recorded}\n")
+    path = ckpts / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": MambaLM(trained).state_dict()}, path)
+    args = _args("mamba_tiny")
+    args.pretrained = str(path)
+    olm.create_model(args)
+    hit = [r.getMessage() for r in caplog.records if "differs from --model" in r.getMessage()]
+    assert hit and "norm_epsilon 0.5 vs 1e-05" in hit[0], caplog.text
+    caplog.clear()  # a params.txt that only names the model: nothing exact to compare, no warning
+    (tmp_path / "run" / "params.txt").write_text("model: mamba_tiny\n")
+    olm.create_model(args)
+    assert not [r for r in caplog.records if "differs from --model" in r.getMessage()]
 
 
 @needs_open_lm
