@@ -143,8 +143,20 @@ def make_tiny_dataset(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=512,
+        help="tokens in the trained byte-level BPE tokenizer, at least 258; the model config's vocab_size must be at "
+        "least this (default: %(default)s, mamba_tiny's)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per training sequence; each sample holds seq_len + 1 tokens, the inputs and their shifted "
+        "targets (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     info = make_tiny_dataset(args.out_dir, vocab_size=args.vocab_size, seq_len=args.seq_len)
     print(json.dumps(info, indent=2))

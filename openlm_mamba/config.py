@@ -179,9 +179,11 @@ class MambaConfig:
         return data
 
     def save(self, path: str | Path) -> None:
+        """Write this config to ``path`` as a JSON model config (``MambaConfig.load`` reads it back)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> MambaConfig:
+        """A copy with the given fields changed (the config is frozen), validated like a new one."""
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,10 @@ class MambaEvalLM(TemplateLM):
             raise ValueError(f"MambaEvalLM: batch_size must be a positive int, got {batch_size!r}")
         if int(max_length) < 2:
             raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
+        if model is None:
+            from .convert import detect_format
+
+            detect_format(pretrained)  # a missing checkpoint is named before a tokenizer is looked for
         self.tokenizer = _load_tokenizer(tokenizer, pretrained)
         if model is None:
             from .convert import load_model

@@ -98,6 +98,7 @@ class MambaCache:
 
     @property
     def batch_size(self) -> int:
+        """The number of sequences the cache holds states for (0 for a model without layers)."""
         return self.ssm_states[0].shape[0] if self.ssm_states else 0
 
     def __len__(self) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from .config import ConfigError, MambaConfig
 from .ops import add_norm, causal_conv1d, selective_scan
 from .ops.causal_conv1d import causal_conv1d_step_ref, causal_conv1d_update
 from .ops.state_update import selective_state_step_ref
+
+if TYPE_CHECKING:
+    from .generation import MambaCache
 
 
 class RMSNorm(nn.Module):
@@ -460,8 +465,13 @@ class MambaLM(nn.Module):
         super().__init__()
         if isinstance(cfg, dict):
             cfg = _config_from_dict(cfg)
-        elif not isinstance(cfg, MambaConfig):
+        elif isinstance(cfg, (str, os.PathLike)):
             cfg = MambaConfig.load(cfg)
+        elif not isinstance(cfg, MambaConfig):
+            raise TypeError(
+                "MambaLM: cfg must be a MambaConfig, a shipped config name (e.g. 'mamba_tiny'), a JSON config path "
+                f"or a dict of MambaConfig fields, got {type(cfg).__name__}"
+            )
         self.cfg = cfg
         self.vocab_size = cfg.padded_vocab_size
         self.seq_len = cfg.seq_len
@@ -488,6 +498,7 @@ class MambaLM(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
+        """The residual blocks, first to last (``model.backbone.layers``)."""
         return self.model.backbone.layers
 
     def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -511,11 +522,11 @@ class MambaLM(nn.Module):
         self,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values=None,
+        past_key_values: MambaCache | None = None,
         use_cache: bool = False,
         attention_mask: torch.Tensor | None = None,
-        inference_params=None,
-    ):
+        inference_params: MambaCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, MambaCache | None]:
         """Training: ``forward(input_ids) -> (logits, hidden, None)``.
 
         Incremental decoding (OpenLM's interface): ``use_cache=True`` and/or
@@ -551,7 +562,13 @@ class MambaLM(nn.Module):
         return logits, hidden, None
 
     # -- inference -----------------------------------------------------------------------------------
-    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device=None, backend=None):
+    def allocate_cache(
+        self,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> MambaCache:
         """A zeroed recurrent cache for ``batch_size`` sequences (see ``openlm_mamba.generation.MambaCache``)."""
         from .generation import MambaCache
 

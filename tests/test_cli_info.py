@@ -67,6 +67,58 @@ def test_checkpoints(capsys, tmp_path, monkeypatch):
     capsys.readouterr()
 
 
+def test_checkpoint_fields_not_recorded_are_marked(capsys, tmp_path):
+    """Fields a checkpoint does not record (defaults, or inferred from its tensors) are marked as such, not shown
+    as if read from it: a bare state dict of a seq_len-128 model shows seq_len 2,048 *as a default*."""
+    import torch
+
+    from openlm_mamba import MambaLM
+    from openlm_mamba.convert import convert
+
+    torch.manual_seed(0)
+    model = MambaLM({"d_model": 64, "n_layer": 2, "vocab_size": 512, "seq_len": 128})
+    bare = tmp_path / "bare" / "epoch_1.pt"
+    bare.parent.mkdir()
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, bare)
+
+    assert cli_main(["info", str(bare)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for field in ("seq_len", "norm_epsilon", "residual_in_fp32", "dt_min"):
+        assert lines[field].endswith("(default: not recorded in the checkpoint)"), lines[field]
+    assert "seq_len                   2,048   (default" in lines["seq_len"]
+    assert "(inferred from the embedding's rows: not recorded in the checkpoint)" in lines["vocab_size"]
+    for field in ("d_model", "n_layer", "d_state", "tie_embeddings", "parameters", "checkpoint_format"):
+        assert "not recorded" not in lines[field], lines[field]
+    assert cli_main(["info", str(bare), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["not_recorded"]
+    assert {"seq_len", "norm_epsilon", "vocab_size"} <= set(notes) and not {"d_model", "d_state"} & set(notes)
+
+    # a run whose params.txt names a config: its values, said to come from there
+    (tmp_path / "params.txt").write_text("model: mamba_tiny\n")
+    assert cli_main(["info", str(bare), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["not_recorded"]
+    assert (
+        notes["seq_len"]
+        == f"from mamba_tiny: not recorded in the checkpoint; {tmp_path / 'params.txt'} names mamba_tiny"
+    )
+
+    # our converter records the whole config in the .pt: nothing marked; an HF config has no seq_len
+    exact = tmp_path / "exact.pt"
+    convert(bare, exact, to="openlm", seq_len=128, progress=False)
+    convert(exact, tmp_path / "hf", to="hf", progress=False)
+    assert cli_main(["info", str(exact), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["seq_len"], info["not_recorded"]) == (128, {})
+    assert cli_main(["info", str(exact)]) == 0
+    assert "not recorded" not in capsys.readouterr().out
+    assert cli_main(["info", str(tmp_path / "hf"), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["not_recorded"]
+    assert notes["seq_len"] == "default: not recorded in the checkpoint; HF configs have none"
+    assert "norm_epsilon" not in notes and "d_model" not in notes
+    assert cli_main(["info", "mamba_tiny", "--json"]) == 0  # a config, not a checkpoint: nothing to mark
+    assert "not_recorded" not in json.loads(capsys.readouterr().out)
+
+
 def test_conflicting_info_requests_are_an_error(capsys):
     """A model name with --list or --env would be silently ignored: refused instead."""
     for argv in (["info", "mamba_tiny", "--list"], ["info", "mamba_tiny", "--env"], ["info", "--list", "--env"]):
@@ -112,6 +164,13 @@ def test_env_says_why_a_requested_backend_cannot_run():
     assert "CPU decoding: per-layer Python step" in proc.stdout
     assert "backend requested: triton" in proc.stdout
     assert "selective_scan           cpu: none (" in proc.stdout and "can run: torch" in proc.stdout
+
+
+def test_env_reports_unavailable_kernels_without_a_raw_warning():
+    """The kernels' "unavailable" RuntimeWarning is not printed above the report that says the same."""
+    proc = run_env(OPENLM_MAMBA_DISABLE_CPP="1")
+    assert "C++ CPU kernels: unavailable: RuntimeError: disabled by $OPENLM_MAMBA_DISABLE_CPP" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr and "kernels unavailable" not in proc.stderr, proc.stderr
 
 
 def test_env_reports_a_bad_backend_variable():

@@ -58,6 +58,7 @@ def test_roundtrip_to_json(tmp_path):
     path = tmp_path / "copy.json"
     cfg.save(path)
     assert MambaConfig.load(path) == cfg
+    assert MambaConfig.save.__doc__ and MambaConfig.replace.__doc__
 
 
 def _write(tmp_path, data, name="bad.json"):

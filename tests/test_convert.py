@@ -380,6 +380,25 @@ def test_cli_convert(tiny, tmp_path, capsys):
     assert not (tmp_path / "b.pt").exists()
 
 
+def test_load_model_path_of_another_type_is_a_type_error(tiny, tmp_path):
+    """Not Path()'s bare "expected str, bytes or os.PathLike object, not int": the argument is named."""
+    from openlm_mamba.convert import load_state_dict
+
+    with pytest.raises(TypeError, match=r"^load_model: path_or_dir must be a checkpoint path \(str or os.PathLike"):
+        load_model(123)
+    with pytest.raises(TypeError, match=r"^load_state_dict: path must be a checkpoint path .*, got NoneType$"):
+        load_state_dict(None)
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    with pytest.raises(TypeError, match=r"^model must be a MambaConfig, a shipped config name .*, got int$"):
+        load_model(src, model=5)
+
+
+def test_cli_convert_help_says_the_dtype_default(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "--help"])
+    assert "(default: keep the source's dtypes)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_untied_head_round_trip_through_hf(tmp_path):
     torch.manual_seed(3)
     cfg = MambaConfig.load("mamba_tiny").replace(tie_embeddings=False, name="tiny_untied")

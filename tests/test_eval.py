@@ -355,6 +355,33 @@ def test_cli_num_fewshot_with_model_card_is_refused(setup, capsys):
     _one_line_error(rc, err, "error: --num-fewshot with --model-card: the card fixes each task's shots")
 
 
+def test_cli_num_fewshot_help_says_its_default(capsys):
+    from openlm_mamba.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    assert "(with --tasks; default: each task's own setting" in " ".join(capsys.readouterr().out.split())
+
+
+def test_missing_checkpoint_is_named_before_tasks_and_tokenizer(tmp_path, capsys, monkeypatch):
+    """A checkpoint path that does not exist: `error: PATH: no such file or directory` (as convert says), before
+    lm-eval indexes its tasks and before a tokenizer is looked for (which used to be blamed instead)."""
+    from openlm_mamba import evaluation
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("reached past the checkpoint check")
+
+    monkeypatch.setattr(evaluation, "make_task_manager", not_reached)
+    monkeypatch.setattr(evaluation, "_load_tokenizer", not_reached)
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--tokenizer", str(tmp_path)]):
+        rc, err = _eval_cli(capsys, ["nofile.pt", "--tasks", "my_task", *extra])
+        _one_line_error(rc, err, "error: nofile.pt: no such file or directory")
+    with pytest.raises(ValueError, match=r"^nofile\.pt: no such file or directory$"):
+        MambaEvalLM(pretrained="nofile.pt")
+
+
 def test_limit_semantics_count_or_fraction(setup, task_dir, capsys, monkeypatch):
     from openlm_mamba.cli import main as cli_main
     from openlm_mamba.evaluation import check_limit, evaluate

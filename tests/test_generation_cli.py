@@ -255,6 +255,30 @@ def tiny_recipe():
     return module
 
 
+def test_tiny_recipe_help_explains_every_flag(capsys, monkeypatch):
+    """examples/make_tiny_data.py --help: every flag has a help text (--vocab-size and --seq-len had none)."""
+    import argparse
+
+    recipe = tiny_recipe()
+    if recipe is None:
+        pytest.skip("examples/make_tiny_data.py is not in this tree")
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        parsers.append(self)
+        return parse_args(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--help"])
+    assert info.value.code == 0
+    undocumented = [a.option_strings[0] for a in parsers[0]._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 512, mamba_tiny's)" in out and "(default: 128)" in out
+
+
 @pytest.mark.openlm
 def test_cli_on_checkpoint_trained_by_open_lm(monkeypatch, tmp_path, tokenizer_dir):
     """Acceptance 5: the tiny CPU recipe (its offline tokenizer and data) for a few steps of open_lm.main,

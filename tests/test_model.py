@@ -209,3 +209,28 @@ def test_config_dict():
         MambaLM({"d_modle": 64, "d_model": 64, "n_layer": 1, "vocab_size": 10})
     with pytest.raises(ConfigError, match=r"use MambaConfig.from_dict\(d\) .* or MambaConfig\(\*\*d\)"):
         MambaConfig.load({"d_model": 64})
+
+
+@pytest.mark.parametrize("cfg", [123, None, 1.5, ["mamba_tiny"]])
+def test_config_of_another_type_is_a_type_error(cfg):
+    """Not a config name looked up as one ("unknown model config '123'"): a TypeError saying what is accepted."""
+    with pytest.raises(
+        TypeError, match=r"^MambaLM: cfg must be a MambaConfig, a shipped config name .*, a JSON config"
+    ):
+        MambaLM(cfg)
+
+
+def test_public_api_has_docstrings_and_type_hints():
+    import inspect
+
+    from openlm_mamba.convert import to_transformers
+    from openlm_mamba.generation import MambaCache
+    from openlm_mamba.ops import selective_scan
+
+    for item in (MambaLM.layers, MambaCache.batch_size, MambaConfig.save, MambaConfig.replace):
+        assert (item.__doc__ or "").strip(), item
+    for fn in (MambaLM.forward, MambaLM.allocate_cache, to_transformers, selective_scan):
+        sig = inspect.signature(fn)
+        assert sig.return_annotation is not inspect.Signature.empty, fn
+        unhinted = [p for p in sig.parameters.values() if p.name != "self" and p.annotation is inspect.Parameter.empty]
+        assert not unhinted, (fn, unhinted)

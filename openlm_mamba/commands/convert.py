@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "also supplies seq_len and fields a bare state dict cannot tell",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast floating tensors"
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="cast floating tensors to this dtype (default: keep the source's dtypes)",
     )
     parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --to hf (default 5GB)")
     parser.add_argument(

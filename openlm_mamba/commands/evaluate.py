@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the Mamba-7B model card's tasks: HellaSwag, PIQA, Winogrande, ARC-E, ARC-C (0-shot), MMLU (5-shot)",
     )
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (with --tasks)")
+    parser.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per task (with --tasks; default: each task's own setting, 0 unless its config sets one)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
@@ -60,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ..convert import ConversionError
+        from ..convert import ConversionError, detect_format
         from ..evaluation import (
             MODEL_CARD_TASKS,
             MambaEvalLM,
@@ -125,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"error: --output {args.output}: {problem}", file=sys.stderr)
             return 2
+    try:
+        detect_format(args.checkpoint)  # a missing or wrong checkpoint: said now, not after the tasks and tokenizer
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     manager = make_task_manager(args.include_path, include_defaults=not args.only_local_tasks)
     try:
         check_tasks([t for tasks in runs.values() for t in tasks], manager)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # no torch import for the CLI's parser
+    from ..config import MambaConfig
+    from ..convert.openlm import FoundConfig
 
 HELP = (
     "Show a model config's (or a checkpoint's) sizes, parameter count and training FLOPs per token, or (--env) "
@@ -52,7 +58,11 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "present"
 
-    built = cpp.load_extension()
+    with warnings.catch_warnings():  # its "kernels unavailable" warning: the report's cpp_kernels says why
+        warnings.filterwarnings(
+            "ignore", message=r"openlm_mamba: C\+\+ CPU kernels unavailable", category=RuntimeWarning
+        )
+        built = cpp.load_extension()
     try:
         requested = dispatch.requested_backend()
     except ValueError as e:  # a bad $OPENLM_MAMBA_BACKEND: say so, as every op would
@@ -114,11 +124,81 @@ def _is_checkpoint_path(arg: str, names: list[str]) -> bool:
     return arg not in names and (path.is_dir() or (path.is_file() and path.suffix != ".json"))
 
 
-def checkpoint_info(path: str | Path) -> tuple:
-    """(config, {format, file, tensors, dtypes, bytes}) of a checkpoint in any format ``convert`` reads."""
-    from ..convert import read_checkpoint
+# MambaConfig fields a checkpoint's tensor shapes determine (checked against them when it is read)
+_SHAPE_CONFIG_FIELDS = frozenset(
+    ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "rms_norm", "tie_embeddings", "conv_bias", "bias")
+)
+_NOT_RECORDED = "not recorded in the checkpoint"
+_DEFAULT = f"default: {_NOT_RECORDED}"
 
-    with read_checkpoint(path) as ckpt:
+
+def _openlm_unrecorded(cfg: MambaConfig, found: FoundConfig | None) -> dict[str, str]:
+    """Field -> where its value came from, for the fields of an OpenLM checkpoint's config that were not recorded
+    with it (none when the full config was: embedded by our converter, or params.txt's ``mamba_config`` line)."""
+    if found is not None and found.exact:
+        return {}
+    notes = {}
+    for field in cfg.to_dict():
+        if field in _SHAPE_CONFIG_FIELDS or field == "model_type":
+            continue
+        if found is not None and getattr(cfg, field) == getattr(found.config, field):
+            notes[field] = f"from {found.config.name}: {_NOT_RECORDED}; {found.origin}"
+        elif field in ("vocab_size", "pad_vocab_size_multiple"):
+            notes[field] = f"inferred from the embedding's rows: {_NOT_RECORDED}"
+        else:
+            notes[field] = _DEFAULT
+    return notes
+
+
+def _dir_unrecorded(fmt: str, config_json: Path) -> dict[str, str]:
+    """Field -> where its value came from, for the fields an HF / mamba_ssm config.json does not record (the
+    fields tensor shapes confirm aside)."""
+    from ..convert.common import read_json
+
+    data = read_json(config_json, "config.json")
+    notes = {"seq_len": f"default: {_NOT_RECORDED}; {'HF' if fmt == 'hf' else 'mamba_ssm'} configs have none"}
+    if fmt == "hf":
+        from ..convert.hf import _HF_FIELDS
+
+        missing = [ours for key, (ours, _, _) in _HF_FIELDS.items() if key not in data]
+        if "pad_vocab_size_multiple" not in data:
+            missing.append("pad_vocab_size_multiple")
+        missing.append("rescale_prenorm_residual")  # HF configs hold False whatever was trained (see hf_config)
+    else:
+        from ..convert.mamba_ssm import _SSM_KEYS
+
+        ssm = data.get("ssm_cfg") or {}
+        missing = [f for f in ("residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple") if f not in data]
+        missing += [ours for key, ours in _SSM_KEYS.items() if key not in ssm]
+        missing += ["initializer_range", "rescale_prenorm_residual"]
+        notes["norm_epsilon"] = f"mamba_ssm's fixed value: {_NOT_RECORDED}"
+    notes.update({f: _DEFAULT for f in missing if f not in _SHAPE_CONFIG_FIELDS})
+    return notes
+
+
+def checkpoint_info(path: str | Path) -> tuple[MambaConfig, dict[str, Any]]:
+    """(config, {format, file, tensors, dtypes, bytes, not_recorded}) of a checkpoint in any format ``convert``
+    reads; ``not_recorded`` maps each config field the checkpoint does not record (a default, or inferred) to
+    where its value came from."""
+    from ..convert import Checkpoint, detect_format, read_checkpoint
+    from ..convert.common import check_tensors
+    from ..convert.openlm import openlm_config, read_openlm
+
+    fmt = detect_format(path)
+    if fmt == "openlm":  # as read_checkpoint reads it, keeping what was found with the tensors
+        found, source, file = read_openlm(Path(path))
+        try:
+            cfg = openlm_config(found, source, file, None)[0]
+            check_tensors(source, cfg)
+        except BaseException:
+            source.close()
+            raise
+        ckpt = Checkpoint(fmt, cfg, source, file)
+        unrecorded = _openlm_unrecorded(cfg, found)
+    else:
+        unrecorded = _dir_unrecorded(fmt, Path(path) / "config.json")
+        ckpt = read_checkpoint(path)
+    with ckpt:
         tensors = ckpt.source.tensors.values()
         dtypes: dict[str, int] = {}
         for t in tensors:
@@ -130,6 +210,7 @@ def checkpoint_info(path: str | Path) -> tuple:
             "checkpoint_tensors": len(tensors),
             "checkpoint_dtypes": ", ".join(f"{k} ({v})" for k, v in sorted(dtypes.items())),
             "checkpoint_tensor_bytes": sum(t.nbytes for t in tensors),
+            "not_recorded": unrecorded,
         }
         return ckpt.config, about
 
@@ -162,9 +243,11 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     info: dict = {}
+    unrecorded: dict[str, str] | None = None
     try:
         if _is_checkpoint_path(args.model, available_configs()):
             cfg, info = checkpoint_info(args.model)
+            unrecorded = info.pop("not_recorded")
         else:
             cfg = MambaConfig.load(args.model)
     except (ConfigError, ValueError) as e:  # ConversionError is a ValueError
@@ -179,9 +262,14 @@ def run(args: argparse.Namespace) -> int:
         train_flops_per_token=cfg.flops_per_token(),
     )
     if args.json:
+        if unrecorded is not None:
+            info["not_recorded"] = unrecorded
         print(json.dumps(info, indent=2))
     else:
-        width = max(len(k) for k in info)
-        for k, v in info.items():
-            print(f"{k:{width}s}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:{width}s}  {v}")
+        values = {k: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for k, v in info.items()}
+        width = max(len(k) for k in values)
+        noted = max((len(values[k]) for k in unrecorded or () if k in values), default=0)
+        for k, v in values.items():
+            note = (unrecorded or {}).get(k)
+            print(f"{k:{width}s}  {v:{noted}s}  ({note})" if note else f"{k:{width}s}  {v}")
     return 0

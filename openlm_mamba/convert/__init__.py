@@ -8,6 +8,7 @@ writes to a temporary name beside ``dst`` and moves it into place only when comp
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,23 @@ class Checkpoint:
         self.close()
 
 
+def _check_path(value: object, name: str, caller: str) -> None:
+    """TypeError naming argument ``name`` of ``caller`` unless ``value`` is a path (str or os.PathLike)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{caller}: {name} must be a checkpoint path (str or os.PathLike: an OpenLM .pt or run directory, an HF "
+            f"or mamba_ssm directory), got {type(value).__name__}"
+        )
+
+
 def _load_config(model: MambaConfig | str | Path | None) -> MambaConfig | None:
     if model is None or isinstance(model, MambaConfig):
         return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be a MambaConfig, a shipped config name or a JSON config path (or None), "
+            f"got {type(model).__name__}"
+        )
     try:
         return MambaConfig.load(model)
     except ConfigError as e:
@@ -311,6 +326,7 @@ def load_state_dict(
     path: str | Path, model: MambaConfig | str | Path | None = None
 ) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
     """Config and ``MambaLM`` state dict (keys ``model.*``, tied head included) of any supported checkpoint."""
+    _check_path(path, "path", "load_state_dict")
     with read_checkpoint(path, model) as ckpt:
         sd = {"model." + k: ckpt.source.get(k) for k in ckpt.source.tensors}
         if ckpt.config.tie_embeddings:
@@ -329,6 +345,7 @@ def load_model(
 
     ``dtype`` is the model's: float32 by default whatever the checkpoint holds (pass ``torch.bfloat16`` to keep
     a bf16 checkpoint in bf16, as transformers' ``from_pretrained(torch_dtype="auto")`` would)."""
+    _check_path(path_or_dir, "path_or_dir", "load_model")
     cast = _dtype(dtype)
     cfg, sd = load_state_dict(path_or_dir, model)
     with torch.device("meta"):

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,11 @@ from .common import (
     torch_load,
     write_safetensors,
 )
+
+if TYPE_CHECKING:
+    from transformers import MambaForCausalLM
+
+    from ..model import MambaLM
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -319,7 +324,7 @@ def write_hf(
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def to_transformers(model: torch.nn.Module):
+def to_transformers(model: MambaLM) -> MambaForCausalLM:
     """An in-memory transformers ``MambaForCausalLM`` holding ``model``'s weights (same device and dtype)."""
     import warnings
 

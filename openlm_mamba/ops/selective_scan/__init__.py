@@ -60,7 +60,7 @@ def selective_scan(
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
     backend: str | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics, plus an optional initial state.
 
     Shapes: u, delta, z (batch, dim, seqlen); A (dim, d_state); B, C (batch, d_state, seqlen) or
