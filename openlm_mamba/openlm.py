@@ -197,7 +197,30 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
     for flag in ("pretrained", "resume"):
         _warn_if_config_differs(getattr(args, flag, None), f"--{flag}", cfg)
+    _avoid_inductor_cpu_half_transposes(args)
     return build_model(cfg)
+
+
+def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
+    """--torchcompile with 16-bit precision on a machine without CUDA: Inductor's AVX-512 C++ code for a kernel
+    writing a bf16/fp16 tensor's transposed copy and its float32 one computes wrong values (NaN: "Training
+    exiting due to NaN value" at step 1, seen with torch 2.13). Its 256-bit code is right, so ask for that,
+    unless the user set the vector width."""
+    if not getattr(args, "torchcompile", False) or getattr(args, "precision", "fp32") == "fp32":
+        return
+    if torch.cuda.is_available():
+        return
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp.simdlen is not None:
+        return
+    inductor_config.cpp.simdlen = 256
+    _log.warning(
+        "--torchcompile with --precision %s on CPU: setting torch._inductor.config.cpp.simdlen = 256, since "
+        "Inductor's 512-bit code for 16-bit transposed copies gives wrong values (NaN) on this torch %s",
+        args.precision,
+        torch.__version__,
+    )
 
 
 def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:

@@ -431,3 +431,26 @@ def test_pth_hook_after_install(tmp_path, mode):
     )
     expected = str(ROOT) if mode == "editable" else str(venv)
     assert loc.stdout.strip().startswith(expected), loc.stdout
+
+
+@needs_open_lm
+def test_torchcompile_with_16_bit_precision_on_cpu_uses_256_bit_inductor_code(olm, monkeypatch, caplog):
+    """Inductor's 512-bit C++ code miscompiles bf16 transposed copies (NaN loss at step 1): our hook asks for
+    256-bit code when OpenLM will compile a 16-bit model on CPU, and leaves every other case alone."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for precision, compile_, preset, want in (
+        ("amp_bfloat16", True, None, 256),
+        ("fp16", True, None, 256),
+        ("fp32", True, None, None),
+        ("amp_bfloat16", False, None, None),
+        ("amp_bfloat16", True, 512, 512),  # the user's own setting wins
+    ):
+        monkeypatch.setattr(inductor_config.cpp, "simdlen", preset)
+        args = _args("mamba_tiny")
+        args.precision, args.torchcompile = precision, compile_
+        caplog.clear()
+        olm.create_model(args)
+        assert inductor_config.cpp.simdlen == want, (precision, compile_, preset)
+        assert ("simdlen = 256" in caplog.text) == (want == 256 and preset is None)
