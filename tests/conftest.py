@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,6 +31,27 @@ def pytest_collection_modifyitems(config, items):
 
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def help_parser(monkeypatch, main: Callable[[list[str]], object]) -> argparse.ArgumentParser:
+    """Run ``main(["--help"])``, check it exits 0, and return the parser it parsed with."""
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        parsers.append(self)
+        return parse_args(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    return parsers[0]
+
+
+def undocumented_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's flags without a help text."""
+    return [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
 
 
 @pytest.fixture

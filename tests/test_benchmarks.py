@@ -4,7 +4,6 @@ never removes what it did not write, and a failing shape in the sweep's compile 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from .conftest import help_parser, undocumented_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -108,22 +109,11 @@ def test_gpu_scripts_without_cuda_and_without_quick_exit_2(load, capsys, script)
     ["bench_convert", "bench_cpu", "bench_generate", "bench_kernels", "bench_prefill", "bench_train_gpu", "sweep_scan"],
 )
 def test_help_shows_the_docstring_and_every_flag_explained(load, capsys, monkeypatch, script):
-    parsers = []
-    parse_args = argparse.ArgumentParser.parse_args
-
-    def spy(self, *args, **kwargs):
-        parsers.append(self)
-        return parse_args(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
     module = load(script)
-    with pytest.raises(SystemExit) as info:
-        module.main(["--help"])
+    parser = help_parser(monkeypatch, module.main)
     out = capsys.readouterr().out
-    assert info.value.code == 0
     assert module.__doc__.strip().splitlines()[-1].strip() in out, out  # the whole docstring, not its first line
-    undocumented = [a.option_strings[0] for a in parsers[0]._actions if a.option_strings and not a.help]
-    assert not undocumented, undocumented
+    assert not undocumented_flags(parser), undocumented_flags(parser)
 
 
 def test_help_of_gpu_scripts_says_a_gpu_is_needed(load, capsys):

@@ -15,7 +15,7 @@ import torch
 from openlm_mamba import MambaConfig, MambaLM, generate
 from openlm_mamba.cli import main as cli_main
 
-from .conftest import has_module
+from .conftest import has_module, help_parser, undocumented_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -257,24 +257,11 @@ def tiny_recipe():
 
 def test_tiny_recipe_help_explains_every_flag(capsys, monkeypatch):
     """examples/make_tiny_data.py --help: every flag has a help text (--vocab-size and --seq-len had none)."""
-    import argparse
-
     recipe = tiny_recipe()
     if recipe is None:
         pytest.skip("examples/make_tiny_data.py is not in this tree")
-    parsers = []
-    parse_args = argparse.ArgumentParser.parse_args
-
-    def spy(self, *args, **kwargs):
-        parsers.append(self)
-        return parse_args(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
-    with pytest.raises(SystemExit) as info:
-        recipe.main(["--help"])
-    assert info.value.code == 0
-    undocumented = [a.option_strings[0] for a in parsers[0]._actions if a.option_strings and not a.help]
-    assert not undocumented, undocumented
+    parser = help_parser(monkeypatch, recipe.main)
+    assert not undocumented_flags(parser), undocumented_flags(parser)
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 512, mamba_tiny's)" in out and "(default: 128)" in out
 
