@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.quick and not torch.cuda.is_available():
         return needs_gpu("sweep_scan")
+    if os.environ.pop(ss_env(), None) is not None:  # it would override every row's launch shape
+        print(f"sweep_scan: ignoring ${ss_env()} (each row sets its own launch shape)", file=sys.stderr)
     bk, bargs, device, tensors, kwargs, fwd_bytes, total_bytes = _setup(args.quick)
 
     failed: dict[tuple[str, tuple[int, int, int]], str] = {}  # shapes whose compile worker failed

@@ -222,6 +222,7 @@ def test_sweep_compile_worker_failure_is_a_row(tmp_path):
     """A launch shape that does not compile (not a power of 2) in a parallel compile worker becomes a row;
     --quick keeps the given --fwd / --bwd."""
     env = dict(os.environ, OPENLM_MAMBA_DISABLE_CPP="1", PYTHONPATH=str(ROOT))
+    env["OPENLM_MAMBA_SCAN_LAUNCH"] = "fwd=8x16x4"  # would set every GPU row's shape: the sweep drops it
     env.pop("OPENLM_MAMBA_BACKEND", None)
     env.pop("TRITON_INTERPRET", None)
     if not torch.cuda.is_available():
@@ -238,3 +239,4 @@ def test_sweep_compile_worker_failure_is_a_row(tmp_path):
     assert shapes == [("fwd", 3, 7, 1), ("fwd", 4, 16, 1), ("bwd", 3, 7, 1)], rows
     assert "error" in rows[0] and "error" in rows[2] and rows[1]["ms"] > 0, rows
     assert "# compiled 1/3: fwd (3, 7, 1): failed: " in proc.stdout, proc.stdout
+    assert "sweep_scan: ignoring $OPENLM_MAMBA_SCAN_LAUNCH" in proc.stderr, proc.stderr
