@@ -83,6 +83,90 @@ COMPILE = textwrap.dedent(
     """
 )
 
+# Every address is base + index * stride. Triton types a program id, a loop counter and an int
+# argument below 2^31 as int32, so such a product wraps unless one side is int64 first: at Mamba-7B
+# sizes z's batch stride is 2 * seqlen * d_inner, its time stride 2 * d_inner (a 131072-token
+# sequence passes 2^31), and the norm's row offset rows * d_model passes it from 524288 tokens. This
+# follows the values computed from program ids and loop counters through each kernel's Triton IR
+# and lists every int32 multiplication of one by a large argument.
+INDEX_PRODUCTS = textwrap.dedent(
+    """
+    import re
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from openlm_mamba.ops.selective_scan import triton as ss
+    from openlm_mamba.ops.causal_conv1d import triton as cc
+    from openlm_mamba.ops.rms_norm import triton as rn
+    from openlm_mamba.ops.state_update import triton as su
+
+    # int arguments whose products with an index stay far below 2^31 (strides over d_state, over
+    # the channels of per-channel parameters and steps, group counts); every other one (batch,
+    # channel and time strides of activations, seqlen, dim, hidden size) is large
+    SMALL = {
+        "dpg", "N", "M", "sA_d", "sA_n", "sB_g", "sB_n", "sC_g", "sC_n", "sh_d", "sh_n", "sgl_d", "sgl_n",
+        "sw_d", "sw_k", "ratio", "dstate", "s_sd", "s_sn", "s_xd", "s_td", "s_ad", "s_an", "s_bg", "s_bn",
+        "s_cg", "s_cn", "s_zd", "s_od",
+    }
+    SSA = re.compile(r"%([\\w.$-]+)")
+
+
+    def narrow_products(ttir, large):
+        index = set(re.findall(r"scf\\.for %([\\w.$-]+) =", ttir))  # loop counters
+        large = set(large)
+        bad = []
+        for line in ttir.splitlines():
+            m = re.match(r"\\s*%([\\w.$-]+)(?::\\d+)? = (\\S+) (.*)", line)
+            if not m:
+                continue
+            res, op, rest = m.group(1), m.group(2), m.group(3).split(" loc(")[0]
+            operands = [o.split("#")[0] for o in SSA.findall(rest.split(" : ")[0])]
+            if op == "tt.get_program_id" or index.intersection(operands):
+                index.add(res)
+            if large.intersection(operands):
+                large.add(res)
+            if op == "arith.muli" and re.search(r"(: i32|xi32>)$", rest.strip()) and len(operands) == 2:
+                a, b = operands
+                if (a in index and b in large) or (b in index and a in large):
+                    bad.append(line.strip())
+        return bad
+
+
+    target = GPUTarget("cuda", 90, 32)
+    found = 0
+
+
+    def check(jit, consts, floats=()):
+        global found
+        sig = {}
+        for name in jit.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32"
+            else:
+                sig[name] = "fp32" if name in floats else "i32"
+        large = [n for n, t in sig.items() if t == "i32" and n not in SMALL]
+        ttir = triton.compile(ASTSource(jit, sig, constexprs=consts), target=target).asm["ttir"]
+        for line in narrow_products(ttir, large):
+            print(f"{jit.__name__}: int32 index * stride: {line}")
+            found += 1
+
+
+    scan = dict(HAS_D=True, HAS_Z=True, SOFTPLUS=True, HAS_BIAS=True, ACC=tl.float32, CHUNK=128, TILE=8, BLOCK_D=16, BLOCK_N=16)
+    check(ss._scan_fwd_kernel, dict(scan, HAS_H0=True, SAVE=True))
+    check(ss._scan_bwd_kernel, dict(scan, HAS_GL=True))
+    conv = dict(W=4, HAS_BIAS=True, HAS_INIT=True, SILU=True, ACC=tl.float32, BLOCK_D=64, BLOCK_T=32)
+    check(cc._conv_fwd_kernel, conv)
+    check(cc._conv_bwd_kernel, conv)
+    norm = dict(HAS_RES=True, IS_RMS=False, ACC=tl.float32, BLOCK_M=4, BLOCK_H=1024)
+    check(rn._add_norm_fwd_kernel, dict(norm, HAS_BIAS=True, STORE_RES=True), floats=("eps",))
+    check(rn._add_norm_bwd_kernel, dict(norm, HAS_GR=True))
+    check(su._state_update_kernel, dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_D=64, BLOCK_N=16))
+    print(f"{found} int32 index products in 7 kernels")
+    """
+)
+
 
 def _nvidia_backend() -> bool:
     if importlib.util.find_spec("triton") is None:
@@ -98,11 +182,11 @@ def _nvidia_backend() -> bool:
 pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="triton with its NVIDIA backend is not installed")
 
 
-def compile_all(which: str) -> str:
+def compile_all(which: str, script: str = COMPILE) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE, which], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", script, which], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     return proc.stdout
@@ -115,3 +199,8 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.slow
 def test_all_kernel_variants_compile_for_sm90():
     assert "compiled 240 kernels" in compile_all("full")
+
+
+def test_index_times_stride_is_computed_in_int64():
+    out = compile_all("", INDEX_PRODUCTS)
+    assert "0 int32 index products in 7 kernels" in out, out

@@ -16,10 +16,13 @@ keeps 8 significant bits, so rounding alone is 4e-3 per stored value; fp16 keeps
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import math
 import os
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -161,10 +164,10 @@ def make_scan_inputs(c: dict, seed: int = 0) -> dict:
     return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
 
 
-def check_scan(c: dict, chunk: int = 16, block_d: int = 16, tile: int = 0) -> None:
+def check_scan(c: dict, chunk: int = 16, block_d: int = 16, tile: int = 0, inputs: dict | None = None) -> None:
     from openlm_mamba.ops.selective_scan.triton import selective_scan_triton
 
-    inputs = make_scan_inputs(c)
+    inputs = inputs or make_scan_inputs(c)
     names = [k for k, v in inputs.items() if v is not None]
     kw = {k: inputs[k] for k in ("D", "z", "delta_bias", "initial_state")}
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
@@ -436,3 +439,192 @@ def test_compiled_triton_ops_have_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     assert_close(compiled(*args), f(*args), 1e-5, "compiled")
+
+
+# --------------------------------------------------------------------------------------------
+# launch wrappers: strided parameters, the tensors' device, fake kernels, accumulation dtype
+
+
+def every_other(n: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """An (n,) view with stride 2 (every other element of a buffer, e.g. a slice of a packed parameter)."""
+    v = (torch.randn(2 * n, generator=g) * scale).to(DEVICE)[::2]
+    assert v.stride() == (2,)
+    return v.requires_grad_()
+
+
+def test_scan_reads_strided_D_and_delta_bias():
+    c = scan_case(2, 12, 9, 4)
+    x = make_scan_inputs(c)
+    g = torch.Generator().manual_seed(5)
+    x["D"], x["delta_bias"] = every_other(12, g), every_other(12, g, 0.3)
+    check_scan(c, block_d=4, inputs=x)  # forward and every gradient against the reference
+
+
+def test_conv_reads_a_strided_bias():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 6, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    w = torch.randn(6, 4, generator=g).to(DEVICE).requires_grad_()
+    bias = every_other(6, g)
+    out = causal_conv1d(x, w, bias, activation="silu", backend="triton")
+    ref = causal_conv1d_ref(x, w, bias, activation="silu")
+    assert_close(out, ref, 1e-4, "out")
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+    for name, got, want in zip(
+        ("x", "weight", "bias"),
+        torch.autograd.grad((out * go).sum(), (x, w, bias)),
+        torch.autograd.grad((ref * go).sum(), (x, w, bias)),
+    ):
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+def test_state_update_reads_strided_D_and_dt_bias():
+    from openlm_mamba.ops import selective_state_update, selective_state_update_ref
+
+    g = torch.Generator().manual_seed(0)
+    b, d, N = 2, 8, 4
+    state = torch.randn(b, d, N, generator=g).to(DEVICE)
+    x, dt, z = (torch.randn(b, d, generator=g).to(DEVICE) for _ in range(3))
+    A = (-torch.rand(d, N, generator=g) - 0.1).to(DEVICE)
+    B, C = (torch.randn(b, N, generator=g).to(DEVICE) for _ in range(2))
+    D, dt_bias = every_other(d, g).detach(), every_other(d, g, 0.5).detach()
+    s_tri, s_ref = state.clone(), state.clone()
+    out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
+    ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, True)
+    assert_close(out, ref, 1e-5, "out")
+    assert_close(s_tri, s_ref, 1e-5, "state")
+
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layernorm"])
+def test_add_norm_reads_strided_weight_and_bias(rms):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g).to(DEVICE).requires_grad_()
+    res = torch.randn(3, 8, generator=g).to(DEVICE).requires_grad_()
+    w, b = every_other(8, g), every_other(8, g)
+    out, new_res = add_norm(x, w, b, res, 1e-5, True, rms, backend="triton")
+    ref, ref_res = add_norm_ref(x, w, b, res, 1e-5, True, rms)
+    assert_close(out, ref, 1e-4, "out")
+    assert_close(new_res, ref_res, 1e-4, "residual")
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
+    for name, got, want in zip(
+        ("x", "weight", "bias", "residual"),
+        torch.autograd.grad((out * go).sum(), (x, w, b, res)),
+        torch.autograd.grad((ref * go).sum(), (x, w, b, res)),
+    ):
+        assert_close(got, want, 1e-4, f"d{name}")
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device and stream: each launch wrapper enters
+    on_device(tensor) (torch.cuda.device for a GPU tensor, nothing for a CPU one), so a model on
+    cuda:1 runs its kernels there while cuda:0 is current."""
+    from openlm_mamba.ops import selective_state_update, triton_utils
+    from openlm_mamba.ops.causal_conv1d import triton as conv_triton
+    from openlm_mamba.ops.rms_norm import triton as norm_triton
+    from openlm_mamba.ops.selective_scan import triton as scan_triton
+    from openlm_mamba.ops.state_update import triton as step_triton
+
+    assert isinstance(triton_utils.on_device(torch.zeros(1)), contextlib.nullcontext)
+    ctx = triton_utils.on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1  # built, not entered: no GPU needed
+
+    launches = []
+
+    def spy(t):
+        launches.append(sys._getframe(1).f_code.co_name)
+        return triton_utils.on_device(t)
+
+    for module in (scan_triton, conv_triton, norm_triton, step_triton):
+        monkeypatch.setattr(module, "on_device", spy)
+    x = make_scan_inputs(scan_case(1, 8, 5, 4))
+    y = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], backend="triton")
+    y = causal_conv1d(y, torch.ones(8, 4, device=DEVICE), backend="triton")
+    out, _ = add_norm(y.transpose(1, 2), torch.ones(8, device=DEVICE), backend="triton")
+    out.sum().backward()
+    state = torch.zeros(1, 8, 4, device=DEVICE)
+    with torch.no_grad():
+        selective_state_update(
+            state, x["u"][:, :, 0], x["delta"][:, :, 0], x["A"], x["B"][..., 0], x["C"][..., 0], backend="triton"
+        )
+    assert sorted(launches) == [
+        "add_norm_bwd",
+        "add_norm_fwd",
+        "causal_conv1d_bwd",
+        "causal_conv1d_fwd",
+        "selective_scan_bwd",
+        "selective_scan_fwd",
+        "selective_state_update_triton",
+    ]
+
+
+def test_fake_kernels_give_the_real_strides():
+    """torch.compile plans with the fakes: each output's strides must be the real op's, also for a
+    transposed A or conv weight (their gradients are sums, hence contiguous)."""
+    from openlm_mamba.ops.causal_conv1d import triton as conv_triton
+    from openlm_mamba.ops.rms_norm import triton as norm_triton
+    from openlm_mamba.ops.selective_scan import triton as scan_triton
+
+    g = torch.Generator().manual_seed(0)
+    b, d, L, N = 1, 8, 5, 4
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    u, delta, z = (r(b, L, d).transpose(1, 2) for _ in range(3))
+    delta = delta.abs()
+    A = -(r(N, d).abs() + 0.2).t()  # (d, N) with strides (1, d)
+    B, C, D, bias = r(b, N, L), r(b, N, L), r(2 * d)[::2], r(2 * d)[::2]
+    with torch.no_grad():
+        _, _, states = scan_triton.selective_scan_fwd(u, delta, A, B, C, D, z, bias, None, True, True, 16, 0, 0)
+    args = (u, delta, A, B, C, D, z, bias, states, r(b, d, L), None, True, 16, 0, 0)
+    torch.library.opcheck(scan_triton.selective_scan_bwd, args, test_utils="test_faketensor")
+    w = r(4, d).t()  # (d, width) with strides (1, d)
+    args = (u, w, bias, r(b, d, 3), r(b, d, L), True)
+    torch.library.opcheck(conv_triton.causal_conv1d_bwd, args, test_utils="test_faketensor")
+    h, res, w = r(6, d), r(6, d), r(2 * d)[::2]
+    with torch.no_grad():
+        _, _, mean, rstd = norm_triton.add_norm_fwd(h, w, None, res, 1e-5, True, False)
+    args = (h, w, res, mean, rstd, r(6, d), r(6, d), True, False)
+    torch.library.opcheck(norm_triton.add_norm_bwd, args, test_utils="test_faketensor")
+
+
+def test_scan_backward_accumulates_in_float64_with_a_float64_initial_state():
+    """A float64 initial_state makes the forward run in float64; the backward too (the forward's
+    dtype reaches it through the saved states), so dinitial_state is exact like the forward."""
+    from openlm_mamba.ops.selective_scan.triton import selective_scan_triton
+
+    g = torch.Generator().manual_seed(0)
+    b, d, L, N = 1, 8, 20, 4
+    u = torch.randn(b, d, L, generator=g).to(DEVICE).requires_grad_()
+    delta = torch.rand(b, d, L, generator=g).to(DEVICE).requires_grad_()
+    A = (-torch.rand(d, N, generator=g) - 0.2).to(DEVICE).requires_grad_()
+    B, C = (torch.randn(b, N, L, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    h0 = torch.randn(b, d, N, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    _, last = selective_scan_triton(u, delta, A, B, C, initial_state=h0, return_last_state=True, chunk=8, block_d=8)
+    _, ref_last = selective_scan_ref(u, delta, A, B, C, initial_state=h0, return_last_state=True)
+    assert_close(last, ref_last, 1e-12, "last_state")
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    (dh0,) = torch.autograd.grad((last * gl).sum(), h0)
+    (ref_dh0,) = torch.autograd.grad((ref_last * gl).sum(), h0)
+    assert_close(dh0, ref_dh0, 1e-12, "dinitial_state")
+
+
+def test_state_update_puts_the_batch_on_grid_axis_0(monkeypatch):
+    """CUDA allows 65535 programs on grid axes 1 and 2: the batch (a server may step more
+    sequences than that) goes on axis 0, the channel blocks on axis 1."""
+    from openlm_mamba.ops.state_update import triton as step_triton
+
+    grids = []
+
+    class Kernel:  # records the launch grid instead of running 70000 programs
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(step_triton, "_state_update_kernel", Kernel())
+    batch = 70_000
+    state = torch.zeros(batch, 2, 1, device=DEVICE)
+    x = torch.zeros(batch, 2, device=DEVICE)
+    B = torch.zeros(batch, 1, device=DEVICE)
+    step_triton.selective_state_update_triton(state, x, x, -torch.ones(2, 1, device=DEVICE), B, B)
+    (grid,) = grids
+    assert grid[0] == batch and all(n <= 65535 for n in grid[1:]), grid

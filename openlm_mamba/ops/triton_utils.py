@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -39,6 +40,13 @@ def triton_available(device: torch.device) -> str | None:
     if device.type not in ("cuda", "cpu"):
         return f"Triton kernels do not support device type {device.type!r}"
     return _import_error()
+
+
+def on_device(t: torch.Tensor):
+    """Context to launch a kernel on ``t``'s GPU (as mamba_ssm does). Triton launches on the
+    *current* CUDA device and its stream: for tensors on another GPU that is the wrong device, with
+    foreign pointers. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -8,20 +8,24 @@ once at the end. Registered as torch.library custom ops so torch.compile sees on
 
 import torch
 
-from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, tl_dtype
+from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, on_device, tl_dtype
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _load_xs(x_base, i_base, e, dmask, L, sx_t, si_t, W: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr):
-        """Padded input at positions e of [initial_states, x] (zeros outside), as a (BLOCK_D, BLOCK_T) tile."""
+    def _load_xs(x_base, i_base, e, lo, hi, dmask, sx_t, si_t, W: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+        """Padded input at positions e of [initial_states, x] (zeros outside), as a (BLOCK_D, BLOCK_T) tile.
+
+        Positions are relative to the tile (see _conv_fwd_kernel): x_base and i_base point at its
+        first time step, and x's times [0, L) are the relative ones [lo, hi) = [-t0, L - t0).
+        """
         pos = e - (W - 1)
-        m = dmask[:, None] & (pos >= 0)[None, :] & (pos < L)[None, :]
+        m = dmask[:, None] & (pos >= lo)[None, :] & (pos < hi)[None, :]
         v = tl.load(x_base[:, None] + pos[None, :] * sx_t, mask=m, other=0.0).to(ACC)
         if HAS_INIT:
-            mi = dmask[:, None] & (e >= 0)[None, :] & (e < W - 1)[None, :]
+            mi = dmask[:, None] & (e >= lo)[None, :] & (e < lo + W - 1)[None, :]
             v += tl.load(i_base[:, None] + e[None, :] * si_t, mask=mi, other=0.0).to(ACC)
         return v
 
@@ -32,34 +36,42 @@ if HAS_TRITON:
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        bb = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # Offsets in int64: batch, channel or time index times its stride passes 2^31 at Mamba-7B
+        # sizes (x is half of a (batch, seqlen, 2 * d_inner) buffer: time stride 2 * d_inner). The
+        # time index enters once, as the tile's first step t0 in the base pointers; times within the
+        # tile are relative and int32 (int64 per-element time offsets make the backward spill).
+        bb = tl.program_id(0).to(tl.int64)
+        d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        t0 = tl.program_id(2) * BLOCK_T
+        t0l = t0.to(tl.int64)
+        lo, hi = -t0, L - t0
+        t = tl.arange(0, BLOCK_T)
         dmask = d < dim
-        x_base = x_ptr + bb * sx_b + d * sx_d
-        i_base = i_ptr + bb * si_b + d * si_d
+        x_base = x_ptr + bb * sx_b + d * sx_d + t0l * sx_t
+        i_base = i_ptr + bb * si_b + d * si_d + t0l * si_t
         acc = tl.zeros((BLOCK_D, BLOCK_T), dtype=ACC)
         for k in tl.static_range(W):
             wk = tl.load(w_ptr + d * sw_d + k * sw_k, mask=dmask, other=0.0).to(ACC)
-            acc += wk[:, None] * _load_xs(x_base, i_base, t + k, dmask, L, sx_t, si_t, W, HAS_INIT, ACC)
+            acc += wk[:, None] * _load_xs(x_base, i_base, t + k, lo, hi, dmask, sx_t, si_t, W, HAS_INIT, ACC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        m = dmask[:, None] & (t < L)[None, :]
-        tl.store(o_ptr + bb * so_b + d[:, None] * so_d + t[None, :] * so_t, acc.to(o_ptr.dtype.element_ty), mask=m)
+        m = dmask[:, None] & (t < hi)[None, :]
+        o_base = o_ptr + bb * so_b + d * so_d + t0l * so_t
+        tl.store(o_base[:, None] + t[None, :] * so_t, acc.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _dpre(x_base, i_base, go_base, w_ptr, bias, t, d, dmask, L, sx_t, si_t, sw_d, sw_k, sgo_t,
+    def _dpre(x_base, i_base, go_base, w_ptr, bias, t, lo, hi, d, dmask, sx_t, si_t, sw_d, sw_k, sgo_t,
               W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-        """Gradient at the pre-activation for times t (zero outside [0, L))."""
-        m = dmask[:, None] & (t >= 0)[None, :] & (t < L)[None, :]
+        """Gradient at the pre-activation for relative times t (zero outside x's [lo, hi))."""
+        m = dmask[:, None] & (t >= lo)[None, :] & (t < hi)[None, :]
         go = tl.load(go_base[:, None] + t[None, :] * sgo_t, mask=m, other=0.0).to(ACC)
         if SILU:
             pre = tl.zeros_like(go)
             for j in tl.static_range(W):
                 wj = tl.load(w_ptr + d * sw_d + j * sw_k, mask=dmask, other=0.0).to(ACC)
-                pre += wj[:, None] * _load_xs(x_base, i_base, t + j, dmask, L, sx_t, si_t, W, HAS_INIT, ACC)
+                pre += wj[:, None] * _load_xs(x_base, i_base, t + j, lo, hi, dmask, sx_t, si_t, W, HAS_INIT, ACC)
             if HAS_BIAS:
                 pre += bias[:, None]
             s = tl.sigmoid(pre)
@@ -74,42 +86,44 @@ if HAS_TRITON:
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        bb = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        r = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # int64 offsets, times relative to the tile's first step t0: as in the forward
+        bb = tl.program_id(0).to(tl.int64)
+        d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        t0 = tl.program_id(2) * BLOCK_T
+        t0l = t0.to(tl.int64)
+        lo, hi = -t0, L - t0
+        r = tl.arange(0, BLOCK_T)
         dmask = d < dim
-        x_base = x_ptr + bb * sx_b + d * sx_d
-        i_base = i_ptr + bb * si_b + d * si_d
-        go_base = go_ptr + bb * sgo_b + d * sgo_d
+        x_base = x_ptr + bb * sx_b + d * sx_d + t0l * sx_t
+        i_base = i_ptr + bb * si_b + d * si_d + t0l * si_t
+        go_base = go_ptr + bb * sgo_b + d * sgo_d + t0l * sgo_t
         if HAS_BIAS:
             bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(ACC)
         else:
             bias = tl.zeros((BLOCK_D,), dtype=ACC)
         # weight / bias gradient over the times r of this tile
-        g = _dpre(x_base, i_base, go_base, w_ptr, bias, r, d, dmask, L, sx_t, si_t, sw_d, sw_k, sgo_t,
+        g = _dpre(x_base, i_base, go_base, w_ptr, bias, r, lo, hi, d, dmask, sx_t, si_t, sw_d, sw_k, sgo_t,
                   W, HAS_BIAS, HAS_INIT, SILU, ACC)  # fmt: skip
         part = (bb * tl.num_programs(2) + tl.program_id(2)) * dim
         for j in tl.static_range(W):
-            xj = _load_xs(x_base, i_base, r + j, dmask, L, sx_t, si_t, W, HAS_INIT, ACC)
+            xj = _load_xs(x_base, i_base, r + j, lo, hi, dmask, sx_t, si_t, W, HAS_INIT, ACC)
             tl.store(dw_ptr + (part + d) * W + j, tl.sum(g * xj, axis=1), mask=dmask)
         tl.store(db_ptr + part + d, tl.sum(g, axis=1), mask=dmask)
         # input gradient at positions r of the padded sequence [initial_states, x]
         dxs = tl.zeros((BLOCK_D, BLOCK_T), dtype=ACC)
         for k in tl.static_range(W):
             wk = tl.load(w_ptr + d * sw_d + k * sw_k, mask=dmask, other=0.0).to(ACC)
-            gk = _dpre(x_base, i_base, go_base, w_ptr, bias, r - k, d, dmask, L, sx_t, si_t, sw_d, sw_k, sgo_t,
+            gk = _dpre(x_base, i_base, go_base, w_ptr, bias, r - k, lo, hi, d, dmask, sx_t, si_t, sw_d, sw_k, sgo_t,
                        W, HAS_BIAS, HAS_INIT, SILU, ACC)  # fmt: skip
             dxs += wk[:, None] * gk
         pos = r - (W - 1)
-        mx = dmask[:, None] & (pos >= 0)[None, :] & (pos < L)[None, :]
-        tl.store(
-            dx_ptr + bb * sdx_b + d[:, None] * sdx_d + pos[None, :] * sdx_t, dxs.to(dx_ptr.dtype.element_ty), mask=mx
-        )
+        mx = dmask[:, None] & (pos >= lo)[None, :] & (pos < hi)[None, :]
+        dx_base = dx_ptr + bb * sdx_b + d * sdx_d + t0l * sdx_t
+        tl.store(dx_base[:, None] + pos[None, :] * sdx_t, dxs.to(dx_ptr.dtype.element_ty), mask=mx)
         if HAS_INIT:
-            mi = dmask[:, None] & (r < W - 1)[None, :]
-            tl.store(
-                di_ptr + bb * sdi_b + d[:, None] * sdi_d + r[None, :] * sdi_t, dxs.to(di_ptr.dtype.element_ty), mask=mi
-            )
+            mi = dmask[:, None] & (r < lo + W - 1)[None, :]
+            di_base = di_ptr + bb * sdi_b + d * sdi_d + t0l * sdi_t
+            tl.store(di_base[:, None] + r[None, :] * sdi_t, dxs.to(di_ptr.dtype.element_ty), mask=mi)
 
 
 def _blocks(dim: int, L: int, channels_last: bool) -> tuple[int, int]:
@@ -146,12 +160,13 @@ def causal_conv1d_fwd(
     bd, bt = _blocks(dim, L, x.stride(1) == 1 and L > 1)
     has_init = initial_states is not None and W > 1
     grid = (batch, triton.cdiv(dim, bd), triton.cdiv(L, bt))
-    _conv_fwd_kernel[grid](
-        x, weight, x if bias is None else bias, initial_states if has_init else x, out,
-        dim, L, *x.stride(), *weight.stride(), *_s3(initial_states if has_init else None), *out.stride(),
-        W=W, HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, ACC=tl_dtype(acc_dtype(x, weight)),
-        BLOCK_D=bd, BLOCK_T=bt,
-    )  # fmt: skip
+    with on_device(x):
+        _conv_fwd_kernel[grid](
+            x, weight, x if bias is None else bias.contiguous(), initial_states if has_init else x, out,
+            dim, L, *x.stride(), *weight.stride(), *_s3(initial_states if has_init else None), *out.stride(),
+            W=W, HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, ACC=tl_dtype(acc_dtype(x, weight)),
+            BLOCK_D=bd, BLOCK_T=bt,
+        )  # fmt: skip
     return out
 
 
@@ -181,24 +196,26 @@ def causal_conv1d_bwd(
     dw = torch.zeros(batch * nt, dim, W, dtype=acc, device=x.device)
     db = torch.zeros(batch * nt, dim, dtype=acc, device=x.device)
     if L > 0:
-        _conv_bwd_kernel[(batch, triton.cdiv(dim, bd), nt)](
-            x, weight, x if bias is None else bias, initial_states if has_init else x, grad_out,
-            dx, di if has_init else dx, dw, db,
-            dim, L, *x.stride(), *weight.stride(), *_s3(initial_states if has_init else None), *grad_out.stride(),
-            *dx.stride(), *_s3(di if has_init else None),
-            W=W, HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, ACC=tl_dtype(acc),
-            BLOCK_D=bd, BLOCK_T=bt,
-        )  # fmt: skip
+        with on_device(x):
+            _conv_bwd_kernel[(batch, triton.cdiv(dim, bd), nt)](
+                x, weight, x if bias is None else bias.contiguous(), initial_states if has_init else x, grad_out,
+                dx, di if has_init else dx, dw, db,
+                dim, L, *x.stride(), *weight.stride(), *_s3(initial_states if has_init else None), *grad_out.stride(),
+                *dx.stride(), *_s3(di if has_init else None),
+                W=W, HAS_BIAS=bias is not None, HAS_INIT=has_init, SILU=silu, ACC=tl_dtype(acc),
+                BLOCK_D=bd, BLOCK_T=bt,
+            )  # fmt: skip
     dbias = db.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dw.sum(0).to(weight.dtype), dbias, di
 
 
 @causal_conv1d_bwd.register_fake
 def _(x, weight, bias, initial_states, grad_out, silu):
+    # dweight / dbias are sums, contiguous whatever the inputs' strides (as in the real op)
     return (
         _like(x),
-        torch.empty_like(weight),
-        torch.empty_like(bias) if bias is not None else x.new_empty(0),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty(0),
         torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0),
     )
 

@@ -7,7 +7,7 @@ the backward, which recomputes r from the inputs. Registered as torch.library cu
 
 import torch
 
-from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, tl_dtype
+from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, on_device, tl_dtype
 
 if HAS_TRITON:
     import triton
@@ -24,12 +24,15 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_H)
         cmask = cols < H
         m = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * H + cols[None, :]
-        r = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+        # the block's first element in int64 (row * H passes 2^31 from 2^31 / H rows: 524288 tokens
+        # at d_model 4096); offsets within the block stay int32
+        start = (tl.program_id(0) * BLOCK_M).to(tl.int64) * H
+        offs = tl.arange(0, BLOCK_M)[:, None] * H + cols[None, :]
+        r = tl.load(x_ptr + start + offs, mask=m, other=0.0).to(ACC)
         if HAS_RES:
-            r += tl.load(r_ptr + offs, mask=m, other=0.0).to(ACC)
+            r += tl.load(r_ptr + start + offs, mask=m, other=0.0).to(ACC)
         if STORE_RES:
-            tl.store(ro_ptr + offs, r.to(ro_ptr.dtype.element_ty), mask=m)
+            tl.store(ro_ptr + start + offs, r.to(ro_ptr.dtype.element_ty), mask=m)
         if IS_RMS:
             xc = r
         else:
@@ -42,7 +45,7 @@ if HAS_TRITON:
         y = xc * rstd[:, None] * w[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-        tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(o_ptr + start + offs, y.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _add_norm_bwd_kernel(
@@ -55,17 +58,18 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_H)
         cmask = cols < H
         m = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * H + cols[None, :]
-        r = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+        start = (tl.program_id(0) * BLOCK_M).to(tl.int64) * H  # int64 block start, as in the forward
+        offs = tl.arange(0, BLOCK_M)[:, None] * H + cols[None, :]
+        r = tl.load(x_ptr + start + offs, mask=m, other=0.0).to(ACC)
         if HAS_RES:
-            r += tl.load(r_ptr + offs, mask=m, other=0.0).to(ACC)
+            r += tl.load(r_ptr + start + offs, mask=m, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0).to(ACC)
         if IS_RMS:
             xhat = r * rstd[:, None]
         else:
             mean = tl.load(mean_ptr + rows, mask=rows < M, other=0.0).to(ACC)
             xhat = tl.where(m, (r - mean[:, None]) * rstd[:, None], 0.0)
-        go = tl.load(go_ptr + offs, mask=m, other=0.0).to(ACC)
+        go = tl.load(go_ptr + start + offs, mask=m, other=0.0).to(ACC)
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
         dy = go * w[None, :]
         c1 = tl.sum(dy * xhat, axis=1) / H
@@ -75,13 +79,13 @@ if HAS_TRITON:
             c2 = tl.sum(dy, axis=1) / H
             dr = (dy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_GR:
-            dr += tl.load(gr_ptr + offs, mask=m, other=0.0).to(ACC)
-        tl.store(dx_ptr + offs, dr.to(dx_ptr.dtype.element_ty), mask=m)
+            dr += tl.load(gr_ptr + start + offs, mask=m, other=0.0).to(ACC)
+        tl.store(dx_ptr + start + offs, dr.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_RES:
-            tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=m)
-        part = tl.program_id(0) * H + cols
-        tl.store(dw_ptr + part, tl.sum(go * xhat, axis=0), mask=cmask)
-        tl.store(db_ptr + part, tl.sum(go, axis=0), mask=cmask)
+            tl.store(dr_ptr + start + offs, dr.to(dr_ptr.dtype.element_ty), mask=m)
+        part = tl.program_id(0).to(tl.int64) * H  # row of the (programs, H) partial sums: int64 as well
+        tl.store(dw_ptr + part + cols, tl.sum(go * xhat, axis=0), mask=cmask)
+        tl.store(db_ptr + part + cols, tl.sum(go, axis=0), mask=cmask)
 
 
 def _block_m(H: int) -> int:
@@ -109,12 +113,13 @@ def add_norm_fwd(
     rstd = torch.empty(M, dtype=acc, device=x.device)
     if M:
         bm = _block_m(H)
-        _add_norm_fwd_kernel[(triton.cdiv(M, bm),)](
-            x, x if residual is None else residual, weight, weight if bias is None else bias,
-            out, res_out, rstd if is_rms_norm else mean, rstd, M, H, eps,
-            HAS_RES=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm, STORE_RES=True,
-            ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_H=next_pow2(H),
-        )  # fmt: skip
+        with on_device(x):  # weight and bias are read as contiguous (tiny copies of strided ones)
+            _add_norm_fwd_kernel[(triton.cdiv(M, bm),)](
+                x, x if residual is None else residual, weight.contiguous(), weight if bias is None else bias.contiguous(),
+                out, res_out, rstd if is_rms_norm else mean, rstd, M, H, eps,
+                HAS_RES=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms_norm, STORE_RES=True,
+                ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_H=next_pow2(H),
+            )  # fmt: skip
     return out, res_out, mean, rstd
 
 
@@ -152,22 +157,24 @@ def add_norm_bwd(
     dw = torch.empty(nprog, H, dtype=acc, device=x.device)
     db = torch.empty(nprog, H, dtype=acc, device=x.device)
     if M:
-        _add_norm_bwd_kernel[(nprog,)](
-            x, x if residual is None else residual, weight, rstd if is_rms_norm else mean, rstd,
-            grad_out, grad_out if grad_res is None else grad_res, dx, dx if residual is None else dres, dw, db, M, H,
-            HAS_RES=residual is not None, HAS_GR=grad_res is not None, IS_RMS=is_rms_norm, ACC=tl_dtype(acc),
-            BLOCK_M=bm, BLOCK_H=next_pow2(H),
-        )  # fmt: skip
+        with on_device(x):
+            _add_norm_bwd_kernel[(nprog,)](
+                x, x if residual is None else residual, weight.contiguous(), rstd if is_rms_norm else mean, rstd,
+                grad_out, grad_out if grad_res is None else grad_res, dx, dx if residual is None else dres, dw, db, M, H,
+                HAS_RES=residual is not None, HAS_GR=grad_res is not None, IS_RMS=is_rms_norm, ACC=tl_dtype(acc),
+                BLOCK_M=bm, BLOCK_H=next_pow2(H),
+            )  # fmt: skip
     dbias = db.sum(0).to(weight.dtype) if has_bias else x.new_empty(0)
     return dx, dw.sum(0).to(weight.dtype), dbias, dres
 
 
 @add_norm_bwd.register_fake
 def _(x, weight, residual, mean, rstd, grad_out, grad_res, has_bias, is_rms_norm):
+    # dweight / dbias are sums, contiguous whatever weight's strides (as in the real op)
     return (
         torch.empty_like(x),
-        torch.empty_like(weight),
-        torch.empty_like(weight) if has_bias else x.new_empty(0),
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape) if has_bias else x.new_empty(0),
         torch.empty_like(residual) if residual is not None else x.new_empty(0),
     )
 

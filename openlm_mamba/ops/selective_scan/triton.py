@@ -15,7 +15,15 @@ import os
 
 import torch
 
-from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, tl_dtype, vectorize_interpreter_scan
+from ..triton_utils import (
+    HAS_TRITON,
+    acc_dtype,
+    interpreting,
+    next_pow2,
+    on_device,
+    tl_dtype,
+    vectorize_interpreter_scan,
+)
 
 DEFAULT_CHUNK = 128
 
@@ -73,15 +81,19 @@ if HAS_TRITON:
         SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
         CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(0)
+        # Batch, channel and time indices (b, d, tt and so t) are int64: their products with the
+        # strides pass 2^31 at Mamba-7B sizes. z is half of a (batch, seqlen, 2 * d_inner) buffer, so
+        # its time stride 2 * d_inner does from 131072 steps; a (batch, d_inner, seqlen) u's channel
+        # stride is seqlen; the saved states hold batch * seqlen / CHUNK * d_inner * d_state floats.
+        b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs < dpg
-        d = g * dpg + offs
+        d = (g * dpg + offs).to(tl.int64)
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
         m2 = dmask[:, None] & nmask[None, :]
-        tt = tl.arange(0, TILE)
+        tt = tl.arange(0, TILE).to(tl.int64)
         last_row = (tt == TILE - 1)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
         Dv = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -100,10 +112,10 @@ if HAS_TRITON:
         o_base = out_ptr + b * so_b + d * so_d
         B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
         C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
-        st_base = st_ptr + b * nchunks * dim * N + d[:, None] * N + n[None, :]
+        dn = d[:, None] * N + n[None, :]
         for c in range(nchunks):
             if SAVE:
-                tl.store(st_base + c * dim * N, h, mask=m2)
+                tl.store(st_ptr + (b * nchunks + c) * dim * N + dn, h, mask=m2)
             for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), TILE):
                 t = t0 + tt
                 tmask = t < L
@@ -122,7 +134,7 @@ if HAS_TRITON:
                     y = y * zt * tl.sigmoid(zt)
                 tl.store(o_base[None, :] + t[:, None] * so_t, y.to(out_ptr.dtype.element_ty), mask=m_td)
                 h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
-        tl.store(last_ptr + b * dim * N + d[:, None] * N + n[None, :], h, mask=m2)
+        tl.store(last_ptr + b * dim * N + dn, h, mask=m2)
 
     @triton.jit
     def _scan_bwd_kernel(
@@ -137,15 +149,15 @@ if HAS_TRITON:
         SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
         CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see the forward
         g = tl.program_id(1)
         offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs < dpg
-        d = g * dpg + offs
+        d = (g * dpg + offs).to(tl.int64)
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
         m2 = dmask[:, None] & nmask[None, :]
-        tt = tl.arange(0, TILE)
+        tt = tl.arange(0, TILE).to(tl.int64)
         last_row = (tt == TILE - 1)[:, None, None]
         first_row = (tt == 0)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
@@ -174,14 +186,14 @@ if HAS_TRITON:
         slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
         dB_base = dB_ptr + slot + n * L
         dC_base = dC_ptr + slot + n * L
-        st_base = st_ptr + b * nchunks * dim * N + d[:, None] * N + n[None, :]
+        dn = d[:, None] * N + n[None, :]
         scr_base = scr_ptr + (b * dim + d[:, None]) * (CHUNK // TILE) * BLOCK_N + n[None, :]
         for ci in range(nchunks):
             c = nchunks - 1 - ci
             t_c = c * CHUNK
             ntiles = tl.cdiv(tl.minimum(t_c + CHUNK, L) - t_c, TILE)
             # the state at each tile start of this chunk, from the chunk's saved start state
-            h = tl.load(st_base + c * dim * N, mask=m2, other=0.0)
+            h = tl.load(st_ptr + (b * nchunks + c) * dim * N + dn, mask=m2, other=0.0)
             for k in range(ntiles):
                 tl.store(scr_base + k * BLOCK_N, h, mask=m2)
                 t = t_c + k * TILE + tt
@@ -245,8 +257,8 @@ if HAS_TRITON:
                 tl.store(ddl_ptrs, ddt.to(ddl_ptr.dtype.element_ty), mask=m_td)
                 carry = tl.sum(tl.where(first_row, gh * dA, 0.0), axis=0)
             tl.debug_barrier()
-        tl.store(dh0_ptr + b * dim * N + d[:, None] * N + n[None, :], carry, mask=m2)
-        tl.store(dA_ptr + b * dim * N + d[:, None] * N + n[None, :], dA_acc, mask=m2)
+        tl.store(dh0_ptr + b * dim * N + dn, carry, mask=m2)
+        tl.store(dA_ptr + b * dim * N + dn, dA_acc, mask=m2)
         tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
         tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
 
@@ -309,6 +321,11 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _dense(v: torch.Tensor | None) -> torch.Tensor | None:
+    """D / delta_bias as the kernels index them (channel c at offset c): a strided view is copied (tiny)."""
+    return None if v is None else v.contiguous()
+
+
 @torch.library.custom_op("openlm_mamba::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: torch.Tensor,
@@ -340,17 +357,19 @@ def selective_scan_fwd(
     _, sB_b, sB_g, sB_n, sB_t = _bcl(B)
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(initial_state, u),
-        out, last, states if save_states else last,
-        dim, L, dpg, N, nchunks,
-        *u.stride(), *delta.stride(), *A.stride(),
-        sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-        *_strides3(z), *_strides3(initial_state), *out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE=save_states, ACC=tl_dtype(acc),
-        CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps,
-    )  # fmt: skip
+    D, delta_bias = _dense(D), _dense(delta_bias)
+    with on_device(u):
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(initial_state, u),
+            out, last, states if save_states else last,
+            dim, L, dpg, N, nchunks,
+            *u.stride(), *delta.stride(), *A.stride(),
+            sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+            *_strides3(z), *_strides3(initial_state), *out.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE=save_states, ACC=tl_dtype(acc),
+            CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps,
+        )  # fmt: skip
     return out, last, states
 
 
@@ -396,7 +415,7 @@ def selective_scan_bwd(
     N = A.shape[1]
     groups = max(_bcl(B)[0], _bcl(C)[0])  # an ungrouped B or C is read with group stride 0
     dpg = dim // groups
-    acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias)
+    acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias, states)  # states: the forward's (it counts initial_state)
     nchunks = states.shape[1]
     tile, bd, warps = _launch("bwd", dpg, chunk, tile, block_d)
     bn = next_pow2(N)
@@ -415,18 +434,20 @@ def selective_scan_bwd(
     _, sB_b, sB_g, sB_n, sB_t = _bcl(B)
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), states, grad_out, _opt(grad_last, u), scratch,
-        du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
-        dim, L, dpg, N, nchunks, nslots,
-        *u.stride(), *delta.stride(), *A.stride(),
-        sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-        *_strides3(z), *grad_out.stride(), *_strides3(grad_last),
-        *du.stride(), *ddelta.stride(), *_strides3(dz if z is not None else None),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GL=grad_last is not None,
-        SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=bn,
-        num_warps=warps,
-    )  # fmt: skip
+    Dc, bias_c = _dense(D), _dense(delta_bias)
+    with on_device(u):
+        _scan_bwd_kernel[grid](
+            u, delta, A, B, C, _opt(Dc, u), _opt(z, u), _opt(bias_c, u), states, grad_out, _opt(grad_last, u), scratch,
+            du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
+            dim, L, dpg, N, nchunks, nslots,
+            *u.stride(), *delta.stride(), *A.stride(),
+            sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+            *_strides3(z), *grad_out.stride(), *_strides3(grad_last),
+            *du.stride(), *ddelta.stride(), *_strides3(dz if z is not None else None),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GL=grad_last is not None,
+            SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=bn,
+            num_warps=warps,
+        )  # fmt: skip
     dB, dC = dB.sum(2), dC.sum(2)
     dB = (dB.sum(1) if B.dim() == 3 else dB).to(B.dtype)
     dC = (dC.sum(1) if C.dim() == 3 else dC).to(C.dtype)
@@ -445,16 +466,18 @@ def selective_scan_bwd(
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, states, grad_out, grad_last, delta_softplus, chunk, block_d, tile=0):
-    acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias)
+    # same strides as the real outputs: the parameter gradients are sums, hence contiguous whatever
+    # the inputs' strides (empty_like would keep a transposed A's)
+    acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias, states)
     return (
         _like_bdl(u, u.dtype),
         _like_bdl(delta, delta.dtype),
-        torch.empty_like(A),
+        A.new_empty(A.shape),
         B.new_empty(B.shape),
         C.new_empty(C.shape),
-        torch.empty_like(D) if D is not None else u.new_empty(0),
+        D.new_empty(D.shape) if D is not None else u.new_empty(0),
         _like_bdl(z, z.dtype) if z is not None else u.new_empty(0),
-        torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0),
+        delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else u.new_empty(0),
         u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=acc),
     )
 

@@ -1,4 +1,4 @@
-"""Triton backend of ``selective_state_update``: one program per (block of channels, sequence).
+"""Triton backend of ``selective_state_update``: one program per (sequence, block of channels).
 
 Runs on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
 The state is read and written once; all math is in float32.
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import interpreting
+from ..triton_utils import interpreting, on_device
 
 # Channels per program: small blocks give a GPU many programs; the CPU interpreter prefers few.
 _MAX_BLOCK_D = 1024 if interpreting() else 64
@@ -57,8 +57,10 @@ def _state_update_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    # batch on grid axis 0 (axis 1 stops at 65535 programs); int64, as b * state's batch stride
+    # (dim * d_state) passes 2^31 from 16384 sequences at Mamba-7B sizes
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -113,38 +115,39 @@ def selective_state_update_triton(
     block_n = max(triton.next_power_of_2(dstate), 2)
     block_d = max(2, min(triton.next_power_of_2(dim), 4096 // block_n, _MAX_BLOCK_D))
     zz = z if z is not None else x
-    grid = (triton.cdiv(dim, block_d), batch)
-    _state_update_kernel[grid](
-        state,
-        x,
-        dt,
-        A,
-        Bg,
-        Cg,
-        D if D is not None else x,
-        zz,
-        dt_bias if dt_bias is not None else x,
-        out,
-        dim,
-        dstate,
-        ratio,
-        *state.stride(),
-        *x.stride(),
-        *dt.stride(),
-        *A.stride(),
-        Bg.stride(0),
-        s_bg,
-        Bg.stride(2),
-        Cg.stride(0),
-        s_cg,
-        Cg.stride(2),
-        *zz.stride(),
-        *out.stride(),
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None,
-        DT_SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
-    )
+    grid = (batch, triton.cdiv(dim, block_d))
+    with on_device(state):
+        _state_update_kernel[grid](
+            state,
+            x,
+            dt,
+            A,
+            Bg,
+            Cg,
+            D.contiguous() if D is not None else x,  # D and dt_bias are read as contiguous (tiny copies)
+            zz,
+            dt_bias.contiguous() if dt_bias is not None else x,
+            out,
+            dim,
+            dstate,
+            ratio,
+            *state.stride(),
+            *x.stride(),
+            *dt.stride(),
+            *A.stride(),
+            Bg.stride(0),
+            s_bg,
+            Bg.stride(2),
+            Cg.stride(0),
+            s_cg,
+            Cg.stride(2),
+            *zz.stride(),
+            *out.stride(),
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_DT_BIAS=dt_bias is not None,
+            DT_SOFTPLUS=bool(dt_softplus),
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
+        )
     return out
