@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ class MambaConfig:
                 "MambaConfig.load takes a config name or a JSON path; for a dict of fields use "
                 "MambaConfig.from_dict(d) (checked like a JSON file) or MambaConfig(**d)"
             )
-        text = str(name_or_path)
+        text = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else str(name_or_path)
         path = Path(text)
         if not text.endswith(".json") and not path.is_file():  # a name, even beside a directory called so
             candidate = config_dir() / f"{text}.json"

@@ -6,7 +6,8 @@ lm = MambaEvalLM(pretrained="mamba-7b-hf/", tokenizer="EleutherAI/gpt-neox-20b",
 results = evaluate(lm, ["hellaswag", "piqa"], num_fewshot=0)
 ```
 
-Also registered with lm-eval as ``openlm-mamba`` (``lm_eval --model openlm-mamba`` once this module is imported);
+Importing this module also registers it in lm-eval's model registry as ``openlm-mamba`` (for
+``lm_eval.simple_evaluate(model="openlm-mamba", ...)``; the ``lm_eval`` command does not import plugins).
 ``openlm-mamba eval`` is the command-line entry.
 """
 
@@ -148,9 +149,9 @@ class MambaEvalLM(TemplateLM):
         if int(max_length) < 2:
             raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
         if model is None:
-            from .convert import detect_format
+            from .convert import check_checkpoint
 
-            detect_format(pretrained)  # a missing checkpoint is named before a tokenizer is looked for
+            check_checkpoint(pretrained, model_config)  # a bad checkpoint is named before a tokenizer is looked for
         self.tokenizer = _load_tokenizer(tokenizer, pretrained)
         if model is None:
             from .convert import load_model

@@ -115,6 +115,24 @@ def test_checkpoint_fields_not_recorded_are_marked(capsys, tmp_path):
     notes = json.loads(capsys.readouterr().out)["not_recorded"]
     assert notes["seq_len"] == "default: not recorded in the checkpoint; HF configs have none"
     assert "norm_epsilon" not in notes and "d_model" not in notes
+    assert notes["rescale_prenorm_residual"].endswith(
+        "HF configs hold False for this init-only flag, whatever was trained"
+    )
+    # an HF vocab_size (the embedding's rows) that 8 does not divide: the multiple shown is 1, and says why
+    hf_cfg = tmp_path / "hf" / "config.json"
+    data = json.loads(hf_cfg.read_text())
+    assert "pad_vocab_size_multiple" not in notes and data["vocab_size"] % 8 == 0
+    for recorded in (8, None):
+        data["vocab_size"] += 1  # more rows than the embedding has: info reads the config, shapes check later
+        data.pop("pad_vocab_size_multiple", None)
+        if recorded:
+            data["pad_vocab_size_multiple"] = recorded
+        hf_cfg.write_text(json.dumps(data))
+        from openlm_mamba.commands.info import _dir_unrecorded
+
+        note = _dir_unrecorded("hf", hf_cfg)["pad_vocab_size_multiple"]
+        had = "config.json has 8" if recorded else "the default is 8"
+        assert note == f"1: {had}, which does not divide vocab_size {data['vocab_size']} (the embedding's rows)"
     assert cli_main(["info", "mamba_tiny", "--json"]) == 0  # a config, not a checkpoint: nothing to mark
     assert "not_recorded" not in json.loads(capsys.readouterr().out)
 

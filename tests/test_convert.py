@@ -586,7 +586,14 @@ def test_a_file_that_is_not_a_pt_checkpoint_is_named(tiny, tmp_path):
             convert(hf / name, tmp_path / "k.pt", to="openlm", progress=False)
     (tmp_path / "loose.json").write_text('{"a": 1}')
     shutil.copy(hf / "model.safetensors", tmp_path / "loose.safetensors")
-    for name, what in (("loose.json", "a JSON file"), ("loose.safetensors", "a safetensors weights file")):
+    (tmp_path / "notes.pt").write_text("epoch 3, loss 2.1\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, what in (
+        ("loose.json", "a JSON file"),
+        ("loose.safetensors", "a safetensors weights file"),
+        ("notes.pt", "a text file"),
+        ("empty.pt", "an empty file"),
+    ):
         with pytest.raises(ConversionError, match=f"{what}, not an OpenLM checkpoint"):
             detect_format(tmp_path / name)
     # a .bin that holds safetensors bytes: said when torch.load fails on it

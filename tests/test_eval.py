@@ -380,6 +380,14 @@ def test_missing_checkpoint_is_named_before_tasks_and_tokenizer(tmp_path, capsys
         _one_line_error(rc, err, "error: nofile.pt: no such file or directory")
     with pytest.raises(ValueError, match=r"^nofile\.pt: no such file or directory$"):
         MambaEvalLM(pretrained="nofile.pt")
+    # paths that exist but hold no checkpoint: named up front too (they blamed the tokenizer as well)
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for bad, says in (("emptydir", "emptydir: no OpenLM checkpoint found"), ("notes.txt", "notes.txt")):
+        rc, err = _eval_cli(capsys, [bad, "--tasks", "my_task"])
+        assert rc == 2 and err.startswith(f"error: {says}") and len(err.strip().splitlines()) == 1, err
+        with pytest.raises(ValueError, match=says):
+            MambaEvalLM(pretrained=bad)
 
 
 def test_limit_semantics_count_or_fraction(setup, task_dir, capsys, monkeypatch):

@@ -220,6 +220,23 @@ def test_config_of_another_type_is_a_type_error(cfg):
         MambaLM(cfg)
 
 
+def test_config_path_as_any_path_like(tmp_path):
+    """A JSON config given as an os.PathLike that is not a pathlib.Path (os.DirEntry, a custom class) loads."""
+    import os
+
+    path = tmp_path / "my_tiny.json"
+    MambaConfig.load("mamba_tiny").replace(d_model=32).save(path)
+
+    class Where(os.PathLike):
+        def __fspath__(self) -> str:
+            return str(path)
+
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "my_tiny.json")
+    for p in (Where(), entry):
+        assert MambaConfig.load(p).d_model == 32
+        assert MambaLM(p).cfg.d_model == 32
+
+
 def test_public_api_has_docstrings_and_type_hints():
     import inspect
 

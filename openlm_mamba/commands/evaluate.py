@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from ..convert import ConversionError, detect_format
+        from ..convert import ConversionError, check_checkpoint
         from ..evaluation import (
             MODEL_CARD_TASKS,
             MambaEvalLM,
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --output {args.output}: {problem}", file=sys.stderr)
             return 2
     try:
-        detect_format(args.checkpoint)  # a missing or wrong checkpoint: said now, not after the tasks and tokenizer
+        check_checkpoint(args.checkpoint, args.model)  # a missing or wrong checkpoint: said now, not after tasks
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -161,9 +161,19 @@ def _dir_unrecorded(fmt: str, config_json: Path) -> dict[str, str]:
         from ..convert.hf import _HF_FIELDS
 
         missing = [ours for key, (ours, _, _) in _HF_FIELDS.items() if key not in data]
-        if "pad_vocab_size_multiple" not in data:
+        # read_hf keeps HF's vocab_size (the embedding's rows) exact: a multiple it does not divide becomes 1
+        pad, vocab = data.get("pad_vocab_size_multiple"), data.get("vocab_size")
+        given = pad if isinstance(pad, int) and not isinstance(pad, bool) and pad > 0 else None
+        if isinstance(vocab, int) and vocab % (given or 8):
+            had = f"config.json has {given}" if given else "the default is 8"
+            notes["pad_vocab_size_multiple"] = (
+                f"1: {had}, which does not divide vocab_size {vocab} (the embedding's rows)"
+            )
+        elif given is None:
             missing.append("pad_vocab_size_multiple")
-        missing.append("rescale_prenorm_residual")  # HF configs hold False whatever was trained (see hf_config)
+        notes["rescale_prenorm_residual"] = (
+            f"{_DEFAULT}: HF configs hold False for this init-only flag, whatever was trained"
+        )
     else:
         from ..convert.mamba_ssm import _SSM_KEYS
 

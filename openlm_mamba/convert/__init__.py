@@ -85,15 +85,16 @@ def detect_format(path: str | Path) -> str:
 
 
 def _check_checkpoint_file(path: Path) -> None:
-    """Raise a ConversionError saying what ``path`` is when it is a JSON or safetensors file, not a ``.pt``."""
+    """Raise a ConversionError saying what ``path`` is when it is a JSON, safetensors, text or empty file, not a
+    ``.pt``."""
     kind = describe_file(path)
     if kind is None:
         return
     folder = path.parent
     what = "HF" if is_hf_dir(folder) else "mamba_ssm" if is_mamba_ssm_dir(folder) else None
     if what is not None:
-        part = "config" if kind == "a JSON file" else "weights file"
-        raise ConversionError(f"{path}: the {part} of the {what} checkpoint {folder}: pass its directory {folder}")
+        part = {"a JSON file": "the config", "a safetensors weights file": "the weights file"}.get(kind, kind)
+        raise ConversionError(f"{path}: {part} of the {what} checkpoint {folder}: pass its directory {folder}")
     raise ConversionError(
         f"{path}: {kind}, not an OpenLM checkpoint (an HF or mamba_ssm checkpoint is a directory holding "
         "config.json and the weights: pass that directory)"
@@ -320,6 +321,14 @@ def convert(
                 for key in order:
                     source.check(key)
     return dst
+
+
+def check_checkpoint(path: str | Path, model: MambaConfig | str | Path | None = None) -> None:
+    """Raise ConversionError unless ``path`` is a readable checkpoint (matching ``model``, if given). Cheap: the
+    tensors are memory-mapped or read as headers, not loaded."""
+    _check_path(path, "path", "check_checkpoint")
+    with read_checkpoint(path, model):
+        pass
 
 
 def load_state_dict(

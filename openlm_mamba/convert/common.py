@@ -318,6 +318,15 @@ def describe_file(path: Path) -> str | None:
             return "a safetensors weights file"
     if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON file"
+    if not head:
+        return "an empty file"
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip (torch.save) nor a pickle (legacy torch.save)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:  # not a multi-byte character cut at the end of the 4 KB read
+                return None
+        return "a text file"
     return None
 
 
