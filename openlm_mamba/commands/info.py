@@ -190,25 +190,13 @@ def checkpoint_info(path: str | Path) -> tuple[MambaConfig, dict[str, Any]]:
     """(config, {format, file, tensors, dtypes, bytes, not_recorded}) of a checkpoint in any format ``convert``
     reads; ``not_recorded`` maps each config field the checkpoint does not record (a default, or inferred) to
     where its value came from."""
-    from ..convert import Checkpoint, detect_format, read_checkpoint
-    from ..convert.common import check_tensors
-    from ..convert.openlm import openlm_config, read_openlm
+    from ..convert import read_checkpoint
 
-    fmt = detect_format(path)
-    if fmt == "openlm":  # as read_checkpoint reads it, keeping what was found with the tensors
-        found, source, file = read_openlm(Path(path))
-        try:
-            cfg = openlm_config(found, source, file, None)[0]
-            check_tensors(source, cfg)
-        except BaseException:
-            source.close()
-            raise
-        ckpt = Checkpoint(fmt, cfg, source, file)
-        unrecorded = _openlm_unrecorded(cfg, found)
-    else:
-        unrecorded = _dir_unrecorded(fmt, Path(path) / "config.json")
-        ckpt = read_checkpoint(path)
-    with ckpt:
+    with read_checkpoint(path) as ckpt:
+        if ckpt.format == "openlm":
+            unrecorded = _openlm_unrecorded(ckpt.config, ckpt.found)
+        else:
+            unrecorded = _dir_unrecorded(ckpt.format, Path(path) / "config.json")
         tensors = ckpt.source.tensors.values()
         dtypes: dict[str, int] = {}
         for t in tensors:

@@ -40,7 +40,7 @@ from .mamba_ssm import (
     write_mamba_ssm,
     writes_mamba_ssm_file,
 )
-from .openlm import openlm_checkpoint, openlm_config, read_openlm, write_openlm
+from .openlm import FoundConfig, openlm_checkpoint, openlm_config, read_openlm, write_openlm
 
 FORMATS = ("openlm", "hf", "mamba_ssm")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -104,12 +104,14 @@ def _check_checkpoint_file(path: Path) -> None:
 @dataclass
 class Checkpoint:
     """A checkpoint opened for reading: its format, resolved config and lazy tensors (canonical keys), and
-    ``path``, what was read (the ``.pt`` file of an OpenLM checkpoint, the directory of the others)."""
+    ``path``, what was read (the ``.pt`` file of an OpenLM checkpoint, the directory of the others).
+    ``found``: for an OpenLM checkpoint, the config found with it (embedded, or from its run's params.txt)."""
 
     format: str
     config: MambaConfig
     source: TensorSource
     path: Path
+    found: FoundConfig | None = None
 
     def close(self) -> None:
         self.source.close()
@@ -159,7 +161,7 @@ def read_checkpoint(
     fmt = detect_format(path)
     wanted = _load_config(model)
     length = seq_len or (wanted.seq_len if wanted else 2048)
-    fields, found_name, location = ARCH_FIELDS, str(path), path
+    fields, found_name, location, found = ARCH_FIELDS, str(path), path, None
     if fmt == "hf":
         cfg, source = read_hf(path, length)
     elif fmt == "mamba_ssm":
@@ -183,7 +185,7 @@ def read_checkpoint(
     except BaseException:
         source.close()
         raise
-    return Checkpoint(fmt, cfg, source, location)
+    return Checkpoint(fmt, cfg, source, location, found)
 
 
 def _progress(total: int, desc: str, enabled: bool):

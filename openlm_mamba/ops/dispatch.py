@@ -85,4 +85,4 @@ def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]
     if op not in _REGISTRY:
         raise ValueError(f"available_backends: unknown op {op!r}; ops with backends: {', '.join(sorted(_REGISTRY))}")
     device = torch.device(device)
-    return [name for name, impl in sorted(_REGISTRY.get(op, {}).items()) if impl.available(device) is None]
+    return [name for name, impl in sorted(_REGISTRY[op].items()) if impl.available(device) is None]
