@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="decode eagerly on a GPU (generate(..., cuda_graph=False)); the default captures the step in a CUDA graph",
+    )
+    p.add_argument(
         "--sample",
         action="store_true",
         help="the model card's sampling (temperature 0.8, top_p 0.8, top_k 50, repetition_penalty 1.1) "
@@ -148,18 +153,29 @@ def main(argv: list[str] | None = None) -> None:
         f"# device={args.device} ({torch.get_num_threads()} threads) dtype={args.dtype} d_model={args.d_model} "
         f"n_layer={args.n_layer} vocab={model.cfg.padded_vocab_size} batch={args.batch} new_tokens={n_new} "
         f"decoding={'model-card sampling' if args.sample else 'greedy'} "
+        f"cuda_graph={'off' if args.no_cuda_graph else 'auto'} "
         f"torch={torch.__version__} load_average={os.getloadavg()[0]:.1f}"
     )
     decoding = {"do_sample": False}
     if args.sample:
         decoding = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 50, "repetition_penalty": 1.1}
+    graph = False if args.no_cuda_graph else None
     runs = {}  # context -> (ours, theirs)
     for ctx in args.contexts:
         ids = torch.randint(0, model.cfg.vocab_size, (args.batch, ctx), device=dev)
         clock, hclock = Clock(args.device), Clock(args.device, skip_first_put=True)
 
         def ours(ids=ids, clock=clock):
-            generate(model, ids, max_new_tokens=n_new, streamer=clock, backend=args.backend, seed=0, **decoding)
+            generate(
+                model,
+                ids,
+                max_new_tokens=n_new,
+                streamer=clock,
+                backend=args.backend,
+                seed=0,
+                cuda_graph=graph,
+                **decoding,
+            )
 
         def theirs(ids=ids, hclock=hclock):
             torch.manual_seed(0)
@@ -174,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         runs[ctx] = ((ours, clock), (theirs, hclock))
-    ours16, hf16 = runs[args.contexts[0]]
-    ours16[0]()  # warm-up (kernel builds, allocator)
+    for ctx in args.contexts:  # warm-up: kernel builds for each prompt length (Triton specializes on it), allocator
+        runs[ctx][0][0]()
     if hf is not None:
-        hf16[0]()
+        runs[args.contexts[0]][1][0]()
     # Rounds interleave contexts and implementations, so background load hits all of them alike.
     samples = {ctx: {"ours": [], "hf": []} for ctx in args.contexts}
     for r in range(max(args.repeats, 0 if hf is None else args.hf_repeats)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,21 +132,35 @@ def test_kernels_header_says_whether_the_interpreter_runs(load, monkeypatch):
     assert bk.device_name(torch.device("cpu")) == "CPU"
 
 
-def test_gpu_check_help_starts_nothing(tmp_path):
+@pytest.mark.parametrize("script", ["gpu_check.sh", "ncu_kernels.sh"])
+def test_gpu_script_help_starts_nothing(tmp_path, script):
     out = tmp_path / "results"
     for flag in ("-h", "--help"):
         proc = subprocess.run(
-            ["bash", str(BENCH / "gpu_check.sh"), flag],
+            ["bash", str(BENCH / script), flag],
             env=dict(os.environ, OUT=str(out)),
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith("usage: bash benchmarks/gpu_check.sh"), proc.stdout
+        assert proc.stdout.startswith(f"usage: bash benchmarks/{script}"), proc.stdout
+        assert "Results go to $OUT" in proc.stdout  # the header comment explains what it runs and writes
         assert not out.exists()  # no results directory, no stage started
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", str(BENCH / script), "--bogus"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("ncu") is not None, reason="Nsight Compute is installed here")
+def test_ncu_script_says_when_ncu_is_missing(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(BENCH / "ncu_kernels.sh")],
+        env=dict(os.environ, OUT=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "ncu (Nsight Compute) not found" in proc.stderr, proc.stderr
 
 
 # -- bench_convert: only what it wrote is removed; a failing child is reported, not dumped ------------------

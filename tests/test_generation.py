@@ -513,6 +513,8 @@ def test_padded_vocab_rows_are_never_chosen(model, monkeypatch):
         ({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}, "padding is not supported"),
         ({"attention_mask": torch.ones(2, 4)}, r"attention_mask must have shape \(2, 3\)"),
         ({"do_sample": 1}, "do_sample must be a bool"),
+        ({"cuda_graph": "yes"}, "cuda_graph must be True, False or None"),
+        ({"cuda_graph": True}, "cuda_graph=True needs input_ids on a CUDA device, got cpu"),
     ],
 )
 def test_invalid_settings_raise_clear_errors(model, kwargs, match):

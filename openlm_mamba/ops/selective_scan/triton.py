@@ -237,8 +237,12 @@ if HAS_TRITON:
                 dA1 = tl.exp(dt1[:, :, None] * A[None, :, :])
                 cg = dy[:, :, None] * Ct[:, None, :] + tl.where(last_row, carry[None, :, :], 0.0)
                 _, gh = tl.associative_scan((dA1, cg), 0, _combine, reverse=True)
-                tl.atomic_add(dC_base[None, :] + t[:, None], tl.sum(dy[:, :, None] * hs, axis=1), mask=m_tn)
-                tl.atomic_add(dB_base[None, :] + t[:, None], tl.sum(gh * dtu[:, :, None], axis=1), mask=m_tn)
+                # relaxed: the partial sums need no ordering with other memory (the default is acq_rel)
+                dC_t = tl.sum(dy[:, :, None] * hs, axis=1)
+                tl.atomic_add(dC_base[None, :] + t[:, None], dC_t, mask=m_tn, sem="relaxed")
+                tl.atomic_add(
+                    dB_base[None, :] + t[:, None], tl.sum(gh * dtu[:, :, None], axis=1), mask=m_tn, sem="relaxed"
+                )
                 gB = tl.sum(gh * Bt[:, None, :], axis=2)
                 du = dt * gB
                 if HAS_D:
