@@ -60,19 +60,22 @@ def int_list(text: str) -> list[int]:
     return [int(s) for s in items]
 
 
-_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+_SHAPE = re.compile(r"^(seq:)?(\d+)x(\d+)x(\d+)$")
 
 
-def shape_list(text: str) -> list[tuple[int, int, int]]:
-    """argparse type: comma-separated launch shapes TILExBLOCK_DxWARPS, e.g. ``16x16x4,8x16x4``."""
+def shape_list(text: str) -> list[tuple]:
+    """argparse type: comma-separated launch shapes TILExBLOCK_DxWARPS, e.g. ``16x16x4,8x16x4``; a ``seq:``
+    prefix (forward only) picks the scan's plain-recurrence kernel: ``seq:2x128x4`` -> (2, 128, 4, "seq")."""
     shapes = []
     for item in str(text).split(","):
         m = _SHAPE.match(item.strip())
-        if m is None or not all(int(v) > 0 for v in m.groups()):
+        if m is None or not all(int(v) > 0 for v in m.groups()[1:]):
             raise argparse.ArgumentTypeError(
-                f"expected comma-separated shapes TILExBLOCK_DxWARPS of positive ints (e.g. 16x16x4), got {item!r}"
+                "expected comma-separated shapes [seq:]TILExBLOCK_DxWARPS of positive ints (e.g. 16x16x4 or "
+                f"seq:2x128x4), got {item!r}"
             )
-        shapes.append(tuple(int(v) for v in m.groups()))
+        dims = tuple(int(v) for v in m.groups()[1:])
+        shapes.append((*dims, "seq") if m.group(1) else dims)
     return shapes
 
 

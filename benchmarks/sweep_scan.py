@@ -1,4 +1,5 @@
-"""Launch-shape sweep of the Triton selective scan: (TILE, BLOCK_D, num_warps) for forward and backward.
+"""Launch-shape sweep of the Triton selective scan: (TILE, BLOCK_D, num_warps) for forward and backward,
+and the forward's two kernels (the tile kernel; "seq:" shapes: the plain recurrence).
 
 Times each forward shape (forward only) and each backward shape (forward + backward, forward at
 its default) at Mamba-7B shapes, checks every result against the PyTorch backend, and prints
@@ -8,6 +9,7 @@ time in this process.
 
     python benchmarks/sweep_scan.py                      # GPU, default candidate shapes
     python benchmarks/sweep_scan.py --fwd 16x16x4,8x16x4 --bwd 8x16x4
+    python benchmarks/sweep_scan.py --fwd 8x16x4,seq:2x128x4 --bwd 4x32x4   # the two forward kernels
     python benchmarks/sweep_scan.py --quick              # tiny; on CPU through the interpreter (CI smoke test)
 
 Without --quick it needs a CUDA GPU (on a machine without one it exits with code 2). --quick
@@ -27,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_args import HelpFormatter, needs_gpu, nonneg_int, shape_list
 
-FWD = "16x16x4,16x16x8,8x16x4,8x32x4,16x8x4,32x4x4"
+FWD = "8x16x4,16x16x4,8x32x8,seq:1x128x4,seq:2x128x4,seq:4x128x4,seq:2x64x2,seq:1x256x4"
 BWD = "4x32x4,4x32x2,4x16x2,8x8x2,8x16x4,16x16x8,32x4x4"
-QUICK_FWD, QUICK_BWD = "4x16x1,8x8x1", "4x16x1"
+QUICK_FWD, QUICK_BWD = "4x16x1,seq:2x16x1", "4x16x1"
 
 
 def _setup(quick: bool):
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fwd",
         type=shape_list,
-        help=f"forward shapes TILExBLOCK_DxWARPS, comma-separated (default {FWD}; --quick: {QUICK_FWD})",
+        help=f"forward shapes [seq:]TILExBLOCK_DxWARPS, comma-separated (default {FWD}; --quick: {QUICK_FWD})",
     )
     p.add_argument("--bwd", type=shape_list, help=f"backward shapes, same form (default {BWD}; --quick: {QUICK_BWD})")
     p.add_argument(
@@ -113,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fwd = args.fwd if args.fwd is not None else shape_list(QUICK_FWD if args.quick else FWD)
     bwd = args.bwd if args.bwd is not None else shape_list(QUICK_BWD if args.quick else BWD)
+    if any(len(s) > 3 for s in bwd):
+        p.error("argument --bwd: the seq: kernel is a forward kernel; --bwd takes TILExBLOCK_DxWARPS shapes")
     if args.jobs is None:
         args.jobs = 0 if args.quick else 8
     import torch
 
     if not args.quick and not torch.cuda.is_available():
         return needs_gpu("sweep_scan")
+    if args.quick and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before ss_env() below first imports the kernels
     if os.environ.pop(ss_env(), None) is not None:  # it would override every row's launch shape
         print(f"sweep_scan: ignoring ${ss_env()} (each row sets its own launch shape)", file=sys.stderr)
     bk, bargs, device, tensors, kwargs, fwd_bytes, total_bytes = _setup(args.quick)
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for which, shapes, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, total_bytes)):
         for shape in shapes:
-            row = {"pass": which, "tile": shape[0], "block_d": shape[1], "warps": shape[2]}
+            row = {"pass": which, "kernel": shape[3] if len(shape) > 3 else "tile"}
+            row.update(tile=shape[0], block_d=shape[1], warps=shape[2])
             if (which, tuple(shape)) in failed:
                 row["error"] = failed[which, tuple(shape)]
                 rows.append(row)
@@ -163,23 +170,26 @@ def main(argv: list[str] | None = None) -> int:
 
     name = bk.device_name(device)
     print(f"\nselective scan launch sweep: {name}, tokens {bargs.tokens}, d_inner {bargs.d_inner}, {bargs.dtype}")
-    print("| pass | TILE | BLOCK_D | warps | ms | BW | max rel err vs torch |\n|---|---|---|---|---|---|---|")
+    print("| pass | kernel | TILE | BLOCK_D | warps | ms | BW | max rel err vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['pass']} | {r['kernel']} | {r['tile']} | {r['block_d']} | {r['warps']} |"
         if "error" in r:
-            print(f"| {r['pass']} | {r['tile']} | {r['block_d']} | {r['warps']} | {r['error']} | | |")
+            print(f"{head} {r['error']} | | |")
             continue
         bw = f"{r['bw_frac']:.1%}" if r.get("bw_frac") else "-"
-        print(
-            f"| {r['pass']} | {r['tile']} | {r['block_d']} | {r['warps']} | {r['ms']:.3f} | {bw} | {r['rel_err']:.1e} |"
-        )
-    print("(fwd: forward only; bwd: forward + backward with the default forward shape)")
+        print(f"{head} {r['ms']:.3f} | {bw} | {r['rel_err']:.1e} |")
+    print(
+        "(fwd: forward only; bwd: forward + backward with the default forward shape; kernel seq: the forward's "
+        "plain recurrence, TILE = steps unrolled)"
+    )
     ok = [r for r in rows if "ms" in r and r["rel_err"] < 2e-2]
     best = {}
     for which in ("fwd", "bwd"):
         mine = [r for r in ok if r["pass"] == which]
         if mine:
             r = min(mine, key=lambda r: r["ms"])
-            best[which] = f"{r['tile']}x{r['block_d']}x{r['warps']}"
+            best[which] = ("seq:" if r["kernel"] == "seq" else "") + f"{r['tile']}x{r['block_d']}x{r['warps']}"
     print("best launch:", ",".join(f"{k}={v}" for k, v in best.items()), f"(set ${ss_env()} to use it)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "rows": rows, "best": best}, indent=1))

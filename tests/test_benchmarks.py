@@ -81,6 +81,8 @@ BAD_FLAGS = [
     ("sweep_scan", ["--fwd", "8x16"], "--fwd: expected comma-separated shapes"),
     ("sweep_scan", ["--fwd", "8x16xa"], "--fwd: expected comma-separated shapes"),
     ("sweep_scan", ["--jobs", "-1"], "--jobs: expected an int >= 0"),
+    ("sweep_scan", ["--fwd", "tile:8x16x4"], "--fwd: expected comma-separated shapes"),
+    ("sweep_scan", ["--bwd", "seq:4x32x4"], "--bwd: the seq: kernel is a forward kernel"),
     ("bench_convert", ["--model", "nosuch"], "--model: unknown model config 'nosuch'"),
 ]
 
@@ -107,7 +109,16 @@ def test_gpu_scripts_without_cuda_and_without_quick_exit_2(load, capsys, script)
 
 @pytest.mark.parametrize(
     "script",
-    ["bench_convert", "bench_cpu", "bench_generate", "bench_kernels", "bench_prefill", "bench_train_gpu", "sweep_scan"],
+    [
+        "bench_convert",
+        "bench_cpu",
+        "bench_generate",
+        "bench_kernels",
+        "bench_prefill",
+        "bench_train_gpu",
+        "sass_scan",
+        "sweep_scan",
+    ],
 )
 def test_help_shows_the_docstring_and_every_flag_explained(load, capsys, monkeypatch, script):
     module = load(script)
@@ -239,9 +250,7 @@ def test_sweep_compile_worker_failure_is_a_row(tmp_path):
     env = dict(os.environ, OPENLM_MAMBA_DISABLE_CPP="1", PYTHONPATH=str(ROOT))
     env["OPENLM_MAMBA_SCAN_LAUNCH"] = "fwd=8x16x4"  # would set every GPU row's shape: the sweep drops it
     env.pop("OPENLM_MAMBA_BACKEND", None)
-    env.pop("TRITON_INTERPRET", None)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
+    env.pop("TRITON_INTERPRET", None)  # --quick on CPU switches the interpreter on itself
     out = tmp_path / "sweep.json"
     cmd = [sys.executable, str(BENCH / "sweep_scan.py"), "--quick", "--fwd", "3x7x1,4x16x1", "--bwd", "3x7x1"]
     cmd += ["--jobs", "1"]
@@ -255,3 +264,22 @@ def test_sweep_compile_worker_failure_is_a_row(tmp_path):
     assert "error" in rows[0] and "error" in rows[2] and rows[1]["ms"] > 0, rows
     assert "# compiled 1/3: fwd (3, 7, 1): failed: " in proc.stdout, proc.stdout
     assert "sweep_scan: ignoring $OPENLM_MAMBA_SCAN_LAUNCH" in proc.stderr, proc.stderr
+
+
+def _nvidia_triton() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _nvidia_triton(), reason="triton with its NVIDIA backend is not installed")
+def test_sass_scan_counts_the_inner_loop(load, capsys):
+    """benchmarks/sass_scan.py compiles forward launches for sm_90 (no GPU) and reports their per-update cost."""
+    assert load("sass_scan").main(["8x16x4", "seq:1x128x4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 8x16x4", "| seq:1x128x4"))]
+    assert len(rows) == 2, rows
+    per_update = [float(r.split("|")[4]) for r in rows]
+    assert all(4 < v < 200 for v in per_update), rows  # at least the exp and two FMAs of the recurrence
+    assert per_update[1] < per_update[0], rows  # the seq kernel's point: fewer instructions per update

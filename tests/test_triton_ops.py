@@ -202,6 +202,72 @@ def test_scan_several_tiles_per_chunk(c, tile):
     check_scan(c, chunk=16, tile=tile)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel and counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+SEQ_CI = [
+    scan_case(2, 20, 37, 16),  # every option, 3 chunks, 2 channel blocks, an initial state
+    scan_case(2, 24, 21, 4, groups=2, h0=False, softplus=False),
+    scan_case(1, 8, 9, 4, dtype=torch.float64),
+]
+
+
+def check_seq(c: dict, tile: int, monkeypatch) -> None:
+    """The plain-recurrence forward (launch "seq:...") against the reference, and the tile backward from
+    the chunk states it saved; the spy makes sure the seq kernel is the one that ran."""
+    from openlm_mamba.ops.selective_scan import triton as ss
+
+    spy = _LaunchSpy(ss._scan_fwd_seq_kernel)
+    monkeypatch.setattr(ss, "_scan_fwd_seq_kernel", spy)
+    monkeypatch.setenv(ss.LAUNCH_ENV, f"fwd=seq:{tile}x16x1")
+    check_scan(c, chunk=16)
+    assert spy.launches >= 1
+
+
+def test_launch_specs_parse_and_select_the_kernel(monkeypatch):
+    from openlm_mamba.ops.selective_scan import triton as ss
+
+    assert ss.parse_launch("8x16x4") == (8, 16, 4)
+    assert ss.parse_launch("seq:2x128x4") == (2, 128, 4, "seq")
+    for bad, match in [
+        ("seq:2x128", "expected a launch like"),
+        ("foo:2x2x2", "expected a launch like"),
+        ("0x16x4", "expected a launch like"),
+        ("3x16x4", "power of two"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ss.parse_launch(bad)
+    with pytest.raises(ValueError, match="a forward kernel"):
+        ss.parse_launch("seq:2x16x1", "bwd")
+    monkeypatch.setenv(ss.LAUNCH_ENV, "fwd=seq:2x32x2,bwd=4x32x4")
+    assert ss._launch("fwd", 64, 128, 0, 0) == (2, 32, 2, "seq")
+    assert ss._launch("bwd", 64, 128, 0, 0) == (4, 32, 4, "tile")
+    assert ss._launch("fwd", 64, 128, 8, 16) == (8, 16, 2, "seq")  # explicit tile / block_d win
+    monkeypatch.setenv(ss.LAUNCH_ENV, "bwd=seq:2x32x2")
+    with pytest.raises(ValueError, match=r"OPENLM_MAMBA_SCAN_LAUNCH: 'bwd=seq:2x32x2': .*a forward kernel"):
+        ss._launch("bwd", 64, 128, 0, 0)
+
+
+@pytest.mark.parametrize("tile", [1, 4])
+@pytest.mark.parametrize("c", SEQ_CI, ids=case_id)
+def test_seq_forward_matches_reference(c, tile, monkeypatch):
+    check_seq(c, tile, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", SCAN_FULL, ids=case_id)
+def test_seq_forward_matches_reference_full(c, monkeypatch):
+    check_seq(c, 2, monkeypatch)
+
+
 @triton.jit
 def _scan_probe(a_ptr, b_ptr, out_ptr, T: tl.constexpr, REVERSE: tl.constexpr):
     r = tl.arange(0, T)[:, None] * 4 + tl.arange(0, 4)[None, :]

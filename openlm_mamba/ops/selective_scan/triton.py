@@ -137,6 +137,93 @@ if HAS_TRITON:
         tl.store(last_ptr + b * dim * N + dn, h, mask=m2)
 
     @triton.jit
+    def _exp2_ftz(x):
+        # 2^x as the GPU's MUFU.EX2 computes it with denormal results flushed to zero: two instructions
+        # where tl.exp's denormal-safe lowering takes five (native GPU only; the interpreter has no asm)
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _scan_fwd_seq_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+        out_ptr, last_ptr, st_ptr,
+        dim, L, dpg, N, nchunks,
+        su_b, su_d, su_t, sd_b, sd_d, sd_t, sA_d, sA_n,
+        sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+        sz_b, sz_d, sz_t, sh_b, sh_d, sh_n, so_b, so_d, so_t,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+        CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        FAST_EXP: tl.constexpr = False,
+    ):  # fmt: skip
+        """The forward as a plain recurrence, one time step after another: the same arguments and results
+        as ``_scan_fwd_kernel``. The state is (BLOCK_N, BLOCK_D) with the channels across the threads, so
+        each thread keeps d_state in its registers and the sum over it for y is its own; TILE steps are
+        unrolled per loop iteration, so their loads are in flight together. Give A and h0 with the
+        channels contiguous (sA_d, sh_d = 1): their loads set that layout."""
+        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see _scan_fwd_kernel
+        g = tl.program_id(1)
+        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs < dpg
+        d = (g * dpg + offs).to(tl.int64)
+        n = tl.arange(0, BLOCK_N)
+        nmask = n < N
+        m2 = nmask[:, None] & dmask[None, :]
+        A = tl.load(A_ptr + d[None, :] * sA_d + n[:, None] * sA_n, mask=m2, other=0.0).to(ACC)
+        if FAST_EXP:  # float32: exp(dt A) = 2^(dt A log2(e))
+            A = A * 1.4426950408889634
+        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        if HAS_H0:
+            h = tl.load(h0_ptr + b * sh_b + d[None, :] * sh_d + n[:, None] * sh_n, mask=m2, other=0.0).to(ACC)
+        else:
+            h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+        u_base = u_ptr + b * su_b + d * su_d
+        d_base = dl_ptr + b * sd_b + d * sd_d
+        z_base = z_ptr + b * sz_b + d * sz_d
+        o_base = out_ptr + b * so_b + d * so_d
+        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
+        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
+        nd = d[None, :] * N + n[:, None]  # the saved states' (dim, N) layout, as _scan_fwd_kernel writes it
+        for c in range(nchunks):
+            if SAVE:
+                tl.store(st_ptr + (b * nchunks + c) * dim * N + nd, h, mask=m2)
+            for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), TILE):
+                for i in tl.static_range(TILE):
+                    t = tl.cast(t0 + i, tl.int64)
+                    # step masks from tensors (the interpreter rejects a mask made with a 0-d comparison)
+                    md = dmask & (tl.zeros((BLOCK_D,), tl.int64) + t < L)
+                    mn = nmask & (tl.zeros((BLOCK_N,), tl.int64) + t < L)
+                    raw = tl.load(d_base + t * sd_t, mask=md, other=0.0).to(ACC)
+                    if HAS_BIAS:
+                        raw += bias
+                    dt = raw
+                    if SOFTPLUS:
+                        dt = _softplus(raw)
+                    dt = tl.where(md, dt, 0.0)  # a masked step leaves the state as it is
+                    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(ACC)
+                    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(ACC)
+                    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(ACC)
+                    if FAST_EXP:
+                        dA = _exp2_ftz(dt[None, :] * A)
+                    else:
+                        dA = tl.exp(dt[None, :] * A)
+                    h = dA * h + (dt * u)[None, :] * Bt[:, None]
+                    y = tl.sum(h * Ct[:, None], axis=0)
+                    if HAS_D:
+                        y += Dv * u
+                    if HAS_Z:
+                        zt = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(ACC)
+                        y = y * zt * tl.sigmoid(zt)
+                    tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=md)
+        tl.store(last_ptr + b * dim * N + nd, h, mask=m2)
+
+    @triton.jit
     def _scan_bwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr, go_ptr, gl_ptr, scr_ptr,
         du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -271,37 +358,59 @@ if HAS_TRITON:
 # on an H200 at Mamba-7B shapes (benchmarks/sweep_scan.py): wide channel blocks pay off in the
 # backward when there are many channels (fewer programs share each dB/dC slot), "bwd_wide" is
 # used from WIDE_DPG channels per group up. The interpreter prefers few, large programs.
-# $OPENLM_MAMBA_SCAN_LAUNCH (e.g. "fwd=8x16x4,bwd=4x32x4") overrides these for a run.
+# A fourth entry "seq" picks the forward's plain-recurrence kernel (_scan_fwd_seq_kernel; TILE is
+# then the steps unrolled per loop iteration). Compiled offline for sm_90 it issues about a quarter of
+# the tile kernel's instructions per state update; it has not been timed on a GPU yet.
+# $OPENLM_MAMBA_SCAN_LAUNCH (e.g. "fwd=8x16x4,bwd=4x32x4" or "fwd=seq:2x128x4") overrides these.
 GPU_LAUNCH = {"fwd": (8, 16, 4), "bwd": (4, 16, 2), "bwd_wide": (4, 32, 4)}
 CPU_LAUNCH = {"fwd": (32, 64, 1), "bwd": (32, 64, 1)}
 WIDE_DPG = 4096
 LAUNCH_ENV = "OPENLM_MAMBA_SCAN_LAUNCH"
+FWD_KERNELS = ("tile", "seq")
 BWD_SLOTS = 16  # partial dB / dC buffers: programs along the channels spread their atomic adds over these
 
 
-def _env_launch(which: str) -> tuple[int, int, int] | None:
+def parse_launch(text: str, which: str = "fwd") -> tuple:
+    """``"[seq:]TILExBLOCK_DxWARPS"`` -> (TILE, BLOCK_D, warps) or (TILE, BLOCK_D, warps, "seq"); ValueError if
+    malformed. Every number must be a positive power of two; "seq" is a forward kernel only."""
+    kernel, _, shape = text.rpartition(":")
+    parts = shape.split("x")
+    if kernel not in ("", *FWD_KERNELS) or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"expected a launch like 16x16x4 or seq:2x128x4 ([seq:]TILE x BLOCK_D x warps), got {text!r}")
+    dims = tuple(int(p) for p in parts)
+    if any(v & (v - 1) for v in dims):
+        raise ValueError(f"launch {text!r}: every number must be a power of two")
+    if kernel == "seq" and which != "fwd":
+        raise ValueError(f"launch {text!r}: the seq kernel is a forward kernel (bwd takes TILExBLOCK_DxWARPS)")
+    return (*dims, kernel) if kernel == "seq" else dims
+
+
+def _env_launch(which: str) -> tuple | None:
     spec = os.environ.get(LAUNCH_ENV, "")
     for item in filter(None, spec.replace(" ", "").split(",")):
         key, _, value = item.partition("=")
-        parts = value.split("x")
-        if key not in ("fwd", "bwd") or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        if key not in ("fwd", "bwd"):
             raise ValueError(f"${LAUNCH_ENV}: expected entries like fwd=16x16x4 (TILE x BLOCK_D x warps), got {item!r}")
-        shape = tuple(int(p) for p in parts)
-        if any(v & (v - 1) for v in shape):
-            raise ValueError(f"${LAUNCH_ENV}: {item!r}: every number must be a power of two")
+        try:
+            shape = parse_launch(value, key)
+        except ValueError as exc:
+            raise ValueError(f"${LAUNCH_ENV}: {item!r}: {exc}") from None
         if key == which:
             return shape
     return None
 
 
-def _launch(which: str, dpg: int, chunk: int, tile: int, block_d: int) -> tuple[int, int, int]:
-    """(TILE, BLOCK_D, num_warps): explicit values win, then $OPENLM_MAMBA_SCAN_LAUNCH, then the defaults."""
-    if interpreting():
-        t, bd, warps = CPU_LAUNCH[which]
-    else:
-        wide = which == "bwd" and dpg >= WIDE_DPG
-        t, bd, warps = _env_launch(which) or GPU_LAUNCH["bwd_wide" if wide else which]
-    return min(tile or t, chunk), block_d or min(next_pow2(dpg), bd), warps
+def _launch(which: str, dpg: int, chunk: int, tile: int, block_d: int) -> tuple[int, int, int, str]:
+    """(TILE, BLOCK_D, num_warps, kernel): explicit values win, then $OPENLM_MAMBA_SCAN_LAUNCH, then the
+    defaults (the interpreter's own on CPU)."""
+    shape = _env_launch(which)
+    if shape is None and interpreting():
+        shape = CPU_LAUNCH[which]
+    elif shape is None:
+        shape = GPU_LAUNCH["bwd_wide" if which == "bwd" and dpg >= WIDE_DPG else which]
+    t, bd, warps = shape[:3]
+    kernel = shape[3] if len(shape) > 3 else "tile"
+    return min(tile or t, chunk), block_d or min(next_pow2(dpg), bd), warps, kernel
 
 
 def _bcl(M: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -357,22 +466,31 @@ def selective_scan_fwd(
     out = _like_bdl(u, u.dtype)
     last = torch.empty(batch, dim, N, dtype=acc, device=u.device)
     states = torch.empty(batch, nchunks if save_states else 0, dim, N, dtype=acc, device=u.device)
-    tile, bd, warps = _launch("fwd", dpg, chunk, tile, block_d)
+    tile, bd, warps, kernel = _launch("fwd", dpg, chunk, tile, block_d)
     _, sB_b, sB_g, sB_n, sB_t = _bcl(B)
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
     D, delta_bias = _dense(D), _dense(delta_bias)
+    fn, sA, h0, sh, extra = _scan_fwd_kernel, A.stride(), initial_state, _strides3(initial_state), {}
+    if kernel == "seq":  # A and h0 channel-contiguous (tiny copies): their loads set the kernel's layout
+        fn, At = _scan_fwd_seq_kernel, A.t().contiguous()
+        extra["FAST_EXP"] = acc == torch.float32 and not interpreting()
+        sA = (At.stride(1), At.stride(0))
+        if initial_state is not None:
+            h0 = initial_state.transpose(1, 2).contiguous()
+            sh = (h0.stride(0), h0.stride(2), h0.stride(1))
+        A = At.t()
     with on_device(u):
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(initial_state, u),
+        fn[grid](
+            u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(h0, u),
             out, last, states if save_states else last,
             dim, L, dpg, N, nchunks,
-            *u.stride(), *delta.stride(), *A.stride(),
+            *u.stride(), *delta.stride(), *sA,
             sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-            *_strides3(z), *_strides3(initial_state), *out.stride(),
+            *_strides3(z), *sh, *out.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE=save_states, ACC=tl_dtype(acc),
-            CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps,
+            CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps, **extra,
         )  # fmt: skip
     return out, last, states
 
@@ -421,7 +539,7 @@ def selective_scan_bwd(
     dpg = dim // groups
     acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias, states)  # states: the forward's (it counts initial_state)
     nchunks = states.shape[1]
-    tile, bd, warps = _launch("bwd", dpg, chunk, tile, block_d)
+    tile, bd, warps, _ = _launch("bwd", dpg, chunk, tile, block_d)
     bn = next_pow2(N)
     dev = u.device
     du = _like_bdl(u, u.dtype)
