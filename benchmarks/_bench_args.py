@@ -65,7 +65,7 @@ _SHAPE = re.compile(r"^(seq:)?(\d+)x(\d+)x(\d+)$")
 
 def shape_list(text: str) -> list[tuple]:
     """argparse type: comma-separated launch shapes TILExBLOCK_DxWARPS, e.g. ``16x16x4,8x16x4``; a ``seq:``
-    prefix (forward only) picks the scan's plain-recurrence kernel: ``seq:2x128x4`` -> (2, 128, 4, "seq")."""
+    prefix picks the scan's plain-recurrence kernels: ``seq:2x128x4`` -> (2, 128, 4, "seq")."""
     shapes = []
     for item in str(text).split(","):
         m = _SHAPE.match(item.strip())

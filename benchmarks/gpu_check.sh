@@ -4,8 +4,8 @@
 #      MambaLM triton-vs-torch check, and tests/test_gpu.py (decode step kernel, recurrent decoding,
 #      greedy vs transformers, gradient checkpointing, bf16 autocast training)
 #   2. benchmarks/bench_kernels.py at Mamba-7B shapes (16K tokens, d_inner 8192, d_state 16, bf16)
-#   3. benchmarks/sweep_scan.py: the scan's default launch shapes and their neighbours, and the forward's
-#      plain-recurrence kernel ("seq:" shapes; opt-in until it is timed here)
+#   3. benchmarks/sweep_scan.py: the scan's default launch shapes and their neighbours, and the
+#      plain-recurrence kernels ("seq:" shapes; opt-in until they are timed here)
 #   4. benchmarks/bench_train_gpu.py: a mamba_130m training step vs mambapy
 #   5. benchmarks/bench_generate.py on the GPU vs transformers' generate (decoding through a CUDA graph)
 # Results go to $OUT (if set, else a new temp dir): device.txt, gpu_tests.log, sweep_scan.{txt,json},
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 RESULTS="${OUT:-$(mktemp -d -t gpu_check.XXXX)}"
 mkdir -p "$RESULTS"
 echo "gpu_check: results in $RESULTS"
-unset TRITON_INTERPRET OPENLM_MAMBA_BACKEND
+unset TRITON_INTERPRET OPENLM_MAMBA_BACKEND OPENLM_MAMBA_SCAN_LAUNCH
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OPENLM_MAMBA_DISABLE_CPP=1  # the C++ kernels are the CPU path; no need to build them here
 start=$(date +%s)
@@ -60,7 +60,7 @@ stamp kernels
 
 echo "== scan launch sweep (the defaults and their neighbours)"
 timeout 80 python3 benchmarks/sweep_scan.py --fwd 8x16x4,seq:1x128x4,seq:2x128x4,seq:4x128x4,seq:1x256x4,seq:2x64x2 \
-    --bwd 4x32x4,2x64x4,8x32x4 \
+    --bwd 4x32x4,2x64x4,seq:1x128x4,seq:1x64x2,seq:2x64x2 \
     --json "$RESULTS/sweep_scan.json" 2>&1 | tee "$RESULTS/sweep_scan.txt"
 sweep_rc=${PIPESTATUS[0]}
 stamp sweep

@@ -27,7 +27,7 @@ if [ -z "$NCU" ]; then
     echo "ncu_kernels: ncu (Nsight Compute) not found" >&2
     exit 2
 fi
-unset TRITON_INTERPRET OPENLM_MAMBA_BACKEND
+unset TRITON_INTERPRET OPENLM_MAMBA_BACKEND OPENLM_MAMBA_SCAN_LAUNCH
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OPENLM_MAMBA_DISABLE_CPP=1
 echo "ncu_kernels: $NCU; results in $RESULTS"
 # bench_kernels with one repeat times a forward (warm-up, timed), then a forward + backward (warm-up, timed):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -321,28 +323,36 @@ OUT_CHUNK = 256  # new-token columns generate() allocates at first; the buffer d
 GRAPH_MIN_TOKENS = 8  # cuda_graph=None captures the decoding step from this many new tokens up
 
 
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in this process (other threads' work is unaffected)
+
+
 class _GraphedStep:
     """The one-token decoding step of every layer captured in one CUDA graph, replayed once per token.
 
     Eager decoding on a GPU is launch-bound (each layer is about fifteen small kernels, each launched
     from Python). The graph is captured on ``cache``'s tensors after the prompt, so it reads and
     updates them in place exactly as the eager step does; the capture's warm-up step is undone.
+    Needs autograd off (``generate`` runs under inference mode): the differentiable step would
+    rebind the cache's states instead of updating them in place.
     """
 
     def __init__(self, model: torch.nn.Module, cache: MambaCache, batch: int, device: torch.device):
+        if torch.is_grad_enabled():
+            raise RuntimeError("_GraphedStep: capture the decoding step with autograd off (torch.inference_mode())")
         self.cache, self.device = cache, device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         states = (*cache.conv_states, *cache.ssm_states)
         saved, offset = [t.clone() for t in states], cache.seqlen_offset
         try:
-            with torch.cuda.device(device):
-                side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
+            with _CAPTURE_LOCK, torch.cuda.device(device):
+                side = torch.cuda.Stream()  # warm-up and capture off the default stream, on this device
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     model.forward_with_cache(self.ids, cache)  # kernel builds, cuBLAS workspaces
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                # thread_local: a concurrent generate() in another thread may still allocate and synchronise
+                with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                     self.logits = model.forward_with_cache(self.ids, cache)[0][:, -1]
         finally:
             for t, s in zip(states, saved):
@@ -358,6 +368,25 @@ class _GraphedStep:
         return self.logits
 
 
+def _graphed_step_or_none(
+    model: torch.nn.Module, cache: MambaCache, batch: int, device: torch.device, cuda_graph: bool | None
+) -> _GraphedStep | None:
+    """The captured step; where the capture fails, None (decode eagerly, with a warning) unless the caller
+    asked for the graph (``cuda_graph=True``), which gets the error."""
+    try:
+        return _GraphedStep(model, cache, batch, device)
+    except Exception as exc:
+        if cuda_graph:
+            raise
+        warnings.warn(
+            f"generate: capturing the decoding step in a CUDA graph failed ({type(exc).__name__}: {exc}); "
+            "decoding eagerly (pass cuda_graph=False to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 def _check_cuda_graph(cuda_graph, device: torch.device) -> None:
     """Clear errors for a ``cuda_graph`` argument that is not True / False / None, or True off a CUDA device."""
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
@@ -371,9 +400,12 @@ def _check_cuda_graph(cuda_graph, device: torch.device) -> None:
         )
 
 
-def _graph_wanted(cuda_graph: bool | None, device: torch.device, cache: MambaCache, max_new_tokens: int) -> bool:
+def _graph_wanted(
+    cuda_graph: bool | None, device: torch.device, cache: MambaCache, max_new_tokens: int, model: torch.nn.Module
+) -> bool:
     """Whether to decode through a CUDA graph: ``cuda_graph`` if given, else (None) on a CUDA device for at
-    least GRAPH_MIN_TOKENS new tokens, outside torch.compile and autocast."""
+    least GRAPH_MIN_TOKENS new tokens, outside torch.compile and autocast, and where no module has forward
+    hooks (a replay would skip them: they would run at the capture only)."""
     if cuda_graph is not None:
         return cuda_graph
     return (
@@ -382,6 +414,7 @@ def _graph_wanted(cuda_graph: bool | None, device: torch.device, cache: MambaCac
         and cache.fused is None
         and not torch.is_autocast_enabled("cuda")
         and not torch.compiler.is_compiling()
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     )
 
 
@@ -442,8 +475,10 @@ def generate(
     backend, which must run on the prompt's device.
 
     ``cuda_graph``: decode through one CUDA graph of the whole step (a single launch per token instead of
-    about fifteen per layer). None (default): on a CUDA device when ``max_new_tokens`` >= 8, outside autocast;
-    True: always (a CUDA device is required); False: never. The tokens are the same either way.
+    about fifteen per layer), captured once per call. None (default): on a CUDA device when ``max_new_tokens``
+    >= 8, outside autocast and where no module has forward hooks; a failed capture then falls back to eager
+    decoding with a warning. True: always (a CUDA device is required; a failed capture raises). False: never.
+    The graph replays the eager step's kernels: the tokens are the same (tests/test_gpu.py).
     """
     if not hasattr(model, "forward_with_cache") or not hasattr(model, "allocate_cache"):
         raise TypeError(f"generate: model must be an openlm_mamba MambaLM, got {type(model).__name__}")
@@ -509,7 +544,7 @@ def generate(
             on_prompt(input_ids)
         logits = model.forward_with_cache(input_ids, cache, last_only=True)[0][:, -1]
         sampler.observe(input_ids)
-        graph = _graph_wanted(cuda_graph, device, cache, max_new_tokens)
+        graph = _graph_wanted(cuda_graph, device, cache, max_new_tokens, model)
         step = None
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None
         n = 0
@@ -535,7 +570,8 @@ def generate(
             tok = tok.unsqueeze(1)
             sampler.observe(tok)
             if graph and step is None:  # captured after the first token is out, so it does not delay it
-                step = _GraphedStep(model, cache, batch, device)
+                step = _graphed_step_or_none(model, cache, batch, device, cuda_graph)
+                graph = step is not None
             logits = model.forward_with_cache(tok, cache)[0][:, -1] if step is None else step(tok)
     if on_end is not None:
         on_end()

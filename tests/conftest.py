@@ -29,6 +29,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_launch_override(monkeypatch):
+    """A $OPENLM_MAMBA_SCAN_LAUNCH left in the shell would pick every scan test's kernel and launch shape."""
+    monkeypatch.delenv("OPENLM_MAMBA_SCAN_LAUNCH", raising=False)
+
+
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

@@ -876,3 +876,43 @@ def test_generate_accepts_other_integer_id_dtypes(model):
         small = ids % 200  # fits uint8
         assert torch.equal(generate(model, small.to(dtype), max_new_tokens=3), generate(model, small, max_new_tokens=3))
     assert want.dtype == torch.long
+
+
+# -- CUDA-graph decoding: the choice and the fallback (the capture itself runs in tests/test_gpu.py) ---------
+def test_graph_wanted_by_default_only_where_it_pays_and_is_safe(model):
+    from types import SimpleNamespace
+
+    from openlm_mamba.generation import GRAPH_MIN_TOKENS, _graph_wanted
+
+    cuda, cache = torch.device("cuda"), SimpleNamespace(fused=None)
+    assert _graph_wanted(None, cuda, cache, GRAPH_MIN_TOKENS, model)
+    assert not _graph_wanted(None, cuda, cache, GRAPH_MIN_TOKENS - 1, model)  # too short to pay for the capture
+    assert not _graph_wanted(None, torch.device("cpu"), cache, 100, model)
+    assert not _graph_wanted(None, cuda, SimpleNamespace(fused=()), 100, model)  # the fused C++ CPU step
+    assert _graph_wanted(True, cuda, cache, 2, model) and not _graph_wanted(False, cuda, cache, 100, model)
+    handle = model.model.lm_head.register_forward_hook(lambda *a: None)  # a replay would skip the hook
+    try:
+        assert not _graph_wanted(None, cuda, cache, 100, model)
+        assert _graph_wanted(True, cuda, cache, 100, model)
+    finally:
+        handle.remove()
+
+
+def test_failed_capture_falls_back_to_eager_unless_the_graph_was_asked_for(monkeypatch):
+    from openlm_mamba import generation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "_GraphedStep", broken)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed .*operation not permitted.*decoding eagerly"):
+        assert generation._graphed_step_or_none(None, None, 1, torch.device("cuda"), None) is None
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        generation._graphed_step_or_none(None, None, 1, torch.device("cuda"), True)
+
+
+def test_graphed_step_refuses_autograd(model):
+    from openlm_mamba.generation import _GraphedStep
+
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="autograd off"):
+        _GraphedStep(model, None, 1, torch.device("cuda"))

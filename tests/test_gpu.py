@@ -114,7 +114,26 @@ def test_generate_with_cuda_graph_equals_without(sample):
     model = tiny().eval()
     ids = torch.randint(0, 512, (3, 12), device=DEV, generator=torch.Generator(device=DEV).manual_seed(9))
     kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.1, "seed": 4} if sample else {}
-    runs = [generate(model, ids, max_new_tokens=40, cuda_graph=g, **kw) for g in (False, True, None)]
+    from openlm_mamba import generation
+
+    class Spy(generation._GraphedStep):  # counts captures and replays: the graph path really ran
+        captures = replays = 0
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            Spy.captures += 1
+
+        def __call__(self, tok):
+            Spy.replays += 1
+            return super().__call__(tok)
+
+    runs = []
+    for g in (False, True, None):
+        Spy.captures = Spy.replays = 0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(generation, "_GraphedStep", Spy)
+            runs.append(generate(model, ids, max_new_tokens=40, cuda_graph=g, **kw))
+        assert (Spy.captures, Spy.replays) == ((0, 0) if g is False else (1, 39)), (g, Spy.captures, Spy.replays)
     assert runs[0].shape == (3, 52)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     # EOS stopping per sequence through the graph: stop at a token the first row emits
@@ -162,3 +181,37 @@ def test_bf16_autocast_training_close_to_fp32_reference():
     for name, g in grads.items():
         assert torch.isfinite(g).all(), name
         assert rel_err(g, grads_ref[name]) < 5e-2, (name, rel_err(g, grads_ref[name]))
+
+
+@pytest.mark.parametrize("launch", ["seq:1x128x4", "seq:2x64x2", "seq:1x256x4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seq_kernels_at_gpu_launch_shapes(launch, dtype, monkeypatch):
+    """The plain-recurrence kernels at the channel blocks a GPU runs (the op grid uses 16), with the
+    ex2.approx.ftz exp: forward and every gradient against the reference."""
+    from openlm_mamba.ops import selective_scan
+    from openlm_mamba.ops.selective_scan.reference import selective_scan_ref
+
+    monkeypatch.setenv("OPENLM_MAMBA_SCAN_LAUNCH", f"fwd={launch},bwd={launch}")
+    g = torch.Generator(device=DEV).manual_seed(2)
+    b, d, L, N = 2, 640, 300, 16  # d not a multiple of the blocks; L over two chunks
+
+    def r(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dt).requires_grad_()
+
+    u, delta, z = r(b, L, d).transpose(1, 2), r(b, L, d, scale=0.5).transpose(1, 2), r(b, L, d).transpose(1, 2)
+    A = (-(torch.rand(d, N, generator=g, device=DEV) + 0.5)).requires_grad_()
+    B, C = r(b, N, L), r(b, N, L)
+    D, bias = r(d, dt=torch.float32), r(d, scale=0.3, dt=torch.float32)
+    h0 = r(b, d, N, dt=torch.float32)
+    args = (u, delta, A, B, C, D, z, bias)
+    kw = dict(delta_softplus=True, return_last_state=True, initial_state=h0)
+    out, last = selective_scan(*args, **kw, backend="triton")
+    ref, ref_last = selective_scan_ref(*args, **kw)
+    tensors = [*args, h0]
+    go = torch.randn(out.shape, generator=g, device=DEV)
+    grads = torch.autograd.grad((out.float() * go).sum() + last.sum(), tensors)
+    ref_grads = torch.autograd.grad((ref.float() * go).sum() + ref_last.sum(), tensors)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel_err(out, ref) < tol and rel_err(last, ref_last) < tol
+    for name, got, want in zip(["u", "delta", "A", "B", "C", "D", "z", "bias", "h0"], grads, ref_grads):
+        assert rel_err(got, want) < tol, name

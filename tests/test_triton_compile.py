@@ -53,15 +53,20 @@ COMPILE = textwrap.dedent(
         for a, b, c in flag_sets:
             common = dict(HAS_D=a, HAS_Z=b, SOFTPLUS=c, HAS_BIAS=c, ACC=tl.float32, CHUNK=128, BLOCK_N=16)
             for which, launch in ss.GPU_LAUNCH.items():  # the default launch shapes
-                tile, bd, warps = launch
+                tile, bd, warps = launch[:3]
+                seq = len(launch) > 3 and launch[3] == "seq"
+                extra = dict(FAST_EXP=True) if seq else {}
                 if which == "fwd":
-                    consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b)
-                    compile_kernel(ss._scan_fwd_kernel, consts, io, warps=warps)
+                    consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b, **extra)
+                    compile_kernel(ss._scan_fwd_seq_kernel if seq else ss._scan_fwd_kernel, consts, io, warps=warps)
                 else:
-                    compile_kernel(ss._scan_bwd_kernel, dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a), io, warps=warps)
-            for tile, bd, warps in [(2, 128, 4), (1, 128, 4), (4, 64, 2)] if FULL else [(2, 128, 4)]:  # seq forward
+                    consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a, **extra)
+                    compile_kernel(ss._scan_bwd_seq_kernel if seq else ss._scan_bwd_kernel, consts, io, warps=warps)
+            for tile, bd, warps in [(2, 128, 4), (1, 128, 4), (4, 64, 2)] if FULL else [(2, 128, 4)]:  # seq kernels
                 consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b, FAST_EXP=True)  # as on a GPU
                 compile_kernel(ss._scan_fwd_seq_kernel, consts, io, warps=warps)
+                consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a, FAST_EXP=True)
+                compile_kernel(ss._scan_bwd_seq_kernel, consts, io, warps=warps)
         io = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "i_ptr", "o_ptr", "go_ptr", "dx_ptr", "di_ptr"], dt)
         for W in (1, 2, 3, 4) if FULL else (4,):
             for a, b, c in flag_sets:
@@ -160,6 +165,7 @@ INDEX_PRODUCTS = textwrap.dedent(
     check(ss._scan_fwd_kernel, dict(scan, HAS_H0=True, SAVE=True))
     check(ss._scan_bwd_kernel, dict(scan, HAS_GL=True))
     check(ss._scan_fwd_seq_kernel, dict(scan, HAS_H0=True, SAVE=True, TILE=2, BLOCK_D=128, FAST_EXP=True))
+    check(ss._scan_bwd_seq_kernel, dict(scan, HAS_GL=True, TILE=2, BLOCK_D=128, FAST_EXP=True))
     conv = dict(W=4, HAS_BIAS=True, HAS_INIT=True, SILU=True, ACC=tl.float32, BLOCK_D=64, BLOCK_T=32)
     check(cc._conv_fwd_kernel, conv)
     check(cc._conv_bwd_kernel, conv)
@@ -167,7 +173,7 @@ INDEX_PRODUCTS = textwrap.dedent(
     check(rn._add_norm_fwd_kernel, dict(norm, HAS_BIAS=True, STORE_RES=True), floats=("eps",))
     check(rn._add_norm_bwd_kernel, dict(norm, HAS_GR=True))
     check(su._state_update_kernel, dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_D=64, BLOCK_N=16))
-    print(f"{found} int32 index products in 8 kernels")
+    print(f"{found} int32 index products in 9 kernels")
     """
 )
 
@@ -197,14 +203,14 @@ def compile_all(which: str, script: str = COMPILE) -> str:
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 20 kernels" in compile_all("ci")
+    assert "compiled 22 kernels" in compile_all("ci")
 
 
 @pytest.mark.slow
 def test_all_kernel_variants_compile_for_sm90():
-    assert "compiled 288 kernels" in compile_all("full")
+    assert "compiled 336 kernels" in compile_all("full")
 
 
 def test_index_times_stride_is_computed_in_int64():
     out = compile_all("", INDEX_PRODUCTS)
-    assert "0 int32 index products in 8 kernels" in out, out
+    assert "0 int32 index products in 9 kernels" in out, out

@@ -119,7 +119,7 @@ def test_sweep_scan_quick(tmp_path):
 
     result = json.loads(out.read_text())
     kinds = {(r["pass"], r["kernel"]) for r in result["rows"]}
-    assert kinds == {("fwd", "tile"), ("fwd", "seq"), ("bwd", "tile")}, result["rows"]
+    assert kinds == {("fwd", "tile"), ("fwd", "seq"), ("bwd", "tile"), ("bwd", "seq")}, result["rows"]
     assert all(r["ms"] > 0 and r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
     assert set(result["best"]) == {"fwd", "bwd"} and "best launch: fwd=" in proc.stdout
 

@@ -220,16 +220,20 @@ SEQ_CI = [
 ]
 
 
-def check_seq(c: dict, tile: int, monkeypatch) -> None:
-    """The plain-recurrence forward (launch "seq:...") against the reference, and the tile backward from
-    the chunk states it saved; the spy makes sure the seq kernel is the one that ran."""
+def check_seq(c: dict, tile: int, monkeypatch, fwd: bool = True, bwd: bool = True) -> None:
+    """The plain-recurrence kernels (launch "seq:...") for the forward and/or the backward, against the
+    reference (forward and every gradient); the spies make sure the seq kernels are the ones that ran."""
     from openlm_mamba.ops.selective_scan import triton as ss
 
-    spy = _LaunchSpy(ss._scan_fwd_seq_kernel)
-    monkeypatch.setattr(ss, "_scan_fwd_seq_kernel", spy)
-    monkeypatch.setenv(ss.LAUNCH_ENV, f"fwd=seq:{tile}x16x1")
+    spies = {}
+    for name, on in (("_scan_fwd_seq_kernel", fwd), ("_scan_bwd_seq_kernel", bwd)):
+        if on:
+            spies[name] = _LaunchSpy(getattr(ss, name))
+            monkeypatch.setattr(ss, name, spies[name])
+    launch = [f"{w}=seq:{tile}x16x1" for w, on in (("fwd", fwd), ("bwd", bwd)) if on]
+    monkeypatch.setenv(ss.LAUNCH_ENV, ",".join(launch))
     check_scan(c, chunk=16)
-    assert spy.launches >= 1
+    assert all(spy.launches >= 1 for spy in spies.values()), spies
 
 
 def test_launch_specs_parse_and_select_the_kernel(monkeypatch):
@@ -240,31 +244,40 @@ def test_launch_specs_parse_and_select_the_kernel(monkeypatch):
     for bad, match in [
         ("seq:2x128", "expected a launch like"),
         ("foo:2x2x2", "expected a launch like"),
+        ("tile:2x2x2", "expected a launch like"),
+        (":2x2x2", "expected a launch like"),
         ("0x16x4", "expected a launch like"),
         ("3x16x4", "power of two"),
     ]:
         with pytest.raises(ValueError, match=match):
             ss.parse_launch(bad)
-    with pytest.raises(ValueError, match="a forward kernel"):
-        ss.parse_launch("seq:2x16x1", "bwd")
     monkeypatch.setenv(ss.LAUNCH_ENV, "fwd=seq:2x32x2,bwd=4x32x4")
     assert ss._launch("fwd", 64, 128, 0, 0) == (2, 32, 2, "seq")
     assert ss._launch("bwd", 64, 128, 0, 0) == (4, 32, 4, "tile")
     assert ss._launch("fwd", 64, 128, 8, 16) == (8, 16, 2, "seq")  # explicit tile / block_d win
     monkeypatch.setenv(ss.LAUNCH_ENV, "bwd=seq:2x32x2")
-    with pytest.raises(ValueError, match=r"OPENLM_MAMBA_SCAN_LAUNCH: 'bwd=seq:2x32x2': .*a forward kernel"):
-        ss._launch("bwd", 64, 128, 0, 0)
+    assert ss._launch("bwd", 64, 128, 0, 0) == (2, 32, 2, "seq")
+    monkeypatch.setenv(ss.LAUNCH_ENV, "fwd=seq:2x32x2,bwd=seq:2x32")  # a bad entry fails whichever pass asks
+    for which in ("fwd", "bwd"):
+        with pytest.raises(ValueError, match=r"OPENLM_MAMBA_SCAN_LAUNCH: 'bwd=seq:2x32': expected a launch like"):
+            ss._launch(which, 64, 128, 0, 0)
 
 
 @pytest.mark.parametrize("tile", [1, 4])
 @pytest.mark.parametrize("c", SEQ_CI, ids=case_id)
-def test_seq_forward_matches_reference(c, tile, monkeypatch):
+def test_seq_kernels_match_reference(c, tile, monkeypatch):
     check_seq(c, tile, monkeypatch)
+
+
+@pytest.mark.parametrize("fwd", [True, False], ids=["seq-fwd-tile-bwd", "tile-fwd-seq-bwd"])
+def test_seq_and_tile_kernels_mix(fwd, monkeypatch):
+    """Either kernel's saved chunk states feed the other's backward."""
+    check_seq(scan_case(2, 20, 37, 16), 2, monkeypatch, fwd=fwd, bwd=not fwd)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("c", SCAN_FULL, ids=case_id)
-def test_seq_forward_matches_reference_full(c, monkeypatch):
+def test_seq_kernels_match_reference_full(c, monkeypatch):
     check_seq(c, 2, monkeypatch)
 
 

@@ -162,6 +162,7 @@ if HAS_TRITON:
         each thread keeps d_state in its registers and the sum over it for y is its own; TILE steps are
         unrolled per loop iteration, so their loads are in flight together. Give A and h0 with the
         channels contiguous (sA_d, sh_d = 1): their loads set that layout."""
+        tl.static_assert(CHUNK % TILE == 0, "TILE must divide CHUNK (the steps of a chunk come in whole tiles)")
         b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see _scan_fwd_kernel
         g = tl.program_id(1)
         offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -354,50 +355,221 @@ if HAS_TRITON:
         tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _seq_step_inputs(
+        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One step's (dt, dt before softplus, u, B_t, C_t, channel mask); dt = 0 past the end (a masked step
+        leaves the state as it is)."""
+        # step masks from tensors (the interpreter rejects a mask made with a 0-d comparison)
+        md = dmask & (tl.zeros((BLOCK_D,), tl.int64) + t < L)
+        mn = nmask & (tl.zeros((BLOCK_N,), tl.int64) + t < L)
+        raw = tl.load(d_base + t * sd_t, mask=md, other=0.0).to(ACC)
+        if HAS_BIAS:
+            raw += bias
+        dt = raw
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        dt = tl.where(md, dt, 0.0)
+        u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(ACC)
+        Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(ACC)
+        Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(ACC)
+        return dt, raw, u, Bt, Ct, md, mn
+
+    @triton.jit
+    def _seq_exp(x, FAST_EXP: tl.constexpr):
+        """exp(x), or 2^x of a log2(e)-scaled x through _exp2_ftz (FAST_EXP)."""
+        if FAST_EXP:
+            return _exp2_ftz(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def _scan_bwd_seq_kernel(
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr, go_ptr, gl_ptr, scr_ptr,
+        du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+        dim, L, dpg, N, nchunks, nslots,
+        su_b, su_d, su_t, sd_b, sd_d, sd_t, sA_d, sA_n,
+        sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+        sz_b, sz_d, sz_t, sgo_b, sgo_d, sgo_t, sgl_b, sgl_d, sgl_n,
+        sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t, sdz_b, sdz_d, sdz_t,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GL: tl.constexpr,
+        SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+        CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        FAST_EXP: tl.constexpr = False,
+    ):  # fmt: skip
+        """The backward with the seq forward's layout: the same arguments and results as ``_scan_bwd_kernel``.
+
+        State-shaped values are (BLOCK_N, BLOCK_D) with the channels across the threads, so sums over
+        d_state are each thread's own. Per chunk (last first) it recomputes the state at each tile start
+        into the scratch buffer, then per tile (last first) recomputes the tile's TILE steps forward,
+        keeping them in registers, and walks them backward. Give A and grad_last with the channels
+        contiguous (sA_d, sgl_d = 1)."""
+        tl.static_assert(CHUNK % TILE == 0, "TILE must divide CHUNK (the steps of a chunk come in whole tiles)")
+        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see _scan_fwd_kernel
+        g = tl.program_id(1)
+        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs < dpg
+        d = (g * dpg + offs).to(tl.int64)
+        n = tl.arange(0, BLOCK_N)
+        nmask = n < N
+        m2 = nmask[:, None] & dmask[None, :]
+        A = tl.load(A_ptr + d[None, :] * sA_d + n[:, None] * sA_n, mask=m2, other=0.0).to(ACC)
+        a_scale = 1.0  # A held as log2(e) A with FAST_EXP (the factors are 2^(dt A)): sums over A scale back
+        if FAST_EXP:
+            A = A * 1.4426950408889634
+            a_scale = 0.6931471805599453
+        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        # carry: the gradient reaching the state after the current step from the steps after it
+        if HAS_GL:
+            carry = tl.load(gl_ptr + b * sgl_b + d[None, :] * sgl_d + n[:, None] * sgl_n, mask=m2, other=0.0).to(ACC)
+        else:
+            carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+        dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+        u_base = u_ptr + b * su_b + d * su_d
+        d_base = dl_ptr + b * sd_b + d * sd_d
+        z_base = z_ptr + b * sz_b + d * sz_d
+        go_base = go_ptr + b * sgo_b + d * sgo_d
+        du_base = du_ptr + b * sdu_b + d * sdu_d
+        dd_base = ddl_ptr + b * sdd_b + d * sdd_d
+        dz_base = dz_ptr + b * sdz_b + d * sdz_d
+        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
+        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
+        # dB / dC: this block's sums over its channels go to one of nslots (batch, groups, nslots, N, L) buffers
+        slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
+        dB_base = dB_ptr + slot + n * L
+        dC_base = dC_ptr + slot + n * L
+        nd = d[None, :] * N + n[:, None]  # (dim, N) layout of the saved states and of dA / dh0
+        # scratch: (batch, CHUNK // TILE, BLOCK_N, dim); each thread reads back only what it wrote
+        scr_base = scr_ptr + (b * (CHUNK // TILE) * BLOCK_N + n[:, None]) * dim + d[None, :]
+        scr_tile = tl.cast(dim, tl.int64) * BLOCK_N  # from one tile-start state to the next
+        for ci in range(nchunks):
+            c = nchunks - 1 - ci
+            t_c = c * CHUNK
+            ntiles = tl.cdiv(tl.minimum(t_c + CHUNK, L) - t_c, TILE)
+            h = tl.load(st_ptr + (b * nchunks + c) * dim * N + nd, mask=m2, other=0.0).to(ACC)
+            for k in range(ntiles):  # the state at each tile start of the chunk
+                tl.store(scr_base + k * scr_tile, h, mask=m2)
+                for i in tl.static_range(TILE):
+                    t = tl.cast(t_c + k * TILE + i, tl.int64)
+                    dt, _, u, Bt, _, _, _ = _seq_step_inputs(
+                        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
+                        HAS_BIAS, SOFTPLUS, ACC, BLOCK_D, BLOCK_N,
+                    )  # fmt: skip
+                    h = _seq_exp(dt[None, :] * A, FAST_EXP) * h + (dt * u)[None, :] * Bt[:, None]
+            for kk in range(ntiles):
+                k = ntiles - 1 - kk
+                h = tl.load(scr_base + k * scr_tile, mask=m2, other=0.0)
+                # the tile's steps forward, kept for the walk back: (state before, factor, dt, raw dt, u, B, C)
+                hp, fs, dts, raws, us, Bs, Cs, mds, mns = (), (), (), (), (), (), (), (), ()
+                for i in tl.static_range(TILE):
+                    t = tl.cast(t_c + k * TILE + i, tl.int64)
+                    dt, raw, u, Bt, Ct, md, mn = _seq_step_inputs(
+                        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
+                        HAS_BIAS, SOFTPLUS, ACC, BLOCK_D, BLOCK_N,
+                    )  # fmt: skip
+                    f = _seq_exp(dt[None, :] * A, FAST_EXP)
+                    # tuple concatenation: Triton's frontend builds these tuples, it has no starred unpacking
+                    hp, fs, dts, raws, us = hp + (h,), fs + (f,), dts + (dt,), raws + (raw,), us + (u,)  # noqa: RUF005
+                    Bs, Cs, mds, mns = Bs + (Bt,), Cs + (Ct,), mds + (md,), mns + (mn,)  # noqa: RUF005
+                    h = f * h + (dt * u)[None, :] * Bt[:, None]
+                for i in tl.static_range(TILE - 1, -1, -1):  # h: the state after step i
+                    t = tl.cast(t_c + k * TILE + i, tl.int64)
+                    dt, u, Bt, Ct, md = dts[i], us[i], Bs[i], Cs[i], mds[i]
+                    go = tl.load(go_base + t * sgo_t, mask=md, other=0.0).to(ACC)
+                    if HAS_Z:
+                        zt = tl.load(z_base + t * sz_t, mask=md, other=0.0).to(ACC)
+                        y = tl.sum(h * Ct[:, None], axis=0)
+                        if HAS_D:
+                            y += Dv * u
+                        sz = tl.sigmoid(zt)
+                        dz = go * y * sz * (1.0 + zt * (1.0 - sz))
+                        tl.store(dz_base + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=md)
+                        dy = go * zt * sz
+                    else:
+                        dy = go
+                    gh = carry + dy[None, :] * Ct[:, None]  # the gradient reaching h_t
+                    tl.atomic_add(dC_base + t, tl.sum(dy[None, :] * h, axis=1), mask=mns[i], sem="relaxed")
+                    tl.atomic_add(dB_base + t, tl.sum(gh * (dt * u)[None, :], axis=1), mask=mns[i], sem="relaxed")
+                    gB = tl.sum(gh * Bt[:, None], axis=0)
+                    du = dt * gB
+                    if HAS_D:
+                        du += dy * Dv
+                        dD_acc += dy * u
+                    ghd = gh * fs[i] * hp[i]  # gh_t * exp(dt_t A) * h_{t-1}
+                    ddt = u * gB + tl.sum(ghd * A, axis=0) * a_scale
+                    dA_acc += ghd * dt[None, :]
+                    if SOFTPLUS:
+                        ddt = ddt * tl.sigmoid(raws[i])
+                    ddt = tl.where(md, ddt, 0.0)
+                    dbias_acc += ddt
+                    tl.store(du_base + t * sdu_t, du.to(du_ptr.dtype.element_ty), mask=md)
+                    tl.store(dd_base + t * sdd_t, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
+                    carry = gh * fs[i]
+                    h = hp[i]
+        tl.store(dh0_ptr + b * dim * N + nd, carry, mask=m2)
+        tl.store(dA_ptr + b * dim * N + nd, dA_acc, mask=m2)
+        tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
+        tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
+
+
 # Launch shape on a GPU: time steps per tile, channels per program, warps per program. Measured
 # on an H200 at Mamba-7B shapes (benchmarks/sweep_scan.py): wide channel blocks pay off in the
 # backward when there are many channels (fewer programs share each dB/dC slot), "bwd_wide" is
 # used from WIDE_DPG channels per group up. The interpreter prefers few, large programs.
-# A fourth entry "seq" picks the forward's plain-recurrence kernel (_scan_fwd_seq_kernel; TILE is
-# then the steps unrolled per loop iteration). Compiled offline for sm_90 it issues about a quarter of
-# the tile kernel's instructions per state update; it has not been timed on a GPU yet.
-# $OPENLM_MAMBA_SCAN_LAUNCH (e.g. "fwd=8x16x4,bwd=4x32x4" or "fwd=seq:2x128x4") overrides these.
+# A fourth entry "seq" picks the plain-recurrence kernels (_scan_fwd_seq_kernel, _scan_bwd_seq_kernel:
+# d_state in each thread's registers; TILE is then the steps unrolled per loop iteration). Compiled
+# offline for sm_90 they issue a fraction of the tile kernels' instructions per state update
+# (benchmarks/sass_scan.py); they have not been timed on a GPU yet.
+# $OPENLM_MAMBA_SCAN_LAUNCH (e.g. "fwd=8x16x4,bwd=4x32x4" or "fwd=seq:1x128x4,bwd=seq:4x128x4") overrides these.
 GPU_LAUNCH = {"fwd": (8, 16, 4), "bwd": (4, 16, 2), "bwd_wide": (4, 32, 4)}
 CPU_LAUNCH = {"fwd": (32, 64, 1), "bwd": (32, 64, 1)}
 WIDE_DPG = 4096
 LAUNCH_ENV = "OPENLM_MAMBA_SCAN_LAUNCH"
-FWD_KERNELS = ("tile", "seq")
 BWD_SLOTS = 16  # partial dB / dC buffers: programs along the channels spread their atomic adds over these
 
 
-def parse_launch(text: str, which: str = "fwd") -> tuple:
+def parse_launch(text: str) -> tuple:
     """``"[seq:]TILExBLOCK_DxWARPS"`` -> (TILE, BLOCK_D, warps) or (TILE, BLOCK_D, warps, "seq"); ValueError if
-    malformed. Every number must be a positive power of two; "seq" is a forward kernel only."""
+    malformed. Every number must be a positive power of two."""
     kernel, _, shape = text.rpartition(":")
     parts = shape.split("x")
-    if kernel not in ("", *FWD_KERNELS) or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if (":" in text and kernel != "seq") or len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"expected a launch like 16x16x4 or seq:2x128x4 ([seq:]TILE x BLOCK_D x warps), got {text!r}")
     dims = tuple(int(p) for p in parts)
     if any(v & (v - 1) for v in dims):
         raise ValueError(f"launch {text!r}: every number must be a power of two")
-    if kernel == "seq" and which != "fwd":
-        raise ValueError(f"launch {text!r}: the seq kernel is a forward kernel (bwd takes TILExBLOCK_DxWARPS)")
     return (*dims, kernel) if kernel == "seq" else dims
 
 
 def _env_launch(which: str) -> tuple | None:
+    """The ``which`` launch set by $OPENLM_MAMBA_SCAN_LAUNCH, or None; every entry is checked, used or not."""
     spec = os.environ.get(LAUNCH_ENV, "")
+    found = None
     for item in filter(None, spec.replace(" ", "").split(",")):
         key, _, value = item.partition("=")
         if key not in ("fwd", "bwd"):
-            raise ValueError(f"${LAUNCH_ENV}: expected entries like fwd=16x16x4 (TILE x BLOCK_D x warps), got {item!r}")
+            raise ValueError(
+                f"${LAUNCH_ENV}: expected entries like fwd=16x16x4 or bwd=seq:1x128x4 ([seq:]TILE x BLOCK_D x warps), "
+                f"got {item!r}"
+            )
         try:
-            shape = parse_launch(value, key)
+            shape = parse_launch(value)
         except ValueError as exc:
             raise ValueError(f"${LAUNCH_ENV}: {item!r}: {exc}") from None
-        if key == which:
-            return shape
-    return None
+        if key == which and found is None:
+            found = shape
+    return found
 
 
 def _launch(which: str, dpg: int, chunk: int, tile: int, block_d: int) -> tuple[int, int, int, str]:
@@ -539,7 +711,7 @@ def selective_scan_bwd(
     dpg = dim // groups
     acc = acc_dtype(u, delta, A, B, C, D, z, delta_bias, states)  # states: the forward's (it counts initial_state)
     nchunks = states.shape[1]
-    tile, bd, warps, _ = _launch("bwd", dpg, chunk, tile, block_d)
+    tile, bd, warps, kernel = _launch("bwd", dpg, chunk, tile, block_d)
     bn = next_pow2(N)
     dev = u.device
     du = _like_bdl(u, u.dtype)
@@ -557,18 +729,26 @@ def selective_scan_bwd(
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
     Dc, bias_c = _dense(D), _dense(delta_bias)
+    fn, A_in, sA, gl, sgl, extra = _scan_bwd_kernel, A, A.stride(), grad_last, _strides3(grad_last), {}
+    if kernel == "seq":  # A and grad_last channel-contiguous (tiny copies), as the seq forward takes them
+        fn, At = _scan_bwd_seq_kernel, A.t().contiguous()
+        A_in, sA = At.t(), (At.stride(1), At.stride(0))
+        if grad_last is not None:
+            gl = grad_last.transpose(1, 2).contiguous()
+            sgl = (gl.stride(0), gl.stride(2), gl.stride(1))
+        extra["FAST_EXP"] = acc == torch.float32 and not interpreting()
     with on_device(u):
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, _opt(Dc, u), _opt(z, u), _opt(bias_c, u), states, grad_out, _opt(grad_last, u), scratch,
+        fn[grid](
+            u, delta, A_in, B, C, _opt(Dc, u), _opt(z, u), _opt(bias_c, u), states, grad_out, _opt(gl, u), scratch,
             du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
             dim, L, dpg, N, nchunks, nslots,
-            *u.stride(), *delta.stride(), *A.stride(),
+            *u.stride(), *delta.stride(), *sA,
             sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-            *_strides3(z), *grad_out.stride(), *_strides3(grad_last),
+            *_strides3(z), *grad_out.stride(), *sgl,
             *du.stride(), *ddelta.stride(), *_strides3(dz if z is not None else None),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GL=grad_last is not None,
             SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=bn,
-            num_warps=warps,
+            num_warps=warps, **extra,
         )  # fmt: skip
     dB, dC = dB.sum(2), dC.sum(2)
     dB = (dB.sum(1) if B.dim() == 3 else dB).to(B.dtype)
