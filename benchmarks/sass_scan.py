@@ -83,7 +83,7 @@ def compile_launch(launch: tuple, tmp: Path, backward: bool = False) -> dict:
     consts.update({k: v for k, v in MODEL_ONES.items() if k in jit.arg_names})
     consts["sA_d" if seq else "sA_n"] = 1  # the seq kernel is given A channel-contiguous
     if seq:
-        consts["FAST_EXP"] = True
+        consts.update(FAST_EXP=True, ASM=True)
     sig, attrs = {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in consts:

@@ -55,7 +55,7 @@ COMPILE = textwrap.dedent(
             for which, launch in ss.GPU_LAUNCH.items():  # the default launch shapes
                 tile, bd, warps = launch[:3]
                 seq = len(launch) > 3 and launch[3] == "seq"
-                extra = dict(FAST_EXP=True) if seq else {}
+                extra = dict(FAST_EXP=True, ASM=True) if seq else {}
                 if which == "fwd":
                     consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b, **extra)
                     compile_kernel(ss._scan_fwd_seq_kernel if seq else ss._scan_fwd_kernel, consts, io, warps=warps)
@@ -63,9 +63,9 @@ COMPILE = textwrap.dedent(
                     consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a, **extra)
                     compile_kernel(ss._scan_bwd_seq_kernel if seq else ss._scan_bwd_kernel, consts, io, warps=warps)
             for tile, bd, warps in [(2, 128, 4), (1, 128, 4), (4, 64, 2)] if FULL else [(2, 128, 4)]:  # seq kernels
-                consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b, FAST_EXP=True)  # as on a GPU
+                consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_H0=a, SAVE=b, FAST_EXP=True, ASM=True)  # as on a GPU
                 compile_kernel(ss._scan_fwd_seq_kernel, consts, io, warps=warps)
-                consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a, FAST_EXP=True)
+                consts = dict(common, TILE=tile, BLOCK_D=bd, HAS_GL=a, FAST_EXP=True, ASM=True)
                 compile_kernel(ss._scan_bwd_seq_kernel, consts, io, warps=warps)
         io = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "i_ptr", "o_ptr", "go_ptr", "dx_ptr", "di_ptr"], dt)
         for W in (1, 2, 3, 4) if FULL else (4,):
@@ -164,8 +164,8 @@ INDEX_PRODUCTS = textwrap.dedent(
     scan = dict(HAS_D=True, HAS_Z=True, SOFTPLUS=True, HAS_BIAS=True, ACC=tl.float32, CHUNK=128, TILE=8, BLOCK_D=16, BLOCK_N=16)
     check(ss._scan_fwd_kernel, dict(scan, HAS_H0=True, SAVE=True))
     check(ss._scan_bwd_kernel, dict(scan, HAS_GL=True))
-    check(ss._scan_fwd_seq_kernel, dict(scan, HAS_H0=True, SAVE=True, TILE=2, BLOCK_D=128, FAST_EXP=True))
-    check(ss._scan_bwd_seq_kernel, dict(scan, HAS_GL=True, TILE=2, BLOCK_D=128, FAST_EXP=True))
+    check(ss._scan_fwd_seq_kernel, dict(scan, HAS_H0=True, SAVE=True, TILE=2, BLOCK_D=128, FAST_EXP=True, ASM=True))
+    check(ss._scan_bwd_seq_kernel, dict(scan, HAS_GL=True, TILE=2, BLOCK_D=128, FAST_EXP=True, ASM=True))
     conv = dict(W=4, HAS_BIAS=True, HAS_INIT=True, SILU=True, ACC=tl.float32, BLOCK_D=64, BLOCK_T=32)
     check(cc._conv_fwd_kernel, conv)
     check(cc._conv_bwd_kernel, conv)

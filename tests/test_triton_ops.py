@@ -216,7 +216,9 @@ class _LaunchSpy:
 SEQ_CI = [
     scan_case(2, 20, 37, 16),  # every option, 3 chunks, 2 channel blocks, an initial state
     scan_case(2, 24, 21, 4, groups=2, h0=False, softplus=False),
+    scan_case(1, 24, 17, 3, groups=4, z=False, D=False),  # d_state not a power of two, 4 groups
     scan_case(1, 8, 9, 4, dtype=torch.float64),
+    scan_case(1, 12, 1, 1, bias=False, dtype=torch.bfloat16),
 ]
 
 
@@ -273,6 +275,22 @@ def test_seq_kernels_match_reference(c, tile, monkeypatch):
 def test_seq_and_tile_kernels_mix(fwd, monkeypatch):
     """Either kernel's saved chunk states feed the other's backward."""
     check_seq(scan_case(2, 20, 37, 16), 2, monkeypatch, fwd=fwd, bwd=not fwd)
+
+
+def test_seq_backward_without_grad_last_equals_the_tile_backward(monkeypatch):
+    """The op's backward without a gradient for the last state (HAS_GL off; autograd always passes one)."""
+    from openlm_mamba.ops.selective_scan import triton as ss
+
+    x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(scan_case(2, 20, 37, 4)).items()}
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    _, _, states = ss.selective_scan_fwd(*args, x["initial_state"], True, True, 16, 16)
+    go = torch.randn(x["u"].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    runs = []
+    for launch in ("bwd=4x16x1", "bwd=seq:2x16x1"):
+        monkeypatch.setenv(ss.LAUNCH_ENV, launch)
+        runs.append(ss.selective_scan_bwd(*args, states, go, None, True, 16, 16))
+    for name, a, b in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"], *runs):
+        assert_close(a, b, 1e-5, name)
 
 
 @pytest.mark.slow

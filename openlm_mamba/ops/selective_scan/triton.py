@@ -70,6 +70,49 @@ if HAS_TRITON:
         return tl.where(m_td, dt, 0.0), raw
 
     @triton.jit
+    def _program_block(dpg, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(batch, group, channels, channel mask, states, state mask) of this program: (batch, group, block of
+        BLOCK_D channels). Batch and channel indices are int64: their products with strides pass 2^31."""
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs < dpg
+        d = (g * dpg + offs).to(tl.int64)
+        n = tl.arange(0, BLOCK_N)
+        return b, g, d, dmask, n, n < N
+
+    @triton.jit
+    def _channel_params(D_ptr, bias_ptr, d, dmask, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+        """(D, delta_bias) of the channels ``d`` (zeros where absent)."""
+        Dv = tl.zeros(d.shape, dtype=ACC)
+        bias = tl.zeros(d.shape, dtype=ACC)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        return Dv, bias
+
+    @triton.jit
+    def _input_bases(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, g, d, n,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+    ):  # fmt: skip
+        """Pointers to time step 0 of u, delta, z (per channel) and of B, C (per state) for this program."""
+        u_base = u_ptr + b * su_b + d * su_d
+        d_base = dl_ptr + b * sd_b + d * sd_d
+        z_base = z_ptr + b * sz_b + d * sz_d
+        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
+        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
+        return u_base, d_base, z_base, B_base, C_base
+
+    @triton.jit
+    def _dbc_bases(dB_ptr, dC_ptr, b, g, n, dim, dpg, nslots, N, L):
+        """Pointers to time step 0 of this program's dB / dC rows: its sums over its channels are added to
+        one of nslots (batch, groups, nslots, N, L) buffers (fewer programs contend for each address)."""
+        slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
+        return dB_ptr + slot + n * L, dC_ptr + slot + n * L
+
+    @triton.jit
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
         out_ptr, last_ptr, st_ptr,
@@ -85,33 +128,21 @@ if HAS_TRITON:
         # strides pass 2^31 at Mamba-7B sizes. z is half of a (batch, seqlen, 2 * d_inner) buffer, so
         # its time stride 2 * d_inner does from 131072 steps; a (batch, d_inner, seqlen) u's channel
         # stride is seqlen; the saved states hold batch * seqlen / CHUNK * d_inner * d_state floats.
-        b = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1)
-        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < dpg
-        d = (g * dpg + offs).to(tl.int64)
-        n = tl.arange(0, BLOCK_N)
-        nmask = n < N
+        b, g, d, dmask, n, nmask = _program_block(dpg, N, BLOCK_D, BLOCK_N)
         m2 = dmask[:, None] & nmask[None, :]
         tt = tl.arange(0, TILE).to(tl.int64)
         last_row = (tt == TILE - 1)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
-        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        Dv, bias = _channel_params(D_ptr, bias_ptr, d, dmask, HAS_D, HAS_BIAS, ACC)
         if HAS_H0:
             h = tl.load(h0_ptr + b * sh_b + d[:, None] * sh_d + n[None, :] * sh_n, mask=m2, other=0.0).to(ACC)
         else:
             h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-        u_base = u_ptr + b * su_b + d * su_d
-        d_base = dl_ptr + b * sd_b + d * sd_d
-        z_base = z_ptr + b * sz_b + d * sz_d
+        u_base, d_base, z_base, B_base, C_base = _input_bases(
+            u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, g, d, n,
+            su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+        )  # fmt: skip
         o_base = out_ptr + b * so_b + d * so_d
-        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
-        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
         dn = d[:, None] * N + n[None, :]
         for c in range(nchunks):
             if SAVE:
@@ -145,6 +176,39 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _seq_exp(x, FAST_EXP: tl.constexpr, ASM: tl.constexpr):
+        """exp(x), or with FAST_EXP 2^x of a log2(e)-scaled x: through _exp2_ftz (ASM, on a GPU) or tl.exp2
+        (the interpreter, which has no asm: so the CPU tests cover the scaled path too)."""
+        if FAST_EXP:
+            if ASM:
+                return _exp2_ftz(x)
+            return tl.exp2(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def _seq_step_inputs(
+        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One step's (dt, dt before softplus, u, B_t, C_t, channel mask); dt = 0 past the end (a masked step
+        leaves the state as it is)."""
+        # step masks from tensors (the interpreter rejects a mask made with a 0-d comparison)
+        md = dmask & (tl.zeros((BLOCK_D,), tl.int64) + t < L)
+        mn = nmask & (tl.zeros((BLOCK_N,), tl.int64) + t < L)
+        raw = tl.load(d_base + t * sd_t, mask=md, other=0.0).to(ACC)
+        if HAS_BIAS:
+            raw += bias
+        dt = raw
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        dt = tl.where(md, dt, 0.0)
+        u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(ACC)
+        Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(ACC)
+        Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(ACC)
+        return dt, raw, u, Bt, Ct, md, mn
+
+    @triton.jit
     def _scan_fwd_seq_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
         out_ptr, last_ptr, st_ptr,
@@ -155,7 +219,7 @@ if HAS_TRITON:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
         SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
         CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        FAST_EXP: tl.constexpr = False,
+        FAST_EXP: tl.constexpr = False, ASM: tl.constexpr = False,
     ):  # fmt: skip
         """The forward as a plain recurrence, one time step after another: the same arguments and results
         as ``_scan_fwd_kernel``. The state is (BLOCK_N, BLOCK_D) with the channels across the threads, so
@@ -163,33 +227,21 @@ if HAS_TRITON:
         unrolled per loop iteration, so their loads are in flight together. Give A and h0 with the
         channels contiguous (sA_d, sh_d = 1): their loads set that layout."""
         tl.static_assert(CHUNK % TILE == 0, "TILE must divide CHUNK (the steps of a chunk come in whole tiles)")
-        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see _scan_fwd_kernel
-        g = tl.program_id(1)
-        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < dpg
-        d = (g * dpg + offs).to(tl.int64)
-        n = tl.arange(0, BLOCK_N)
-        nmask = n < N
+        b, g, d, dmask, n, nmask = _program_block(dpg, N, BLOCK_D, BLOCK_N)
         m2 = nmask[:, None] & dmask[None, :]
         A = tl.load(A_ptr + d[None, :] * sA_d + n[:, None] * sA_n, mask=m2, other=0.0).to(ACC)
         if FAST_EXP:  # float32: exp(dt A) = 2^(dt A log2(e))
             A = A * 1.4426950408889634
-        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        Dv, bias = _channel_params(D_ptr, bias_ptr, d, dmask, HAS_D, HAS_BIAS, ACC)
         if HAS_H0:
             h = tl.load(h0_ptr + b * sh_b + d[None, :] * sh_d + n[:, None] * sh_n, mask=m2, other=0.0).to(ACC)
         else:
             h = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-        u_base = u_ptr + b * su_b + d * su_d
-        d_base = dl_ptr + b * sd_b + d * sd_d
-        z_base = z_ptr + b * sz_b + d * sz_d
+        u_base, d_base, z_base, B_base, C_base = _input_bases(
+            u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, g, d, n,
+            su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+        )  # fmt: skip
         o_base = out_ptr + b * so_b + d * so_d
-        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
-        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
         nd = d[None, :] * N + n[:, None]  # the saved states' (dim, N) layout, as _scan_fwd_kernel writes it
         for c in range(nchunks):
             if SAVE:
@@ -197,24 +249,11 @@ if HAS_TRITON:
             for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), TILE):
                 for i in tl.static_range(TILE):
                     t = tl.cast(t0 + i, tl.int64)
-                    # step masks from tensors (the interpreter rejects a mask made with a 0-d comparison)
-                    md = dmask & (tl.zeros((BLOCK_D,), tl.int64) + t < L)
-                    mn = nmask & (tl.zeros((BLOCK_N,), tl.int64) + t < L)
-                    raw = tl.load(d_base + t * sd_t, mask=md, other=0.0).to(ACC)
-                    if HAS_BIAS:
-                        raw += bias
-                    dt = raw
-                    if SOFTPLUS:
-                        dt = _softplus(raw)
-                    dt = tl.where(md, dt, 0.0)  # a masked step leaves the state as it is
-                    u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(ACC)
-                    Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(ACC)
-                    Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(ACC)
-                    if FAST_EXP:
-                        dA = _exp2_ftz(dt[None, :] * A)
-                    else:
-                        dA = tl.exp(dt[None, :] * A)
-                    h = dA * h + (dt * u)[None, :] * Bt[:, None]
+                    dt, _, u, Bt, Ct, md, _ = _seq_step_inputs(
+                        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
+                        HAS_BIAS, SOFTPLUS, ACC, BLOCK_D, BLOCK_N,
+                    )  # fmt: skip
+                    h = _seq_exp(dt[None, :] * A, FAST_EXP, ASM) * h + (dt * u)[None, :] * Bt[:, None]
                     y = tl.sum(h * Ct[:, None], axis=0)
                     if HAS_D:
                         y += Dv * u
@@ -237,24 +276,13 @@ if HAS_TRITON:
         SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
         CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see the forward
-        g = tl.program_id(1)
-        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < dpg
-        d = (g * dpg + offs).to(tl.int64)
-        n = tl.arange(0, BLOCK_N)
-        nmask = n < N
+        b, g, d, dmask, n, nmask = _program_block(dpg, N, BLOCK_D, BLOCK_N)
         m2 = dmask[:, None] & nmask[None, :]
         tt = tl.arange(0, TILE).to(tl.int64)
         last_row = (tt == TILE - 1)[:, None, None]
         first_row = (tt == 0)[:, None, None]
         A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(ACC)
-        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        Dv, bias = _channel_params(D_ptr, bias_ptr, d, dmask, HAS_D, HAS_BIAS, ACC)
         # carry: the gradient reaching the state after the current tile's last step from later steps
         if HAS_GL:
             carry = tl.load(gl_ptr + b * sgl_b + d[:, None] * sgl_d + n[None, :] * sgl_n, mask=m2, other=0.0).to(ACC)
@@ -263,17 +291,12 @@ if HAS_TRITON:
         dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
         dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-        u_base = u_ptr + b * su_b + d * su_d
-        d_base = dl_ptr + b * sd_b + d * sd_d
-        z_base = z_ptr + b * sz_b + d * sz_d
+        u_base, d_base, z_base, B_base, C_base = _input_bases(
+            u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, g, d, n,
+            su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+        )  # fmt: skip
         go_base = go_ptr + b * sgo_b + d * sgo_d
-        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
-        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
-        # dB / dC: this block's partial sums over channels are added to one of nslots
-        # (batch, groups, nslots, N, L) buffers (fewer programs contend for each address)
-        slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
-        dB_base = dB_ptr + slot + n * L
-        dC_base = dC_ptr + slot + n * L
+        dB_base, dC_base = _dbc_bases(dB_ptr, dC_ptr, b, g, n, dim, dpg, nslots, N, L)
         dn = d[:, None] * N + n[None, :]
         scr_base = scr_ptr + (b * dim + d[:, None]) * (CHUNK // TILE) * BLOCK_N + n[None, :]
         for ci in range(nchunks):
@@ -354,39 +377,6 @@ if HAS_TRITON:
         tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
         tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
 
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _seq_step_inputs(
-        d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        """One step's (dt, dt before softplus, u, B_t, C_t, channel mask); dt = 0 past the end (a masked step
-        leaves the state as it is)."""
-        # step masks from tensors (the interpreter rejects a mask made with a 0-d comparison)
-        md = dmask & (tl.zeros((BLOCK_D,), tl.int64) + t < L)
-        mn = nmask & (tl.zeros((BLOCK_N,), tl.int64) + t < L)
-        raw = tl.load(d_base + t * sd_t, mask=md, other=0.0).to(ACC)
-        if HAS_BIAS:
-            raw += bias
-        dt = raw
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        dt = tl.where(md, dt, 0.0)
-        u = tl.load(u_base + t * su_t, mask=md, other=0.0).to(ACC)
-        Bt = tl.load(B_base + t * sB_t, mask=mn, other=0.0).to(ACC)
-        Ct = tl.load(C_base + t * sC_t, mask=mn, other=0.0).to(ACC)
-        return dt, raw, u, Bt, Ct, md, mn
-
-    @triton.jit
-    def _seq_exp(x, FAST_EXP: tl.constexpr):
-        """exp(x), or 2^x of a log2(e)-scaled x through _exp2_ftz (FAST_EXP)."""
-        if FAST_EXP:
-            return _exp2_ftz(x)
-        return tl.exp(x)
-
     @triton.jit
     def _scan_bwd_seq_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, st_ptr, go_ptr, gl_ptr, scr_ptr,
@@ -399,7 +389,7 @@ if HAS_TRITON:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GL: tl.constexpr,
         SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
         CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        FAST_EXP: tl.constexpr = False,
+        FAST_EXP: tl.constexpr = False, ASM: tl.constexpr = False,
     ):  # fmt: skip
         """The backward with the seq forward's layout: the same arguments and results as ``_scan_bwd_kernel``.
 
@@ -409,25 +399,14 @@ if HAS_TRITON:
         keeping them in registers, and walks them backward. Give A and grad_last with the channels
         contiguous (sA_d, sgl_d = 1)."""
         tl.static_assert(CHUNK % TILE == 0, "TILE must divide CHUNK (the steps of a chunk come in whole tiles)")
-        b = tl.program_id(0).to(tl.int64)  # int64 batch, channel and time indices: see _scan_fwd_kernel
-        g = tl.program_id(1)
-        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < dpg
-        d = (g * dpg + offs).to(tl.int64)
-        n = tl.arange(0, BLOCK_N)
-        nmask = n < N
+        b, g, d, dmask, n, nmask = _program_block(dpg, N, BLOCK_D, BLOCK_N)
         m2 = nmask[:, None] & dmask[None, :]
         A = tl.load(A_ptr + d[None, :] * sA_d + n[:, None] * sA_n, mask=m2, other=0.0).to(ACC)
         a_scale = 1.0  # A held as log2(e) A with FAST_EXP (the factors are 2^(dt A)): sums over A scale back
         if FAST_EXP:
             A = A * 1.4426950408889634
             a_scale = 0.6931471805599453
-        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        Dv, bias = _channel_params(D_ptr, bias_ptr, d, dmask, HAS_D, HAS_BIAS, ACC)
         # carry: the gradient reaching the state after the current step from the steps after it
         if HAS_GL:
             carry = tl.load(gl_ptr + b * sgl_b + d[None, :] * sgl_d + n[:, None] * sgl_n, mask=m2, other=0.0).to(ACC)
@@ -436,21 +415,18 @@ if HAS_TRITON:
         dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
         dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
         dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-        u_base = u_ptr + b * su_b + d * su_d
-        d_base = dl_ptr + b * sd_b + d * sd_d
-        z_base = z_ptr + b * sz_b + d * sz_d
+        u_base, d_base, z_base, B_base, C_base = _input_bases(
+            u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, g, d, n,
+            su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+        )  # fmt: skip
         go_base = go_ptr + b * sgo_b + d * sgo_d
         du_base = du_ptr + b * sdu_b + d * sdu_d
         dd_base = ddl_ptr + b * sdd_b + d * sdd_d
         dz_base = dz_ptr + b * sdz_b + d * sdz_d
-        B_base = B_ptr + b * sB_b + g * sB_g + n * sB_n
-        C_base = C_ptr + b * sC_b + g * sC_g + n * sC_n
-        # dB / dC: this block's sums over its channels go to one of nslots (batch, groups, nslots, N, L) buffers
-        slot = ((b * (dim // dpg) + g) * nslots + tl.program_id(2) % nslots) * N * L
-        dB_base = dB_ptr + slot + n * L
-        dC_base = dC_ptr + slot + n * L
+        dB_base, dC_base = _dbc_bases(dB_ptr, dC_ptr, b, g, n, dim, dpg, nslots, N, L)
         nd = d[None, :] * N + n[:, None]  # (dim, N) layout of the saved states and of dA / dh0
-        # scratch: (batch, CHUNK // TILE, BLOCK_N, dim); each thread reads back only what it wrote
+        # scratch: (batch, CHUNK // TILE, BLOCK_N, dim); a barrier per chunk orders its writes and reads (where
+        # the block has fewer elements than threads, the layout replicates them and one warp stores for all)
         scr_base = scr_ptr + (b * (CHUNK // TILE) * BLOCK_N + n[:, None]) * dim + d[None, :]
         scr_tile = tl.cast(dim, tl.int64) * BLOCK_N  # from one tile-start state to the next
         for ci in range(nchunks):
@@ -466,7 +442,8 @@ if HAS_TRITON:
                         d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
                         HAS_BIAS, SOFTPLUS, ACC, BLOCK_D, BLOCK_N,
                     )  # fmt: skip
-                    h = _seq_exp(dt[None, :] * A, FAST_EXP) * h + (dt * u)[None, :] * Bt[:, None]
+                    h = _seq_exp(dt[None, :] * A, FAST_EXP, ASM) * h + (dt * u)[None, :] * Bt[:, None]
+            tl.debug_barrier()
             for kk in range(ntiles):
                 k = ntiles - 1 - kk
                 h = tl.load(scr_base + k * scr_tile, mask=m2, other=0.0)
@@ -478,7 +455,7 @@ if HAS_TRITON:
                         d_base, u_base, B_base, C_base, bias, dmask, nmask, t, L, sd_t, su_t, sB_t, sC_t,
                         HAS_BIAS, SOFTPLUS, ACC, BLOCK_D, BLOCK_N,
                     )  # fmt: skip
-                    f = _seq_exp(dt[None, :] * A, FAST_EXP)
+                    f = _seq_exp(dt[None, :] * A, FAST_EXP, ASM)
                     # tuple concatenation: Triton's frontend builds these tuples, it has no starred unpacking
                     hp, fs, dts, raws, us = hp + (h,), fs + (f,), dts + (dt,), raws + (raw,), us + (u,)  # noqa: RUF005
                     Bs, Cs, mds, mns = Bs + (Bt,), Cs + (Ct,), mds + (md,), mns + (mn,)  # noqa: RUF005
@@ -517,6 +494,7 @@ if HAS_TRITON:
                     tl.store(dd_base + t * sdd_t, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
                     carry = gh * fs[i]
                     h = hp[i]
+            tl.debug_barrier()  # this chunk's reads of the scratch before the next chunk's writes
         tl.store(dh0_ptr + b * dim * N + nd, carry, mask=m2)
         tl.store(dA_ptr + b * dim * N + nd, dA_acc, mask=m2)
         tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
@@ -646,7 +624,7 @@ def selective_scan_fwd(
     fn, sA, h0, sh, extra = _scan_fwd_kernel, A.stride(), initial_state, _strides3(initial_state), {}
     if kernel == "seq":  # A and h0 channel-contiguous (tiny copies): their loads set the kernel's layout
         fn, At = _scan_fwd_seq_kernel, A.t().contiguous()
-        extra["FAST_EXP"] = acc == torch.float32 and not interpreting()
+        extra.update(FAST_EXP=acc == torch.float32, ASM=not interpreting())
         sA = (At.stride(1), At.stride(0))
         if initial_state is not None:
             h0 = initial_state.transpose(1, 2).contiguous()
@@ -736,7 +714,7 @@ def selective_scan_bwd(
         if grad_last is not None:
             gl = grad_last.transpose(1, 2).contiguous()
             sgl = (gl.stride(0), gl.stride(2), gl.stride(1))
-        extra["FAST_EXP"] = acc == torch.float32 and not interpreting()
+        extra.update(FAST_EXP=acc == torch.float32, ASM=not interpreting())
     with on_device(u):
         fn[grid](
             u, delta, A_in, B, C, _opt(Dc, u), _opt(z, u), _opt(bias_c, u), states, grad_out, _opt(gl, u), scratch,
