@@ -4,6 +4,8 @@ Same config and weights for every contender (transformers without mamba-ssm runs
 path, which is what users get when the CUDA build fails). One step = forward + cross-entropy +
 backward under bf16 autocast, as OpenLM trains. Reports the median step time, tokens/s, peak
 GPU memory and each contender's time relative to openlm_mamba, measured in this one run.
+openlm_mamba+ckpt adds gradient checkpointing; openlm_mamba+seq runs the scan's opt-in
+plain-recurrence kernels ($OPENLM_MAMBA_SCAN_LAUNCH set for its steps only).
 
     python benchmarks/bench_train_gpu.py                       # mamba_130m, 4 x 2048 tokens, bf16
     python benchmarks/bench_train_gpu.py --model mamba_370m --batch 8
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,7 +35,11 @@ from bench_cpu import _build
 from openlm_mamba import ConfigError, MambaConfig
 from openlm_mamba.ops.dispatch import BACKENDS
 
-CONTENDERS = ("openlm_mamba", "openlm_mamba+ckpt", "mambapy", "transformers")
+LAUNCH_ENV = "OPENLM_MAMBA_SCAN_LAUNCH"  # read per launch by the Triton scan
+
+CONTENDERS = ("openlm_mamba", "openlm_mamba+ckpt", "openlm_mamba+seq", "mambapy", "transformers")
+# openlm_mamba+seq: the scan's opt-in plain-recurrence kernels (README, "How the scan works")
+SEQ_LAUNCH = "fwd=seq:1x128x4,bwd=seq:1x128x4"
 # Defaults of the flags --quick changes (None on the command line: filled from here).
 FULL = {"model": "mamba_130m", "batch": 4, "seq": 2048, "dtype": "bfloat16", "runs": 5, "hf_runs": 2}
 QUICK = {"model": "mamba_tiny", "batch": 2, "seq": 64, "dtype": "float32", "runs": 1, "hf_runs": 1}
@@ -68,13 +75,22 @@ def measure(name: str, cfg, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], float("nan")
-    for i in range(warmup + runs):
-        _sync(args.device)
-        t0 = time.perf_counter()
-        loss = step()
-        _sync(args.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    saved = os.environ.get(LAUNCH_ENV)
+    if name.endswith("+seq"):
+        os.environ[LAUNCH_ENV] = SEQ_LAUNCH
+    try:
+        for i in range(warmup + runs):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            loss = step()
+            _sync(args.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        if saved is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = saved
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     return {"name": name, "times": times, "median_s": statistics.median(times), "peak_gib": peak, "loss": loss}
 

@@ -6,7 +6,7 @@
 #   2. benchmarks/bench_kernels.py at Mamba-7B shapes (16K tokens, d_inner 8192, d_state 16, bf16)
 #   3. benchmarks/sweep_scan.py: the scan's default launch shapes and their neighbours, and the
 #      plain-recurrence kernels ("seq:" shapes; opt-in until they are timed here)
-#   4. benchmarks/bench_train_gpu.py: a mamba_130m training step vs mambapy
+#   4. benchmarks/bench_train_gpu.py: a mamba_130m training step (default and seq scan kernels) vs mambapy
 #   5. benchmarks/bench_generate.py on the GPU vs transformers' generate (decoding through a CUDA graph)
 # Results go to $OUT (if set, else a new temp dir): device.txt, gpu_tests.log, sweep_scan.{txt,json},
 # bench_kernels.{txt,json}, bench_train.txt, bench_generate.txt (8 files).
@@ -66,7 +66,7 @@ sweep_rc=${PIPESTATUS[0]}
 stamp sweep
 
 echo "== training step benchmark (transformers' PyTorch fallback takes minutes a step: left out)"
-timeout 45 python3 benchmarks/bench_train_gpu.py --contenders openlm_mamba,openlm_mamba+ckpt,mambapy 2>&1 \
+timeout 45 python3 benchmarks/bench_train_gpu.py --contenders openlm_mamba,openlm_mamba+ckpt,openlm_mamba+seq,mambapy 2>&1 \
     | tee "$RESULTS/bench_train.txt"
 train_rc=${PIPESTATUS[0]}
 stamp train
