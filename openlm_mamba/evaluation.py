@@ -135,6 +135,7 @@ class MambaEvalLM(TemplateLM):
         device: str | None = "cpu",
         dtype: str | torch.dtype | None = None,
         backend: str | None = None,
+        check_checkpoint: bool = True,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -148,10 +149,10 @@ class MambaEvalLM(TemplateLM):
             raise ValueError(f"MambaEvalLM: batch_size must be a positive int, got {batch_size!r}")
         if int(max_length) < 2:
             raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
-        if model is None:
-            from .convert import check_checkpoint
+        if model is None and check_checkpoint:  # the CLI, which checked it already, passes False
+            from .convert import check_checkpoint as check
 
-            check_checkpoint(pretrained, model_config)  # a bad checkpoint is named before a tokenizer is looked for
+            check(pretrained, model_config)  # a bad checkpoint is named before a tokenizer is looked for
         self.tokenizer = _load_tokenizer(tokenizer, pretrained)
         if model is None:
             from .convert import load_model

@@ -194,8 +194,14 @@ def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "results.json"
+    import openlm_mamba.convert as convert
+
+    checks = []
+    real_check = convert.check_checkpoint
+    monkeypatch.setattr(convert, "check_checkpoint", lambda *a: (checks.append(a), real_check(*a))[1])
     argv = ["eval", str(root / "hf"), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--only-local-tasks"]
     assert cli_main([*argv, "--limit", "3", "--batch-size", "2", "--device", "cpu", "--output", str(out)]) == 0
+    assert len(checks) == 1, checks  # the CLI checks the checkpoint once; MambaEvalLM does not check it again
     printed = capsys.readouterr().out
     assert "| tiny_mc |" in printed
     saved = json.loads(out.read_text())

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             dtype=args.dtype,
             backend=args.backend,  # "auto" too: it overrides $OPENLM_MAMBA_BACKEND, as in generate
+            check_checkpoint=False,  # checked above: a legacy (non-zip) .pt is not read a third time
         )
     except (ConversionError, ValueError, BackendUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
