@@ -725,3 +725,28 @@ def test_state_update_puts_the_batch_on_grid_axis_0(monkeypatch):
     step_triton.selective_state_update_triton(state, x, x, -torch.ones(2, 1, device=DEVICE), B, B)
     (grid,) = grids
     assert grid[0] == batch and all(n <= 65535 for n in grid[1:]), grid
+
+
+def test_conv_puts_time_tiles_on_grid_axis_0():
+    """Axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535: the time tiles (L / BLOCK_T, over 65535 from
+    about 2M tokens at the model's BLOCK_T) go on axis 0, the batch on axis 2, which is checked."""
+    from openlm_mamba.ops.causal_conv1d import triton as ct
+
+    grids = []
+    real = ct._conv_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    x = torch.randn(3, 8, 70).to(DEVICE)
+    w = torch.randn(8, 4).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ct, "_conv_fwd_kernel", Spy())
+        ct.causal_conv1d_fwd(x, w, None, None, True)
+    (grid,) = grids
+    bd, bt = ct._blocks(8, 70, False)
+    assert grid == (triton.cdiv(70, bt), triton.cdiv(8, bd), 3), grid  # time tiles on axis 0, the batch on axis 2
+    with pytest.raises(ValueError, match="batch 65536 is more than the 65535 sequences one launch takes"):
+        ct._check_batch(65536)

@@ -40,9 +40,10 @@ if HAS_TRITON:
         # sizes (x is half of a (batch, seqlen, 2 * d_inner) buffer: time stride 2 * d_inner). The
         # time index enters once, as the tile's first step t0 in the base pointers; times within the
         # tile are relative and int32 (int64 per-element time offsets make the backward spill).
-        bb = tl.program_id(0).to(tl.int64)
+        # grid (time tiles, channel blocks, batch): axis 0 takes 2^31 - 1 tiles, axes 1 and 2 only 65535
+        bb = tl.program_id(2).to(tl.int64)
         d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-        t0 = tl.program_id(2) * BLOCK_T
+        t0 = tl.program_id(0) * BLOCK_T
         t0l = t0.to(tl.int64)
         lo, hi = -t0, L - t0
         t = tl.arange(0, BLOCK_T)
@@ -87,9 +88,10 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
         # int64 offsets, times relative to the tile's first step t0: as in the forward
-        bb = tl.program_id(0).to(tl.int64)
+        # grid (time tiles, channel blocks, batch): axis 0 takes 2^31 - 1 tiles, axes 1 and 2 only 65535
+        bb = tl.program_id(2).to(tl.int64)
         d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-        t0 = tl.program_id(2) * BLOCK_T
+        t0 = tl.program_id(0) * BLOCK_T
         t0l = t0.to(tl.int64)
         lo, hi = -t0, L - t0
         r = tl.arange(0, BLOCK_T)
@@ -104,7 +106,7 @@ if HAS_TRITON:
         # weight / bias gradient over the times r of this tile
         g = _dpre(x_base, i_base, go_base, w_ptr, bias, r, lo, hi, d, dmask, sx_t, si_t, sw_d, sw_k, sgo_t,
                   W, HAS_BIAS, HAS_INIT, SILU, ACC)  # fmt: skip
-        part = (bb * tl.num_programs(2) + tl.program_id(2)) * dim
+        part = (bb * tl.num_programs(0) + tl.program_id(0)) * dim
         for j in tl.static_range(W):
             xj = _load_xs(x_base, i_base, r + j, lo, hi, dmask, sx_t, si_t, W, HAS_INIT, ACC)
             tl.store(dw_ptr + (part + d) * W + j, tl.sum(g * xj, axis=1), mask=dmask)
@@ -147,19 +149,31 @@ def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+MAX_BATCH = 65535  # the batch is grid axis 2 (the time tiles take axis 0, which has room for 2^31 - 1)
+
+
+def _check_batch(batch: int) -> None:
+    if batch > MAX_BATCH:
+        raise ValueError(
+            f"causal_conv1d (triton): batch {batch} is more than the {MAX_BATCH} sequences one launch takes; "
+            "split the batch"
+        )
+
+
 @torch.library.custom_op("openlm_mamba::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_states: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
     """Triton forward of the causal depthwise conv (output in x's dtype)."""
     batch, dim, L = x.shape
+    _check_batch(batch)
     W = weight.shape[1]
     out = _like(x)
     if out.numel() == 0:
         return out
     bd, bt = _blocks(dim, L, x.stride(1) == 1 and L > 1)
     has_init = initial_states is not None and W > 1
-    grid = (batch, triton.cdiv(dim, bd), triton.cdiv(L, bt))
+    grid = (triton.cdiv(L, bt), triton.cdiv(dim, bd), batch)
     with on_device(x):
         _conv_fwd_kernel[grid](
             x, weight, x if bias is None else bias.contiguous(), initial_states if has_init else x, out,
@@ -186,6 +200,7 @@ def causal_conv1d_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dx, dweight, dbias, dinitial_states); absent ones are empty."""
     batch, dim, L = x.shape
+    _check_batch(batch)
     W = weight.shape[1]
     acc = acc_dtype(x, weight)
     has_init = initial_states is not None and W > 1
@@ -197,7 +212,7 @@ def causal_conv1d_bwd(
     db = torch.zeros(batch * nt, dim, dtype=acc, device=x.device)
     if L > 0:
         with on_device(x):
-            _conv_bwd_kernel[(batch, triton.cdiv(dim, bd), nt)](
+            _conv_bwd_kernel[(nt, triton.cdiv(dim, bd), batch)](
                 x, weight, x if bias is None else bias.contiguous(), initial_states if has_init else x, grad_out,
                 dx, di if has_init else dx, dw, db,
                 dim, L, *x.stride(), *weight.stride(), *_s3(initial_states if has_init else None), *grad_out.stride(),
