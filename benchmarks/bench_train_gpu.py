@@ -34,8 +34,7 @@ from bench_cpu import _build
 
 from openlm_mamba import ConfigError, MambaConfig
 from openlm_mamba.ops.dispatch import BACKENDS
-
-LAUNCH_ENV = "OPENLM_MAMBA_SCAN_LAUNCH"  # read per launch by the Triton scan
+from openlm_mamba.ops.selective_scan.triton import LAUNCH_ENV  # read per launch by the Triton scan
 
 CONTENDERS = ("openlm_mamba", "openlm_mamba+ckpt", "openlm_mamba+seq", "mambapy", "transformers")
 # openlm_mamba+seq: the scan's opt-in plain-recurrence kernels (README, "How the scan works")

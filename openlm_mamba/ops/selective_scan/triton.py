@@ -584,6 +584,17 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` (..., dim, N) as a view of a copy with the channels contiguous: the seq kernels take A and the
+    (batch, dim, N) states so, since those loads set their layout (channels across threads). Tiny copies."""
+    return None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _seq_options(acc: torch.dtype) -> dict:
+    """The seq kernels' exp options: 2^x of a log2(e)-scaled argument in float32, the ftz asm on a GPU."""
+    return {"FAST_EXP": acc == torch.float32, "ASM": not interpreting()}
+
+
 def _dense(v: torch.Tensor | None) -> torch.Tensor | None:
     """D / delta_bias as the kernels index them (channel c at offset c): a strided view is copied (tiny)."""
     return None if v is None else v.contiguous()
@@ -621,23 +632,18 @@ def selective_scan_fwd(
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
     D, delta_bias = _dense(D), _dense(delta_bias)
-    fn, sA, h0, sh, extra = _scan_fwd_kernel, A.stride(), initial_state, _strides3(initial_state), {}
-    if kernel == "seq":  # A and h0 channel-contiguous (tiny copies): their loads set the kernel's layout
-        fn, At = _scan_fwd_seq_kernel, A.t().contiguous()
-        extra.update(FAST_EXP=acc == torch.float32, ASM=not interpreting())
-        sA = (At.stride(1), At.stride(0))
-        if initial_state is not None:
-            h0 = initial_state.transpose(1, 2).contiguous()
-            sh = (h0.stride(0), h0.stride(2), h0.stride(1))
-        A = At.t()
+    fn, A_in, h0, extra = _scan_fwd_kernel, A, initial_state, {}
+    if kernel == "seq":
+        fn, A_in, h0 = _scan_fwd_seq_kernel, _channels_contiguous(A), _channels_contiguous(initial_state)
+        extra = _seq_options(acc)
     with on_device(u):
         fn[grid](
-            u, delta, A, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(h0, u),
+            u, delta, A_in, B, C, _opt(D, u), _opt(z, u), _opt(delta_bias, u), _opt(h0, u),
             out, last, states if save_states else last,
             dim, L, dpg, N, nchunks,
-            *u.stride(), *delta.stride(), *sA,
+            *u.stride(), *delta.stride(), *A_in.stride(),
             sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-            *_strides3(z), *sh, *out.stride(),
+            *_strides3(z), *_strides3(h0), *out.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE=save_states, ACC=tl_dtype(acc),
             CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=next_pow2(N), num_warps=warps, **extra,
@@ -707,22 +713,18 @@ def selective_scan_bwd(
     _, sC_b, sC_g, sC_n, sC_t = _bcl(C)
     grid = (batch, groups, triton.cdiv(dpg, bd))
     Dc, bias_c = _dense(D), _dense(delta_bias)
-    fn, A_in, sA, gl, sgl, extra = _scan_bwd_kernel, A, A.stride(), grad_last, _strides3(grad_last), {}
-    if kernel == "seq":  # A and grad_last channel-contiguous (tiny copies), as the seq forward takes them
-        fn, At = _scan_bwd_seq_kernel, A.t().contiguous()
-        A_in, sA = At.t(), (At.stride(1), At.stride(0))
-        if grad_last is not None:
-            gl = grad_last.transpose(1, 2).contiguous()
-            sgl = (gl.stride(0), gl.stride(2), gl.stride(1))
-        extra.update(FAST_EXP=acc == torch.float32, ASM=not interpreting())
+    fn, A_in, gl, extra = _scan_bwd_kernel, A, grad_last, {}
+    if kernel == "seq":
+        fn, A_in, gl = _scan_bwd_seq_kernel, _channels_contiguous(A), _channels_contiguous(grad_last)
+        extra = _seq_options(acc)
     with on_device(u):
         fn[grid](
             u, delta, A_in, B, C, _opt(Dc, u), _opt(z, u), _opt(bias_c, u), states, grad_out, _opt(gl, u), scratch,
             du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
             dim, L, dpg, N, nchunks, nslots,
-            *u.stride(), *delta.stride(), *sA,
+            *u.stride(), *delta.stride(), *A_in.stride(),
             sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
-            *_strides3(z), *grad_out.stride(), *sgl,
+            *_strides3(z), *grad_out.stride(), *_strides3(gl),
             *du.stride(), *ddelta.stride(), *_strides3(dz if z is not None else None),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_GL=grad_last is not None,
             SOFTPLUS=delta_softplus, ACC=tl_dtype(acc), CHUNK=chunk, TILE=tile, BLOCK_D=bd, BLOCK_N=bn,
