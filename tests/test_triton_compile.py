@@ -18,7 +18,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMPILE = textwrap.dedent(
+# Both scripts below start with this: the Triton signature of a kernel, its int arguments typed i32 as Triton
+# types int arguments below 2^31.
+SIGNATURE = textwrap.dedent(
+    """
+    def signature(jit, consts, ptr_types=None, floats=()):
+        sig = {}
+        for name in jit.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = (ptr_types or {}).get(name, "*fp32")
+            else:
+                sig[name] = "fp32" if name in floats else "i32"
+        return sig
+    """
+)
+
+COMPILE = SIGNATURE + textwrap.dedent(
     """
     import itertools, sys
     import triton, triton.language as tl
@@ -35,14 +52,7 @@ COMPILE = textwrap.dedent(
 
     def compile_kernel(jit, consts, ptr_types, floats=(), warps=4):
         global count
-        sig = {}
-        for name in jit.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = ptr_types.get(name, "*fp32")
-            else:
-                sig[name] = "fp32" if name in floats else "i32"
+        sig = signature(jit, consts, ptr_types, floats)
         kernel = triton.compile(ASTSource(jit, sig, constexprs=consts), target=target, options={"num_warps": warps})
         assert kernel.asm.get("cubin"), jit.__name__
         count += 1
@@ -97,7 +107,7 @@ COMPILE = textwrap.dedent(
 # sequence passes 2^31), and the norm's row offset rows * d_model passes it from 524288 tokens. This
 # follows the values computed from program ids and loop counters through each kernel's Triton IR
 # and lists every int32 multiplication of one by a large argument.
-INDEX_PRODUCTS = textwrap.dedent(
+INDEX_PRODUCTS = SIGNATURE + textwrap.dedent(
     """
     import re
     import triton, triton.language as tl
@@ -146,14 +156,7 @@ INDEX_PRODUCTS = textwrap.dedent(
 
     def check(jit, consts, floats=()):
         global found
-        sig = {}
-        for name in jit.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32"
-            else:
-                sig[name] = "fp32" if name in floats else "i32"
+        sig = signature(jit, consts, floats=floats)
         large = [n for n, t in sig.items() if t == "i32" and n not in SMALL]
         ttir = triton.compile(ASTSource(jit, sig, constexprs=consts), target=target).asm["ttir"]
         for line in narrow_products(ttir, large):
