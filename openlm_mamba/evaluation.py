@@ -257,40 +257,44 @@ class MambaEvalLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
+        """Greedy continuations cut at each request's stop strings; up to ``batch_size`` requests with the same
+        token budget decode together (left-padded: each as it would alone)."""
         eos_text = self.tok_decode([self.eot_token_id])
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        jobs = []  # (request index, context ids, max new tokens, stop strings)
+        for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs or {})
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
             ctx = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
-            ids = torch.tensor([ctx], device=self.device)
-            new = self._greedy(ids, max_new)
-            text = self.tok_decode(new)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            jobs.append((i, ctx, max_new, until))
+        out: list[str] = [""] * len(jobs)
+        budgets: dict[int, list] = {}
+        for job in sorted(jobs, key=lambda j: -len(j[1])):  # longest contexts first: little padding per batch
+            budgets.setdefault(job[2], []).append(job)
+        with tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm) as bar:
+            for max_new, group in budgets.items():
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start : start + self.batch_size]
+                    for (i, _, _, until), new in zip(batch, self._greedy([j[1] for j in batch], max_new)):
+                        text = self.tok_decode(new)
+                        for stop in until:
+                            if stop and stop in text:
+                                text = text[: text.index(stop)]
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        out[i] = text
+                    bar.update(len(batch))
         return out
 
-    def _greedy(self, ids: torch.Tensor, max_new: int) -> list[int]:
-        try:
-            from .generation import generate
-        except ImportError:
-            generate = None
-        if generate is not None:
-            full = generate(self.model, ids, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eot_token_id)
-            return full[0, ids.shape[1] :].tolist()
-        tokens: list[int] = []
-        for _ in range(max_new):  # fallback: full forward per token
-            nxt = int(self.model(ids)[0][0, -1].argmax())
-            if nxt == self.eot_token_id:
-                break
-            tokens.append(nxt)
-            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
-        return tokens
+    def _greedy(self, contexts: list[list[int]], max_new: int) -> list[list[int]]:
+        """Greedy new tokens for each context (one left-padded batch), each cut before its first EOS."""
+        from .generation import generate
+
+        rows = [torch.tensor(c, device=self.device) for c in contexts]
+        full = generate(self.model, rows, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eot_token_id)
+        width = max(len(c) for c in contexts)
+        news = full[:, width:].tolist()
+        return [new[: new.index(self.eot_token_id)] if self.eot_token_id in new else new for new in news]
 
 
 def evaluate(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .model import padding_mask
 from .ops import dispatch
 
 STATE_UPDATE_OP = "selective_state_update"
@@ -433,9 +434,31 @@ def _stream_fns(streamer) -> tuple[Callable | None, Callable | None, Callable | 
     )
 
 
+def _prompt_rows(prompts: Sequence, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths (a list of 1-D token sequences) as a left-padded (batch, longest) tensor (pads 0)
+    and its attention mask."""
+    rows = []
+    for i, row in enumerate(prompts):
+        t = row if isinstance(row, torch.Tensor) else torch.as_tensor(row)
+        if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(
+                f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got {tuple(t.shape)} {t.dtype}"
+            )
+        rows.append(t)
+    if not rows:
+        raise ValueError("generate: the list of prompts is empty")
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r.to(device=device, dtype=torch.long)
+        mask[i, width - len(r) :] = True
+    return ids, mask
+
+
 def generate(
     model: torch.nn.Module,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
     max_new_tokens: int = 50,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -457,9 +480,14 @@ def generate(
     transformers' default), ``top_p`` in (0, 1] and ``repetition_penalty`` (transformers' semantics
     and order). Each sequence stops at one of ``eos_token_id`` (an int, numpy integer or 0-d tensor, or a
     list / 1-D tensor of them); finished rows are filled with ``pad_token_id`` (default: the first EOS id)
-    until all are done. Prompts in a batch must have equal length (no padding). ``seed`` or ``generator``
+    until all are done. ``seed`` or ``generator``
     makes sampling reproducible. Logits over padded vocabulary rows (ids >= ``cfg.vocab_size``) are never
     sampled. Token ids may be any integer dtype (the output is int64).
+
+    Prompts of different lengths: pass them left-padded with an ``attention_mask`` (0 at padding, as a
+    tokenizer with ``padding_side="left"`` returns them), or as a list of 1-D token sequences, which is
+    left-padded with ``pad_token_id`` here. Padding never reaches the recurrent state, so each row continues
+    exactly as its prompt alone would (the repetition penalty ignores pads too); the output keeps the pads.
 
     ``streamer``: a callable is called with each new (batch,) token tensor as soon as it is chosen (never
     with the prompt). An object with ``put()`` and ``end()`` (transformers' ``BaseStreamer``, e.g.
@@ -482,8 +510,15 @@ def generate(
     """
     if not hasattr(model, "forward_with_cache") or not hasattr(model, "allocate_cache"):
         raise TypeError(f"generate: model must be an openlm_mamba MambaLM, got {type(model).__name__}")
+    listed = isinstance(input_ids, (list, tuple))
+    if listed:
+        if attention_mask is not None:
+            raise ValueError("generate: a list of prompts is padded here; pass it without an attention_mask")
+        input_ids, attention_mask = _prompt_rows(input_ids, model.model.backbone.embedding.weight.device)
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"generate: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        raise TypeError(
+            f"generate: input_ids must be a torch.Tensor or a list of prompts, got {type(input_ids).__name__}"
+        )
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     input_ids = model.check_input_ids(input_ids)
@@ -500,6 +535,7 @@ def generate(
     _check_cuda_graph(cuda_graph, input_ids.device)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"generate: seed must be an int, got {seed!r}")
+    mask = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, prompt_len):
             got = (
@@ -508,11 +544,15 @@ def generate(
                 else type(attention_mask).__name__
             )
             raise ValueError(f"generate: attention_mask must have shape {(batch, prompt_len)}, got {got}")
-        if not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "generate: attention_mask has padded positions; left/right padding is not supported "
-                "(a recurrent state would absorb the pad tokens). Pass equal-length prompts, or one prompt per call."
-            )
+        try:
+            mask = padding_mask(attention_mask, batch, prompt_len, fresh=True, right=False)
+        except ValueError as e:
+            raise ValueError(str(e).replace("MambaLM: ", "generate: ")) from None
+        if mask is not None:
+            mask = mask.to(input_ids.device)
+            if not bool(mask.any(1).all()):
+                row = int(mask.any(1).logical_not().nonzero()[0, 0])
+                raise ValueError(f"generate: attention_mask row {row} is all padding: a prompt needs a token")
     vocab = model.cfg.vocab_size
     device = input_ids.device
     eos = _eos_tensor(eos_token_id, vocab, device)
@@ -523,6 +563,8 @@ def generate(
         if pad is None or not 0 <= pad < model.vocab_size:
             raise ValueError(f"generate: pad_token_id must be an int in [0, {model.vocab_size}), got {pad_token_id!r}")
         pad_token_id = pad
+    if listed and mask is not None:
+        input_ids.masked_fill_(mask.logical_not(), pad_token_id)
     on_prompt, on_token, on_end = _stream_fns(streamer)
     if do_sample and generator is None:
         generator = torch.Generator(device=device)
@@ -542,8 +584,9 @@ def generate(
         cache = model.allocate_cache(batch, device=device, backend=backend)
         if on_prompt is not None:
             on_prompt(input_ids)
-        logits = model.forward_with_cache(input_ids, cache, last_only=True)[0][:, -1]
-        sampler.observe(input_ids)
+        logits = model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)[0][:, -1]
+        # pads count as the row's last prompt token (always real): already seen, so penalised no more
+        sampler.observe(input_ids if mask is None else torch.where(mask, input_ids, input_ids[:, -1:]))
         graph = _graph_wanted(cuda_graph, device, cache, max_new_tokens, model)
         step = None
         finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None

@@ -134,13 +134,15 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         return delta, A, B.transpose(1, 2), C.transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model)."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). ``mask`` (batch, L), 0 at padding: the padded
+        positions' conv inputs and SSM inputs are zeroed (see :func:`padding_mask`)."""
         # split the time-major projection, then transpose: the backward then concatenates time-major
         # gradients (one copy) instead of channel-major ones plus a transposing copy
         x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))  # (batch, d_inner, L)
         conv_w = self.conv1d.weight.squeeze(1)
-        x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", backend=self.backend)
+        x = _masked(x, mask)
+        x = _masked(causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", backend=self.backend), mask)
         delta, A, B, C = self.ssm_inputs(x)
         y = selective_scan(
             x,
@@ -157,7 +159,13 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def forward_cached(
-        self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, fresh: bool, last_only=False
+        self,
+        hidden: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        fresh: bool,
+        last_only=False,
+        mask: torch.Tensor | None = None,
     ):
         """Prefill: like ``forward`` but starting from the layer's cached states; returns
         ``(out, conv_state, ssm_state)`` with the states after ``hidden``.
@@ -165,7 +173,8 @@ class MambaMixer(nn.Module):
         conv_state (batch, d_inner, d_conv) holds the last d_conv conv inputs, newest last;
         ssm_state (batch, d_inner, d_state) float32. ``fresh``: the cache holds no tokens yet.
         ``last_only``: the output of the last position only (batch, 1, d_model); the gate z and the
-        output projection are then computed for that position alone.
+        output projection are then computed for that position alone. ``mask``: as in :meth:`forward`
+        (left padding of a fresh cache's first tokens leaves the states as if the pads were absent).
 
         The states given are updated in place and returned, unless the new ones take part in autograd
         (autograd on and a parameter, the input or a state requiring grad): then new tensors of the same
@@ -182,8 +191,15 @@ class MambaMixer(nn.Module):
         width = conv_w.shape[1]
         init = None if fresh else conv_state[:, :, 1:].to(x.dtype)
         x, final = causal_conv1d(
-            x, conv_w, self.conv1d.bias, init, return_final_states=True, activation="silu", backend=self.backend
+            _masked(x, mask),
+            conv_w,
+            self.conv1d.bias,
+            init,
+            return_final_states=True,
+            activation="silu",
+            backend=self.backend,
         )
+        x = _masked(x, mask)
         delta, A, B, C = self.ssm_inputs(x)
         y, last = selective_scan(
             x,
@@ -275,6 +291,62 @@ def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, r
     return out.to(x.dtype), (r if residual_in_fp32 else r.to(x.dtype))
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (batch, channels, L) with the positions where mask (batch, L) is 0 zeroed (x itself without a mask)."""
+    return x if mask is None else x * mask.unsqueeze(1).to(x.dtype)
+
+
+def padding_mask(
+    attention_mask: torch.Tensor | None, batch: int, seqlen: int, fresh: bool = True, right: bool = True
+) -> torch.Tensor | None:
+    """Check an attention mask for ``seqlen`` new tokens; returns it as a (batch, seqlen) bool tensor, or None
+    when it masks nothing.
+
+    Shape (batch, seqlen), or (batch, cached + seqlen) as transformers passes it while decoding (only the last
+    seqlen columns are the new tokens'). Values 0 / 1 (or bool). Each row must be a run of real tokens with
+    padding only before it (left padding) or, where ``right``, after it: a padded position's conv and SSM
+    inputs are zeroed, so the states the real tokens see are those of the unpadded sequence (left padding)
+    and outputs at real positions equal the unpadded sequence's. Holes inside a row cannot be made exact in
+    a recurrence and are refused, as is padding of tokens that continue a cache (``fresh`` False).
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"MambaLM: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seqlen:
+        raise ValueError(
+            f"MambaLM: attention_mask must have shape ({batch}, {seqlen}) (or ({batch}, cached tokens + {seqlen})), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    m = attention_mask[:, attention_mask.shape[1] - seqlen :]
+    if m.dtype != torch.bool:
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("MambaLM: attention_mask values must be 0 (padding) or 1 (token)")
+        m = m != 0
+    if bool(m.all()):
+        return None
+    if not fresh:
+        raise ValueError(
+            "MambaLM: attention_mask pads tokens that continue a cached sequence; only a prompt's first tokens "
+            "(left padding, fresh cache) can be padding"
+        )
+    step = m.to(torch.int8).diff(dim=1)  # +1 where a run of tokens starts, -1 where it ends
+    starts, ends = (step == 1).sum(1), (step == -1).sum(1)
+    # a start after the end: tokens, a hole, tokens
+    bad = (starts > 1) | (ends > 1) | ((starts == 1) & (ends == 1) & (step.argmax(1) > step.argmin(1)))
+    if not right:
+        bad |= ends > 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        want = "padding only before the tokens (left padding)" if not right else "one run of tokens per row"
+        raise ValueError(
+            f"MambaLM: attention_mask row {row} is {m[row].to(torch.int8).tolist()}; a recurrent model needs "
+            f"{want}: a pad between tokens would still decay the state"
+            + ("" if right else ", and one after them would enter it (pad on the left: padding_side='left')")
+        )
+    return m
+
+
 # token id dtypes forward accepts; int32 / int64 index the embedding as they are, the others are cast to int64
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int8, torch.int16)
 _INTEGER_DTYPES += tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
@@ -314,14 +386,15 @@ PREFILL_ROWS = 1024  # (batch x tokens) per fused prefill call: long prompts run
 _prefill_workspace = threading.local()  # per thread: the fused prefill's activations, kept between calls
 
 
-def _fused_prefill(hidden: torch.Tensor, cache, last_only: bool) -> torch.Tensor:
+def _fused_prefill(hidden: torch.Tensor, cache, last_only: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill of a CPU float32 model (``cache.fused`` set): every layer in one C++ call per slice of
     ``PREFILL_ROWS`` rows, the slices in order through the cache. hidden (batch, L, d_model)
     embeddings -> final-norm output, (batch, 1, d_model) with ``last_only``.
 
     The activations live in a per-thread buffer kept between calls, since fresh allocations would
     page-fault on every prompt; it holds at most ``PREFILL_ROWS`` rows of about 3 d_model +
-    5 d_inner floats. Batches above 16 (slices of at least 64 tokens) take a buffer of their own."""
+    5 d_inner floats. Batches above 16 (slices of at least 64 tokens) take a buffer of their own.
+    ``mask``: (batch, L) bool from :func:`padding_mask`, False at padding (None: none)."""
     batch, L = hidden.shape[:2]
     step = max(64, -(-PREFILL_ROWS // batch))
     keep = batch * min(step, L) <= PREFILL_ROWS
@@ -335,8 +408,10 @@ def _fused_prefill(hidden: torch.Tensor, cache, last_only: bool) -> torch.Tensor
     for s in range(0, L, step):
         part = hidden[:, s : s + step].contiguous()
         fresh = cache.seqlen_offset == 0 and s == 0
+        # a row padded past this slice has seen only pads: its state is still zero, so masking stays exact
+        pads = None if mask is None else mask[:, s : s + step].float().contiguous()
         out = torch.ops.openlm_mamba_cpu.model_prefill(
-            part, cache.conv_states, cache.ssm_states, *cache.fused, fresh, last_only, ws
+            part, cache.conv_states, cache.ssm_states, *cache.fused, fresh, last_only, ws, pads
         )
         if not last_only:
             outs.append(out)
@@ -360,15 +435,23 @@ class ResidualBlock(nn.Module):
     def reset_parameters(self) -> None:  # owns no parameters directly; children reset themselves
         pass
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, cache=None, last_only=False):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        cache=None,
+        last_only=False,
+        mask: torch.Tensor | None = None,
+    ):
         """(hidden, residual) -> (mixer output, new residual); with a ``cache``, prefill from and into it,
-        and with ``last_only`` as well, return the last position only (the cache still sees all)."""
+        and with ``last_only`` as well, return the last position only (the cache still sees all).
+        ``mask``: (batch, L) bool, False at padding (:func:`padding_mask`)."""
         normed, residual = self.norm(hidden, residual, self.residual_in_fp32)
         if cache is None:
-            return self.mixer(normed), residual
+            return (self.mixer(normed) if mask is None else self.mixer(normed, mask)), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
         out, cache.conv_states[i], cache.ssm_states[i] = self.mixer.forward_cached(
-            normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only
+            normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only, mask
         )
         return out, (residual[:, -1:] if last_only else residual)
 
@@ -542,21 +625,23 @@ class MambaLM(nn.Module):
         input_ids = _index_ids(input_ids) if torch.compiler.is_compiling() else self.check_input_ids(input_ids)
         return self._forward_full(self.model.backbone.embedding(input_ids))
 
-    def _forward_full(self, hidden: torch.Tensor):
-        """Every layer over embeddings ``hidden`` (batch, L, d_model) from zero states: (logits, hidden, None)."""
+    def _forward_full(self, hidden: torch.Tensor, mask: torch.Tensor | None = None):
+        """Every layer over embeddings ``hidden`` (batch, L, d_model) from zero states: (logits, hidden, None).
+        ``mask``: from :func:`padding_mask` (None: no padding)."""
         backbone = self.model.backbone
-        if _fused_cpu_inference(hidden) and hidden.numel() > 0 and not _fsdp_managed_layers(self):
+        if hidden.numel() > 0 and _fused_cpu_inference(hidden) and not _fsdp_managed_layers(self):
             # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
             cache = self.allocate_cache(hidden.shape[0])
             if cache.fused is not None:
-                hidden = _fused_prefill(hidden, cache, last_only=False)
+                hidden = _fused_prefill(hidden, cache, last_only=False, mask=mask)
                 return self.model.lm_head(hidden).float(), hidden, None
         residual = None
+        extra = () if mask is None else (None, False, mask)  # the blocks' cache, last_only and mask arguments
         for layer in backbone.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+                hidden, residual = checkpoint(layer, hidden, residual, *extra, use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual)
+                hidden, residual = layer(hidden, residual, *extra)
         hidden, _ = backbone.norm_f(hidden, residual, True)
         logits = self.model.lm_head(hidden).float()
         return logits, hidden, None
@@ -597,14 +682,15 @@ class MambaLM(nn.Module):
                     f"{weight.dtype}: pass inputs_embeds.to({weight.dtype}) (or run under torch.autocast)"
                 )
             batch, seqlen = inputs_embeds.shape[:2]
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "MambaLM: attention_mask with masked (padding) positions is not supported; a recurrent model "
-                "needs unpadded, equal-length sequences (got a mask with zeros)"
-            )
+        fresh = cache is None or getattr(cache, "seqlen_offset", 0) == 0
+        # a fresh cache will be decoded from: its prompt may be padded on the left only
+        mask = padding_mask(attention_mask, batch, seqlen, fresh, right=cache is None and not use_cache)
+        if mask is not None:
+            device = weight.device if inputs_embeds is None else inputs_embeds.device
+            mask = mask.to(device)
         if cache is None and not use_cache:  # inputs_embeds / attention_mask alone: the plain forward
             hidden = self.model.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
-            return self._forward_full(hidden)
+            return self._forward_full(hidden, mask)
         if cache is None:
             emb_dtype = inputs_embeds.dtype if inputs_embeds is not None else weight.dtype
             cache = self.allocate_cache(batch, dtype=emb_dtype, device=weight.device)
@@ -617,26 +703,28 @@ class MambaLM(nn.Module):
             cache.check(self, batch)
         if seqlen == 0:
             raise ValueError("MambaLM: input_ids must hold at least one token when decoding with a cache")
-        logits, hidden = self.forward_with_cache(input_ids, cache, embeds=inputs_embeds)
+        logits, hidden = self.forward_with_cache(input_ids, cache, embeds=inputs_embeds, mask=mask)
         return logits, hidden, cache
 
-    def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False):
+    def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False, mask=None):
         """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden).
 
         One token (seq length 1) takes the O(1) recurrent step; longer inputs run the scan from the
         cached state (prefill). ``last_only`` computes logits (and returns hidden) for the last
-        position only, and skips the last layer's output projection elsewhere.
+        position only, and skips the last layer's output projection elsewhere. ``mask``: a left-padded
+        first prompt's mask from :func:`padding_mask` (None: no padding), on the tokens' device.
         """
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
         seqlen = hidden.shape[1]
         fused = cache.fused is not None and _fused_cpu_inference(hidden)
-        if seqlen == 1 and fused:
+        one = seqlen == 1 and mask is None  # a padded token takes the prefill, which masks (the step does not)
+        if one and fused:
             # the O(1) recurrent step of a CPU float32 model: every layer in one C++ call
             x = hidden[:, 0].contiguous()
             hidden = torch.ops.openlm_mamba_cpu.model_step(x, cache.conv_states, cache.ssm_states, *cache.fused)
             hidden = hidden.unsqueeze(1)
-        elif seqlen == 1 and self._step_needs_grad(hidden, cache):
+        elif one and self._step_needs_grad(hidden, cache):
             # the step with autograd: differentiable ops and live parameters (cache.params hold detached
             # copies), the new states stored in the cache instead of written in place
             hidden, residual = hidden[:, 0], None
@@ -646,7 +734,7 @@ class MambaLM(nn.Module):
                     normed, cache.conv_states[i], cache.ssm_states[i], layer.mixer.step_params(detach=False)
                 )
             hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
-        elif seqlen == 1:  # the O(1) recurrent step: a flat loop, no per-layer module calls
+        elif one:  # the O(1) recurrent step: a flat loop, no per-layer module calls
             hidden, residual = hidden[:, 0], None
             step, update = MambaMixer.step, cache.state_update
             for layer, conv, ssm, params in zip(backbone.layers, cache.conv_states, cache.ssm_states, cache.params):
@@ -654,11 +742,11 @@ class MambaLM(nn.Module):
                 hidden = step(normed, conv, ssm, params, update)
             hidden = step_norm(backbone.norm_f, hidden, residual, True)[0].unsqueeze(1)
         elif fused:
-            hidden = _fused_prefill(hidden, cache, last_only)
+            hidden = _fused_prefill(hidden, cache, last_only, mask)
         else:
             residual, n = None, len(backbone.layers)
             for i, layer in enumerate(backbone.layers):
-                hidden, residual = layer(hidden, residual, cache, last_only and i == n - 1)
+                hidden, residual = layer(hidden, residual, cache, last_only and i == n - 1, mask)
             hidden, _ = backbone.norm_f(hidden, residual, True)
         cache.seqlen_offset += seqlen
         head_in = hidden[:, -1:] if last_only else hidden

@@ -177,6 +177,30 @@ def test_loglikelihood_rolling_and_generate_until(setup):
     assert out == lm.tok_decode(want).split("\n\n\n")[0]
 
 
+def test_generate_until_batches_give_the_single_request_answers(setup):
+    """batch_size 3: requests of different context lengths and budgets decode in left-padded batches, each
+    answer (and its order) what the request alone gets."""
+    from lm_eval.api.instance import Instance
+
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    _, lm, _ = setup
+    prompts = ["The cat", "A", "The dog sat on the mat and", "Once upon a time there", "Dogs", "The"]
+    reqs = [
+        Instance(
+            request_type="generate_until",
+            doc={},
+            arguments=(p, {"until": ["\n\n\n"] if i % 3 else ["e"], "max_gen_toks": 5 + i % 2}),
+            idx=i,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    assert len({len(lm.tok_encode(p)) for p in prompts}) >= 4
+    single = [lm.generate_until([r], disable_tqdm=True)[0] for r in reqs]
+    batched = MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=3).generate_until(reqs, disable_tqdm=True)
+    assert batched == single and any(single)
+
+
 def test_adapter_argument_errors(setup):
     from openlm_mamba.evaluation import MambaEvalLM
 

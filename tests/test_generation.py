@@ -256,7 +256,17 @@ TRITON_DECODE = textwrap.dedent(
     assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
     cache = m.allocate_cache(1, backend="triton")
     assert cache.backend == "triton", cache.backend
-    print("TRITON_DECODE_OK", step_diff, mixed_diff)
+    # a left-padded prompt through the Triton conv and scan (masking around them), against the row alone
+    import torch
+    from tests.test_generation import padded_batch
+    ids, mask, rows = padded_batch([10, 4], 10)
+    m.set_backend("triton")
+    with torch.no_grad():
+        got = m(ids, attention_mask=mask, use_cache=True)[0]
+        m.set_backend("torch")
+        pad_diff = max((got[i, 10 - len(r):] - m(r[None])[0][0]).abs().max().item() for i, r in enumerate(rows))
+    assert pad_diff < 1e-4, pad_diff
+    print("TRITON_DECODE_OK", step_diff, mixed_diff, pad_diff)
     """
 )
 
@@ -337,8 +347,8 @@ def test_cache_backend_choice():
 
 def test_forward_with_cache_rejects_bad_input(model):
     cache = model.allocate_cache(2)
-    with pytest.raises(ValueError, match="padding"):
-        model(prompt(2, 4), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), use_cache=True)
+    with pytest.raises(ValueError, match=r"row 0 is \[1, 1, 1, 0\]; .* padding only before the tokens"):
+        model(prompt(2, 4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), use_cache=True)
     with pytest.raises(ValueError, match="allocated for batch 2, got batch 3"):
         model(prompt(3, 4), past_key_values=cache)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
@@ -510,7 +520,10 @@ def test_padded_vocab_rows_are_never_chosen(model, monkeypatch):
         ({"eos_token_id": 99999}, r"eos_token_id must be an int .* in \[0, 512\)"),
         ({"pad_token_id": 512}, r"pad_token_id must be an int in \[0, 512\)"),
         ({"seed": 1, "generator": torch.Generator()}, "either seed or generator"),
-        ({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}, "padding is not supported"),
+        ({"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}, r"row 0 is \[1, 1, 0\]; .*padding_side='left'"),
+        ({"attention_mask": torch.tensor([[1, 0, 1], [1, 1, 1]])}, "a pad between tokens would still decay"),
+        ({"attention_mask": torch.tensor([[0, 0, 0], [1, 1, 1]])}, "row 0 is all padding"),
+        ({"attention_mask": torch.tensor([[2, 1, 1], [1, 1, 1]])}, r"values must be 0 \(padding\) or 1"),
         ({"attention_mask": torch.ones(2, 4)}, r"attention_mask must have shape \(2, 3\)"),
         ({"do_sample": 1}, "do_sample must be a bool"),
         ({"cuda_graph": "yes"}, "cuda_graph must be True, False or None"),
@@ -529,8 +542,8 @@ def test_greedy_accepts_temperature_zero(model):
 
 
 def test_invalid_inputs_raise_clear_errors(model):
-    with pytest.raises(TypeError, match=r"input_ids must be a torch\.Tensor"):
-        generate(model, [[1, 2]])
+    with pytest.raises(TypeError, match=r"input_ids must be a torch\.Tensor or a list of prompts, got str"):
+        generate(model, "the prompt")
     with pytest.raises(TypeError, match="integer tensor"):
         generate(model, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="at least one token"):
@@ -916,3 +929,135 @@ def test_graphed_step_refuses_autograd(model):
 
     with torch.enable_grad(), pytest.raises(RuntimeError, match="autograd off"):
         _GraphedStep(model, None, 1, torch.device("cuda"))
+
+
+# -- prompts of different lengths (left padding) -----------------------------------------------------
+def padded_batch(lengths: list[int], width: int, vocab: int = 512, seed: int = 5, pad: int = 0):
+    """Rows of the given lengths, left-padded to ``width`` with ``pad``: (ids, mask, the unpadded rows)."""
+    rows = [prompt(1, n, vocab, seed + i)[0] for i, n in enumerate(lengths)]
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask, rows
+
+
+@pytest.mark.parametrize("backend", ["torch", None])  # None: auto, the C++ kernels on CPU
+def test_padded_forward_equals_each_row_alone(model, backend):
+    """Logits at real positions of a left- or right-padded batch equal each row's own forward, with autograd
+    and gradient checkpointing too (padding zeroes the pads' conv and SSM inputs)."""
+    model.set_backend(backend)
+    try:
+        ids, mask, rows = padded_batch([11, 4, 1], 11)
+        right = torch.tensor([[1] * 7 + [0] * 4, [0, 0] + [1] * 5 + [0] * 4, [1] * 11])  # right and both sides
+        with torch.no_grad():
+            alone = [model(r[None])[0][0] for r in rows]
+            got = model(ids, attention_mask=mask)[0]
+            for i, r in enumerate(rows):
+                torch.testing.assert_close(got[i, ids.shape[1] - len(r) :], alone[i], rtol=0, atol=1e-5)
+            both = model(prompt(3, 11, seed=9), attention_mask=right)[0]
+            for i in range(3):
+                keep = right[i].bool()
+                want = model(prompt(3, 11, seed=9)[i : i + 1, keep])[0][0]
+                torch.testing.assert_close(both[i, keep], want, rtol=0, atol=1e-5)
+        model.set_grad_checkpointing(True)
+        got = model(ids, attention_mask=mask)[0]
+        got[mask.bool()].sum().backward()
+        assert model.model.backbone.layers[0].mixer.A_log.grad is not None
+        torch.testing.assert_close(got[1, -4:].detach(), alone[1], rtol=0, atol=1e-5)
+    finally:
+        model.set_grad_checkpointing(False)
+        model.zero_grad(set_to_none=True)
+        model.set_backend(None)
+
+
+def test_padded_prompts_take_the_fused_prefill_across_slices(model):
+    """On CPU a padded prompt still runs model_prefill (masking inside it), and rows padded past the first
+    slice of PREFILL_ROWS stay exact: their state is zero until their first token."""
+    from openlm_mamba.model import PREFILL_ROWS
+
+    width = PREFILL_ROWS // 2  # batch 3: slices of PREFILL_ROWS // 3 tokens, so padding spans two slices
+    ids, mask, rows = padded_batch([width, 10, width - PREFILL_ROWS // 3 - 5], width)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        cache = model.allocate_cache(3)
+        last = model.forward_with_cache(ids, cache, last_only=True, mask=mask.bool())[0][:, -1]
+        full = model(ids, attention_mask=mask)[0]
+    assert [e.count for e in prof.key_averages() if e.key == "openlm_mamba_cpu::model_prefill"] == [4]
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            alone_cache = model.allocate_cache(1)
+            want = model.forward_with_cache(r[None], alone_cache, last_only=True)[0][0, -1]
+            torch.testing.assert_close(last[i], want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(full[i, width - len(r) :], model(r[None])[0][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(cache.ssm_states[1][i], alone_cache.ssm_states[1][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(cache.conv_states[0][i], alone_cache.conv_states[0][0], rtol=0, atol=1e-6)
+
+
+def test_left_padded_prefill_then_decoding_equals_each_row_alone(model):
+    """OpenLM's interface: a left-padded prompt with use_cache=True, then single steps given transformers'
+    growing full-length mask: every row's logits match its own unpadded decoding."""
+    ids, mask, rows = padded_batch([9, 3], 9)
+    nxt = prompt(2, 12, seed=11)
+    with torch.no_grad():
+        logits, _, cache = model(ids, attention_mask=mask, use_cache=True)
+        steps = []
+        for t in range(nxt.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            steps.append(model(nxt[:, t : t + 1], past_key_values=cache, attention_mask=mask)[0])
+        steps = torch.cat(steps, 1)
+        for i, r in enumerate(rows):
+            want = model(torch.cat([r, nxt[i]])[None])[0][0]
+            torch.testing.assert_close(logits[i, 9 - len(r) :], want[: len(r)], rtol=0, atol=1e-5)
+            torch.testing.assert_close(steps[i], want[len(r) :], rtol=0, atol=1e-4)
+        with pytest.raises(ValueError, match="pads tokens that continue a cached sequence"):
+            model(nxt[:, :2], past_key_values=cache, attention_mask=torch.tensor([[0, 1], [1, 1]]))
+
+
+def test_generate_padded_batch_equals_each_prompt_alone(model):
+    """A list of prompts of different lengths, or the left-padded tensor and its mask: each row continues as its
+    prompt alone does (greedy, with a repetition penalty that must not see the pads); seeded sampling repeats."""
+    ids, mask, rows = padded_batch([10, 3, 1, 6], 10, pad=7)
+    listed = generate(model, [r.tolist() for r in rows], max_new_tokens=16, repetition_penalty=1.3, pad_token_id=7)
+    masked = generate(model, ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=1.3)
+    assert torch.equal(listed, masked) and listed.shape == (4, 26)
+    assert torch.equal(listed[:, :10], ids)  # the pads stay in the output, as transformers keeps them
+    for i, r in enumerate(rows):
+        alone = generate(model, r[None], max_new_tokens=16, repetition_penalty=1.3)
+        assert torch.equal(listed[i, 10 - len(r) :], alone[0]), i
+    kw = {"do_sample": True, "top_p": 0.9, "temperature": 0.8, "max_new_tokens": 8, "seed": 3}
+    assert torch.equal(generate(model, rows, **kw), generate(model, rows, **kw))
+    # equal lengths: no mask at all, the same as the stacked tensor
+    assert torch.equal(
+        generate(model, [rows[0], rows[0]], max_new_tokens=4), generate(model, ids[[0, 0]], max_new_tokens=4)
+    )
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,match",
+    [
+        ([[1, 2], []], {}, r"prompt 1 must be a non-empty 1-D sequence"),
+        ([[1, 2], [[3]]], {}, r"prompt 1 must be a non-empty 1-D sequence of token ids, got \(1, 1\)"),
+        ([[1.5, 2.0]], {}, "prompt 0 must be a non-empty 1-D sequence of token ids"),
+        ([], {}, "the list of prompts is empty"),
+        ([[1, 2], [3]], {"attention_mask": torch.ones(2, 2)}, "pass it without an attention_mask"),
+        ([[1, 2], [3, 600]], {}, r"token id 600 is outside the vocabulary \[0, 512\)"),
+    ],
+)
+def test_prompt_list_errors(model, prompts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompts, max_new_tokens=2, **kwargs)
+
+
+def test_left_padded_greedy_equals_transformers(hf_pair):
+    """transformers' generate with a left-padded batch and its mask picks the same tokens (no repetition
+    penalty: transformers' penalises the pad token too, ours ignores pads)."""
+    model, hf = hf_pair
+    ids, mask, _ = padded_batch([12, 5, 1], 12, seed=21)
+    with torch.no_grad():
+        real = mask.bool()
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask)[0][real], hf(ids, attention_mask=mask).logits[real], rtol=0, atol=1e-4
+        )
+        theirs = hf.generate(ids, attention_mask=mask, pad_token_id=0, max_new_tokens=24, do_sample=False)
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=hf.config.eos_token_id)
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)

@@ -95,6 +95,31 @@ def test_cli_greedy_streams_the_same_text_as_generate(monkeypatch, tokenizer_dir
     assert len(out.writes) >= 3  # prompt, then pieces as tokens arrive
 
 
+def test_cli_several_prompts_run_as_one_batch(monkeypatch, capsys, tokenizer_dir, openlm_style_checkpoint):
+    """--prompt repeated: one left-padded batch, each text what that prompt alone gives, in order, a blank line
+    between them; the stats line counts the prompts."""
+    from transformers import AutoTokenizer
+
+    path, model = openlm_style_checkpoint
+    prompts = ["The Toyota Supra is a sports car", "Mamba", "A recurrent state"]
+    args = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--greedy", "--max-new-tokens", "10"]
+    rc, out = run_cli(monkeypatch, [*args, *(a for p in prompts for a in ("--prompt", p)), "--stats"])
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    texts = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        new = generate(model, ids, max_new_tokens=10, eos_token_id=tok.eos_token_id)[0, ids.shape[1] :]
+        texts.append(p + tok.decode(new.tolist(), skip_special_tokens=True))
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) == 3  # three lengths: padding is exercised
+    assert out.getvalue() == "\n\n".join(texts) + "\n"
+    assert re.search(
+        r"3 prompts of up to \d+ tokens, first token after .* tokens/s per sequence", capsys.readouterr().err
+    )
+    rc, _ = run_cli(monkeypatch, [*args, "--prompt", "Mamba", "--prompt", ""])  # the empty one is named
+    assert rc != 0 and "error: --prompt 2 ('') encodes to zero tokens" in capsys.readouterr().err
+
+
 def test_cli_model_card_sampling_is_reproducible(monkeypatch, tokenizer_dir, openlm_style_checkpoint):
     path, _ = openlm_style_checkpoint
     args = ["--checkpoint", str(path), "--tokenizer", str(tokenizer_dir), "--prompt", "Mamba is", "--seed", "3"]

@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="OpenLM checkpoint (epoch_N.pt / bare state dict) or an HF / mamba_ssm directory",
     )
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json file, or HF hub name")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        action="append",
+        help="text to continue; repeat it to continue several prompts as one batch (left-padded, each row as if "
+        "alone; the texts are printed in order once all are done, not streamed)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=50, help="default: 50")
     parser.add_argument(
         "--greedy",
@@ -186,9 +192,15 @@ def run(args: argparse.Namespace) -> int:
         check_tokenizer(tok, lm.cfg.vocab_size)
     except ValueError as e:
         raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}") from None
-    ids = tok(args.prompt, return_tensors="pt")["input_ids"].to(device)
-    if ids.shape[1] == 0:
-        raise SystemExit("error: --prompt encodes to zero tokens")
+    prompts = args.prompt
+    rows = [tok(p, return_tensors="pt")["input_ids"][0] for p in prompts]
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            which = "--prompt" if len(rows) == 1 else f"--prompt {i + 1} ({prompts[i]!r})"
+            raise SystemExit(f"error: {which} encodes to zero tokens")
+    if len(rows) > 1:
+        return _run_batch(args, lm, tok, prompts, rows, device, dtype_name)
+    ids = rows[0].unsqueeze(0).to(device)
 
     out = sys.stdout
     text = IncrementalText(tok)
@@ -202,33 +214,70 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
 
     if not args.no_stream:
-        out.write(args.prompt)
+        out.write(prompts[0])
         out.flush()
     start = time.perf_counter()
     try:
         result = generate(
             lm,
             ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=not args.greedy,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            eos_token_id=tok.eos_token_id,
-            seed=args.seed,
+            **settings(args, tok),
             streamer=stream,
         )
     except (ValueError, TypeError, BackendUnavailableError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.no_stream:
-        out.write(args.prompt + tok.decode(result[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+        out.write(prompts[0] + tok.decode(result[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
     else:
         out.write(text.flush())
     out.write("\n")
     out.flush()
     if args.stats:
         print(stats_line(ids.shape[1], start, arrivals, device, dtype_name), file=sys.stderr, flush=True)
+    return 0
+
+
+def settings(args: argparse.Namespace, tok) -> dict:
+    """generate()'s decoding settings from the command line."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": not args.greedy,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "eos_token_id": tok.eos_token_id,
+        "seed": args.seed,
+    }
+
+
+def _run_batch(args: argparse.Namespace, lm, tok, prompts: list[str], rows: list, device: str, dtype_name: str) -> int:
+    """Several prompts as one left-padded batch; each text printed once all are done."""
+    from ..generation import generate
+    from ..ops.dispatch import BackendUnavailableError
+
+    arrivals: list[float] = []
+    start = time.perf_counter()
+    try:
+        result = generate(
+            lm,
+            [r.to(device) for r in rows],
+            **settings(args, tok),
+            streamer=lambda _token: arrivals.append(time.perf_counter()),
+        )
+    except (ValueError, TypeError, BackendUnavailableError) as e:
+        raise SystemExit(f"error: {e}") from None
+    width = max(len(r) for r in rows)
+    eos = tok.eos_token_id
+    for i, prompt in enumerate(prompts):
+        new = result[i, width:].tolist()
+        if eos is not None and eos in new:  # rows that stopped early are filled with EOS after it
+            new = new[: new.index(eos) + 1]
+        sys.stdout.write(("\n" if i else "") + prompt + tok.decode(new, skip_special_tokens=True) + "\n")
+    sys.stdout.flush()
+    if args.stats:
+        line = stats_line(width, start, arrivals, device, dtype_name, batch=len(rows))
+        print(line, file=sys.stderr, flush=True)
     return 0
 
 
@@ -278,14 +327,17 @@ class IncrementalText:
         return piece
 
 
-def stats_line(prompt_tokens: int, start: float, arrivals: list[float], device: str, dtype: str) -> str:
-    """One line: prompt length, time to first token, decode speed after it."""
+def stats_line(prompt_tokens: int, start: float, arrivals: list[float], device: str, dtype: str, batch: int = 1) -> str:
+    """One line: prompt length, time to first token, decode speed after it (per sequence of a batch)."""
     line = f"[openlm-mamba] {device} {dtype}: prompt {prompt_tokens} tokens"
+    if batch > 1:
+        line = f"[openlm-mamba] {device} {dtype}: {batch} prompts of up to {prompt_tokens} tokens"
     if not arrivals:
         return line + ", nothing generated"
     line += f", first token after {(arrivals[0] - start) * 1e3:.1f} ms"
     n = len(arrivals) - 1
     if n:
         spent = arrivals[-1] - arrivals[0]
-        line += f", then {n} tokens at {n / spent:.1f} tokens/s ({spent / n * 1e3:.2f} ms each)"
+        each = "" if batch == 1 else " per sequence"
+        line += f", then {n} tokens at {n / spent:.1f} tokens/s{each} ({spent / n * 1e3:.2f} ms each)"
     return line

@@ -243,6 +243,15 @@ struct Carver {
   }
 };
 
+// Zero the rows (b, t) of x (batch, L, width; any strides, unit last) where mask (batch, L) is 0.
+void zero_padding(const at::Tensor& x, const float* mask) {
+  const int64_t batch = x.size(0), L = x.size(1), width = x.size(2);
+  float* p = x.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < L; ++t)
+      if (mask[b * L + t] == 0.0f) std::fill_n(p + b * x.stride(0) + t * x.stride(1), width, 0.0f);
+}
+
 // Prefill through a float32 Mamba stack with RMSNorm, from and into the cache: hidden (batch, L,
 // d_model) embeddings -> norm_f(last hidden + residual), (batch, d_model) at the last position when
 // `last_only` (the last layer then runs its gate and output projection for that position alone),
@@ -250,11 +259,12 @@ struct Carver {
 // holds no tokens yet. The same ops as ResidualBlock / MambaMixer.forward_cached, without Python
 // between them: ATen matmuls and the conv / scan forward kernels. Every activation lives in
 // `workspace` (flat float32, grown here when too small): a caller that keeps it skips the page
-// faults of fresh allocations on every call.
+// faults of fresh allocations on every call. `mask` (batch, L) float32, 0 at padding: those
+// positions' conv and SSM inputs are zeroed, as MambaMixer does with a mask.
 at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, at::TensorList ssm_states,
                          at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                          const at::Tensor& norm_f, double eps, int64_t dt_rank, bool fresh, bool last_only,
-                         at::Tensor workspace) {
+                         at::Tensor workspace, const std::optional<at::Tensor>& mask) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // float32 throughout
   const int64_t n_layer = int64_t(ssm_states.size());
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat && hidden.is_contiguous() && hidden.size(1) > 0,
@@ -263,6 +273,10 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
   TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 1 && workspace.is_contiguous(),
               "model_prefill: workspace must be a flat contiguous float32 tensor");
   const int64_t batch = hidden.size(0), L = hidden.size(1), H = hidden.size(2), rows = batch * L;
+  TORCH_CHECK(!mask || (mask->scalar_type() == at::kFloat && mask->is_contiguous() && mask->dim() == 2 &&
+                        mask->size(0) == batch && mask->size(1) == L),
+              "model_prefill: mask must be a contiguous float32 (batch, L) tensor");
+  const float* mp = mask ? mask->data_ptr<float>() : nullptr;
   const int64_t di = n_layer ? weights[5].size(0) : 0, N = n_layer ? weights[5].size(1) : 0;
   const int64_t R = dt_rank + 2 * N;
   const int64_t need = rows * (3 * H + 5 * di + R);
@@ -293,7 +307,9 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
     std::optional<at::Tensor> init;
     if (!fresh && keep > 0) init = conv_state.narrow(2, 1, keep).contiguous();
     at::Tensor u = xc.view({batch, L, di});
+    if (mp) zero_padding(x, mp);
     olm::conv_fwd_into(x, l.conv_w, l.conv_b, init, true, u);
+    if (mp) zero_padding(u, mp);
     if (keep > 0) {  // the last `keep` conv inputs, oldest first
       const at::Tensor xt = x.transpose(1, 2);
       if (L >= keep) {
@@ -348,8 +364,8 @@ TORCH_LIBRARY_FRAGMENT(openlm_mamba_cpu, m) {
       "Tensor?[] biases, Tensor norm_f, float eps, int dt_rank) -> Tensor");
   m.def(
       "model_prefill(Tensor hidden, Tensor(a!)[] conv_states, Tensor(b!)[] ssm_states, Tensor[] weights, "
-      "Tensor?[] biases, Tensor norm_f, float eps, int dt_rank, bool fresh, bool last_only, Tensor(c!) workspace) -> "
-      "Tensor");
+      "Tensor?[] biases, Tensor norm_f, float eps, int dt_rank, bool fresh, bool last_only, Tensor(c!) workspace, "
+      "Tensor? mask=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openlm_mamba_cpu, CPU, m) {
