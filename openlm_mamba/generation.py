@@ -8,6 +8,7 @@ run once through the scan (prefill), then each new token is one O(1) recurrent s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import threading
@@ -115,6 +116,21 @@ class MambaCache:
         """Re-read the step-invariant parameters from ``model`` (after its weights changed)."""
         self.params = [layer.mixer.step_params() for layer in model.layers]
         self.fused = model_step_args(model, self.params) if self.backend == "torch" else None
+
+    def clone(self, repeat: int = 1) -> MambaCache:
+        """An independent copy of the states (the step parameters are shared): a prefix read once, continued
+        several ways. ``repeat``: each sequence repeated that many times in a row (batch * repeat sequences),
+        e.g. one shared prompt for a batch of continuations."""
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+            raise ValueError(f"MambaCache.clone: repeat must be a positive int, got {repeat!r}")
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            return t.repeat_interleave(repeat, dim=0) if repeat > 1 else t.clone()
+
+        return dataclasses.replace(
+            self, conv_states=[copy(t) for t in self.conv_states], ssm_states=[copy(t) for t in self.ssm_states]
+        )
 
     def reset(self) -> None:
         """Zero every state so the cache can be reused for new prompts of the same batch size.
@@ -434,16 +450,40 @@ def _stream_fns(streamer) -> tuple[Callable | None, Callable | None, Callable | 
     )
 
 
+def _check_cache(cache, model: torch.nn.Module, batch: int, device: torch.device) -> None:
+    """Clear errors for a ``cache`` argument that generate() cannot continue from."""
+    if not isinstance(cache, MambaCache):
+        raise TypeError(f"generate: cache must be a MambaCache (model.allocate_cache), got {type(cache).__name__}")
+    try:
+        cache.check(model, batch)
+    except ValueError as e:
+        raise ValueError("generate: " + str(e).replace("past_key_values: ", "")) from None
+    states = (*cache.conv_states, *cache.ssm_states)
+    if states and states[0].device != device:
+        raise ValueError(f"generate: the cache is on {states[0].device}, the prompt on {device}")
+    if any(t.requires_grad for t in states):
+        raise ValueError(
+            "generate: the cache holds states recorded by autograd (decoded with gradients on); continue it under "
+            "torch.no_grad(), or allocate the cache and prefill it without gradients"
+        )
+
+
 def _prompt_rows(prompts: Sequence, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of any lengths (a list of 1-D token sequences) as a left-padded (batch, longest) tensor (pads 0)
     and its attention mask."""
     rows = []
     for i, row in enumerate(prompts):
-        t = row if isinstance(row, torch.Tensor) else torch.as_tensor(row)
+        want = f"generate: prompt {i} must be a non-empty 1-D sequence of token ids (tokenize text first)"
+        if isinstance(row, (str, bytes)):
+            raise TypeError(f"{want}, got {type(row).__name__}")
+        try:
+            t = row if isinstance(row, torch.Tensor) else torch.as_tensor(row)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{want}, got {type(row).__name__} ({e})") from None
+        if t.dim() == 0:
+            raise ValueError(f"{want}, got the single id {row!r}: one prompt is [[...]] or a tensor, not a flat list")
         if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(
-                f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got {tuple(t.shape)} {t.dtype}"
-            )
+            raise ValueError(f"{want}, got {tuple(t.shape)} {t.dtype}")
         rows.append(t)
     if not rows:
         raise ValueError("generate: the list of prompts is empty")
@@ -470,6 +510,7 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
+    cache: MambaCache | None = None,
     streamer: Callable[[torch.Tensor], None] | Any | None = None,
     backend: str | None = None,
     cuda_graph: bool | None = None,
@@ -486,8 +527,17 @@ def generate(
 
     Prompts of different lengths: pass them left-padded with an ``attention_mask`` (0 at padding, as a
     tokenizer with ``padding_side="left"`` returns them), or as a list of 1-D token sequences, which is
-    left-padded with ``pad_token_id`` here. Padding never reaches the recurrent state, so each row continues
-    exactly as its prompt alone would (the repetition penalty ignores pads too); the output keeps the pads.
+    left-padded with ``pad_token_id`` here. Padding never reaches the recurrent state: greedy decoding continues
+    each row exactly as its prompt alone would (the repetition penalty ignores pads too). Sampling draws every
+    row from one generator, as transformers does, so a row's sample also depends on the rows beside it. The
+    output keeps the pads.
+
+    ``cache``: continue from a :class:`MambaCache` (``model.allocate_cache(batch)``) instead of empty states,
+    and leave in it the state after every token of the returned sequence (the last new one included): the
+    next call with the same cache continues the conversation without reading it again. With
+    ``max_new_tokens=0`` the prompt is only read into the cache (a shared prefix; ``cache.clone()`` forks it).
+    Padding is allowed only before the first tokens of an empty cache; the repetition penalty sees this
+    call's tokens only.
 
     ``streamer``: a callable is called with each new (batch,) token tensor as soon as it is chosen (never
     with the prompt). An object with ``put()`` and ``end()`` (transformers' ``BaseStreamer``, e.g.
@@ -521,6 +571,8 @@ def generate(
         )
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
     input_ids = model.check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
     if batch == 0 or prompt_len == 0:
@@ -535,17 +587,19 @@ def generate(
     _check_cuda_graph(cuda_graph, input_ids.device)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"generate: seed must be an int, got {seed!r}")
+    if cache is not None:
+        _check_cache(cache, model, batch, input_ids.device)
     mask = None
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, prompt_len):
-            got = (
-                tuple(attention_mask.shape)
-                if isinstance(attention_mask, torch.Tensor)
-                else type(attention_mask).__name__
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"generate: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (batch, prompt_len):
+            raise ValueError(
+                f"generate: attention_mask must have shape {(batch, prompt_len)}, got {tuple(attention_mask.shape)}"
             )
-            raise ValueError(f"generate: attention_mask must have shape {(batch, prompt_len)}, got {got}")
+        cached = 0 if cache is None else cache.seqlen_offset
         try:
-            mask = padding_mask(attention_mask, batch, prompt_len, fresh=True, right=False)
+            mask = padding_mask(attention_mask, batch, prompt_len, cached, right=False)
         except ValueError as e:
             raise ValueError(str(e).replace("MambaLM: ", "generate: ")) from None
         if mask is not None:
@@ -572,6 +626,9 @@ def generate(
     sampler = _Sampler(do_sample, temperature, top_k, top_p, repetition_penalty, vocab, generator)
 
     if max_new_tokens == 0:
+        if cache is not None:  # read the prompt into the cache
+            with torch.inference_mode():
+                model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)
         if on_end is not None:
             on_prompt(input_ids)
             on_end()
@@ -581,7 +638,9 @@ def generate(
         cap = min(max_new_tokens, OUT_CHUNK)
         out = torch.empty(batch, prompt_len + cap, dtype=torch.long, device=device)
         out[:, :prompt_len] = input_ids
-        cache = model.allocate_cache(batch, device=device, backend=backend)
+        keep = cache is not None
+        if not keep:
+            cache = model.allocate_cache(batch, device=device, backend=backend)
         if on_prompt is not None:
             on_prompt(input_ids)
         logits = model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)[0][:, -1]
@@ -616,6 +675,9 @@ def generate(
                 step = _graphed_step_or_none(model, cache, batch, device, cuda_graph)
                 graph = step is not None
             logits = model.forward_with_cache(tok, cache)[0][:, -1] if step is None else step(tok)
+        if keep:  # the caller's cache: take in the last new token too, so it holds the whole output
+            tok = tok.view(batch, 1)
+            model.forward_with_cache(tok, cache) if step is None else step(tok)
     if on_end is not None:
         on_end()
     return out[:, : prompt_len + n].clone()  # a normal tensor, not an inference-mode one

@@ -297,26 +297,27 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def padding_mask(
-    attention_mask: torch.Tensor | None, batch: int, seqlen: int, fresh: bool = True, right: bool = True
+    attention_mask: torch.Tensor | None, batch: int, seqlen: int, cached: int = 0, right: bool = True
 ) -> torch.Tensor | None:
-    """Check an attention mask for ``seqlen`` new tokens; returns it as a (batch, seqlen) bool tensor, or None
-    when it masks nothing.
+    """Check an attention mask for ``seqlen`` new tokens after ``cached`` ones; returns it as a (batch, seqlen)
+    bool tensor, or None when it masks nothing.
 
     Shape (batch, seqlen), or (batch, cached + seqlen) as transformers passes it while decoding (only the last
     seqlen columns are the new tokens'). Values 0 / 1 (or bool). Each row must be a run of real tokens with
     padding only before it (left padding) or, where ``right``, after it: a padded position's conv and SSM
     inputs are zeroed, so the states the real tokens see are those of the unpadded sequence (left padding)
     and outputs at real positions equal the unpadded sequence's. Holes inside a row cannot be made exact in
-    a recurrence and are refused, as is padding of tokens that continue a cache (``fresh`` False).
+    a recurrence and are refused, as is padding of tokens that continue a cache (``cached`` > 0).
     """
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"MambaLM: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seqlen:
+    widths = (seqlen, cached + seqlen) if cached else (seqlen,)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in widths:
+        also = f" or ({batch}, {cached + seqlen}): cached + new tokens" if cached else ""
         raise ValueError(
-            f"MambaLM: attention_mask must have shape ({batch}, {seqlen}) (or ({batch}, cached tokens + {seqlen})), "
-            f"got {tuple(attention_mask.shape)}"
+            f"MambaLM: attention_mask must have shape ({batch}, {seqlen}){also}, got {tuple(attention_mask.shape)}"
         )
     m = attention_mask[:, attention_mask.shape[1] - seqlen :]
     if m.dtype != torch.bool:
@@ -325,25 +326,31 @@ def padding_mask(
         m = m != 0
     if bool(m.all()):
         return None
-    if not fresh:
+    if cached:
         raise ValueError(
             "MambaLM: attention_mask pads tokens that continue a cached sequence; only a prompt's first tokens "
             "(left padding, fresh cache) can be padding"
         )
+    if seqlen < 2:
+        return m
     step = m.to(torch.int8).diff(dim=1)  # +1 where a run of tokens starts, -1 where it ends
     starts, ends = (step == 1).sum(1), (step == -1).sum(1)
     # a start after the end: tokens, a hole, tokens
-    bad = (starts > 1) | (ends > 1) | ((starts == 1) & (ends == 1) & (step.argmax(1) > step.argmin(1)))
-    if not right:
-        bad |= ends > 0
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        want = "padding only before the tokens (left padding)" if not right else "one run of tokens per row"
-        raise ValueError(
-            f"MambaLM: attention_mask row {row} is {m[row].to(torch.int8).tolist()}; a recurrent model needs "
-            f"{want}: a pad between tokens would still decay the state"
-            + ("" if right else ", and one after them would enter it (pad on the left: padding_side='left')")
-        )
+    hole = (starts > 1) | (ends > 1) | ((starts == 1) & (ends == 1) & (step.argmax(1) > step.argmin(1)))
+    trailing = torch.zeros_like(hole) if right else ends > 0
+    for bad, why in (
+        (hole, "a run of tokens with padding only around it: a pad between tokens would still decay the state"),
+        (
+            trailing,
+            "padding only before the tokens (left padding): pads after them would decay the state the next "
+            "tokens start from (pad on the left: padding_side='left')",
+        ),
+    ):
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"MambaLM: attention_mask row {row} is {m[row].to(torch.int8).tolist()}; a recurrent model needs {why}"
+            )
     return m
 
 
@@ -682,9 +689,9 @@ class MambaLM(nn.Module):
                     f"{weight.dtype}: pass inputs_embeds.to({weight.dtype}) (or run under torch.autocast)"
                 )
             batch, seqlen = inputs_embeds.shape[:2]
-        fresh = cache is None or getattr(cache, "seqlen_offset", 0) == 0
-        # a fresh cache will be decoded from: its prompt may be padded on the left only
-        mask = padding_mask(attention_mask, batch, seqlen, fresh, right=cache is None and not use_cache)
+        cached = getattr(cache, "seqlen_offset", 0) if cache is not None else 0
+        # a cache will be decoded from: its prompt may be padded on the left only
+        mask = padding_mask(attention_mask, batch, seqlen, cached, right=cache is None and not use_cache)
         if mask is not None:
             device = weight.device if inputs_embeds is None else inputs_embeds.device
             mask = mask.to(device)

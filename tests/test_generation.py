@@ -1036,16 +1036,108 @@ def test_generate_padded_batch_equals_each_prompt_alone(model):
     "prompts,kwargs,match",
     [
         ([[1, 2], []], {}, r"prompt 1 must be a non-empty 1-D sequence"),
-        ([[1, 2], [[3]]], {}, r"prompt 1 must be a non-empty 1-D sequence of token ids, got \(1, 1\)"),
+        ([[1, 2], [[3]]], {}, r"prompt 1 must be a non-empty 1-D sequence of token ids .*, got \(1, 1\) torch.int64"),
         ([[1.5, 2.0]], {}, "prompt 0 must be a non-empty 1-D sequence of token ids"),
         ([], {}, "the list of prompts is empty"),
         ([[1, 2], [3]], {"attention_mask": torch.ones(2, 2)}, "pass it without an attention_mask"),
         ([[1, 2], [3, 600]], {}, r"token id 600 is outside the vocabulary \[0, 512\)"),
+        (["hello", "hi"], {}, r"prompt 0 must be .* \(tokenize text first\), got str"),
+        ([[5, 6], None], {}, r"prompt 1 must be a non-empty 1-D sequence of token ids .*got NoneType"),
+        ([[5, [6]], [7]], {}, "prompt 0 must be a non-empty 1-D sequence of token ids"),
+        ([5, 6, 7], {}, r"got the single id 5: one prompt is \[\[...\]\] or a tensor, not a flat list"),
     ],
 )
 def test_prompt_list_errors(model, prompts, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         generate(model, prompts, max_new_tokens=2, **kwargs)
+
+
+def test_mask_edge_cases(model):
+    """One-column masks, masks wider than the input, 1-D prompt + 1-D mask, a mask of the wrong type."""
+    ids = prompt(2, 1)
+    with torch.no_grad():
+        got = model(ids, attention_mask=torch.tensor([[0], [1]]))[0]  # a lone pad: accepted by the forward
+        torch.testing.assert_close(got[1], model(ids[1:])[0][0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="row 0 is all padding"):
+        generate(model, ids, attention_mask=torch.tensor([[0], [1]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 7\)"):
+        model(prompt(2, 5), attention_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match=r"must have shape \(2, 5\), got \(2, 7\)"):
+        model(prompt(2, 5), attention_mask=torch.ones(2, 7), use_cache=True)  # a fresh cache: nothing cached
+    with torch.no_grad():
+        _, _, cache = model(prompt(2, 3), use_cache=True)
+        model(prompt(2, 2), past_key_values=cache, attention_mask=torch.ones(2, 5))  # cached + new: accepted
+        with pytest.raises(ValueError, match=r"\(2, 1\) or \(2, 6\): cached \+ new tokens, got \(2, 4\)"):
+            model(prompt(2, 1), past_key_values=cache, attention_mask=torch.ones(2, 4))
+    one = prompt(1, 4)[0]
+    assert torch.equal(
+        generate(model, one, attention_mask=torch.tensor([1, 1, 1, 1]), max_new_tokens=3),
+        generate(model, one, max_new_tokens=3),
+    )
+    with pytest.raises(TypeError, match=r"attention_mask must be a torch\.Tensor, got list"):
+        generate(model, prompt(2, 3), attention_mask=[[1, 1, 1], [1, 1, 1]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"row 0 is \[1, 1, 0\]; .*pads after them would decay the state"):
+        generate(model, prompt(2, 3), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), max_new_tokens=2)
+
+
+# -- continuing from a cache (a conversation, a shared prefix) ----------------------------------------
+def test_generate_continues_a_conversation_from_its_cache(model):
+    """Turn by turn through one cache: each turn's new tokens equal a fresh generate over the whole
+    conversation so far (the cache holds every returned token, the last new one included)."""
+    cache = model.allocate_cache(2)
+    history = torch.empty(2, 0, dtype=torch.long)
+    for turn, length in enumerate((9, 3, 1)):
+        user = prompt(2, length, seed=30 + turn)
+        out = generate(model, user, max_new_tokens=7, cache=cache)
+        fresh = generate(model, torch.cat([history, user], 1), max_new_tokens=7)
+        assert out.shape == (2, length + 7) and torch.equal(out[:, length:], fresh[:, -7:]), turn
+        history = torch.cat([history, out], 1)
+        assert cache.seqlen_offset == history.shape[1]
+    with torch.no_grad():  # the cached state is that of the whole history
+        want = model(history)[0][:, -1]
+        got = model(prompt(2, 1, seed=40), past_key_values=cache)[0][:, -1]
+        ref = model(torch.cat([history, prompt(2, 1, seed=40)], 1))[0][:, -1]
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+        assert not torch.allclose(got, want)
+
+
+def test_shared_prefix_read_once_and_forked(model):
+    """max_new_tokens=0 reads a prompt into the cache; clone(repeat=n) forks it: each continuation equals a
+    fresh generate over prefix + its own tokens, and the original cache is untouched."""
+    prefix = prompt(1, 12, seed=50)
+    cache = model.allocate_cache(1)
+    assert torch.equal(generate(model, prefix, max_new_tokens=0, cache=cache), prefix)
+    assert cache.seqlen_offset == 12
+    saved = [t.clone() for t in cache.ssm_states]
+    users = prompt(3, 4, seed=51)
+    forked = cache.clone(repeat=3)
+    assert forked.batch_size == 3 and forked.params is cache.params
+    out = generate(model, users, max_new_tokens=8, cache=forked)
+    for i in range(3):
+        alone = generate(model, torch.cat([prefix[0], users[i]])[None], max_new_tokens=8)
+        assert torch.equal(out[i], alone[0, 12:]), i
+    assert all(torch.equal(a, b) for a, b in zip(saved, cache.ssm_states)) and cache.seqlen_offset == 12
+    twin = cache.clone()
+    assert twin.ssm_states[0].data_ptr() != cache.ssm_states[0].data_ptr()
+    with pytest.raises(ValueError, match="repeat must be a positive int, got 0"):
+        cache.clone(repeat=0)
+
+
+def test_generate_cache_errors(model):
+    ids = prompt(2, 3)
+    with pytest.raises(TypeError, match="cache must be a MambaCache"):
+        generate(model, ids, cache=[], max_new_tokens=2)
+    with pytest.raises(ValueError, match="generate: cache was allocated for batch 1, got batch 2"):
+        generate(model, ids, cache=model.allocate_cache(1), max_new_tokens=2)
+    cache = model.allocate_cache(2)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    a = generate(model, ids, attention_mask=mask, cache=cache, max_new_tokens=2)  # an empty cache: padding is fine
+    assert torch.equal(a, generate(model, ids, attention_mask=mask, max_new_tokens=2))
+    with pytest.raises(ValueError, match="generate: attention_mask pads tokens that continue a cached sequence"):
+        generate(model, ids, attention_mask=mask, cache=cache, max_new_tokens=2)
+    _, _, grad_cache = model(ids, use_cache=True)  # autograd on: states in a graph
+    with pytest.raises(ValueError, match="cache holds states recorded by autograd"):
+        generate(model, ids, cache=grad_cache, max_new_tokens=2)
 
 
 def test_left_padded_greedy_equals_transformers(hf_pair):

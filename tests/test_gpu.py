@@ -142,6 +142,26 @@ def test_generate_with_cuda_graph_equals_without(sample):
     assert torch.equal(a, b) and a.shape[1] <= 52
 
 
+def test_conversation_through_a_cache_with_and_without_the_graph():
+    """generate(cache=...) turn by turn: the graphed decode leaves the same states in the caller's cache as the
+    eager one (the last new token included), and left padding on the first turn goes through the GPU kernels."""
+    model = tiny().eval()
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    turns = [torch.randint(0, 512, (2, n), device=DEV, generator=gen) for n in (10, 3, 6)]
+    mask = torch.ones(2, 10, dtype=torch.long, device=DEV)
+    mask[1, :4] = 0
+    outs = {}
+    for g in (False, True):
+        cache = model.allocate_cache(2)
+        outs[g] = [generate(model, turns[0], attention_mask=mask, max_new_tokens=16, cache=cache, cuda_graph=g)]
+        outs[g] += [generate(model, t, max_new_tokens=16, cache=cache, cuda_graph=g) for t in turns[1:]]
+        assert cache.seqlen_offset == sum(o.shape[1] for o in outs[g])
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)
+    alone = generate(model, turns[0][1:, 4:], max_new_tokens=16, cuda_graph=False)
+    assert torch.equal(outs[False][0][1, 4:], alone[0])
+
+
 def test_cuda_graph_refused_under_autocast():
     model = tiny().eval()
     ids = torch.randint(0, 512, (1, 4), device=DEV)

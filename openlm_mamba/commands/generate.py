@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt",
         required=True,
         action="append",
-        help="text to continue; repeat it to continue several prompts as one batch (left-padded, each row as if "
-        "alone; the texts are printed in order once all are done, not streamed)",
+        help="text to continue; repeat it to continue several prompts as one batch (left-padded; with --greedy "
+        "each text is what its prompt alone gives, while sampling draws the batch from one seeded generator); "
+        "the texts are printed in order once all are done, not streamed",
     )
     parser.add_argument("--max-new-tokens", type=int, default=50, help="default: 50")
     parser.add_argument(
