@@ -13,6 +13,7 @@ import math
 import operator
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class MambaCache:
     params: list[tuple[torch.Tensor, ...]]  # per layer, from MambaMixer.step_params() at allocation
     seqlen_offset: int = 0
     fused: tuple | None = None  # model_step_args(): the whole step / prefill as one C++ call, where it applies
+    owner: Callable | None = dataclasses.field(default=None, repr=False, compare=False)  # weakref to the model
 
     @classmethod
     def allocate(
@@ -97,8 +99,8 @@ class MambaCache:
             torch.zeros(batch_size, cfg.d_inner, cfg.d_state, dtype=torch.float32, device=device) for _ in model.layers
         ]
         params = [layer.mixer.step_params() for layer in model.layers]
-        fused = model_step_args(model, params) if name == "torch" else None
-        return cls(conv, ssm, fn, name, params, fused=fused)
+        fused = model_step_args(model, params) if name == "torch" and dtype == torch.float32 else None
+        return cls(conv, ssm, fn, name, params, fused=fused, owner=weakref.ref(model))
 
     @property
     def batch_size(self) -> int:
@@ -115,7 +117,9 @@ class MambaCache:
     def refresh(self, model: torch.nn.Module) -> None:
         """Re-read the step-invariant parameters from ``model`` (after its weights changed)."""
         self.params = [layer.mixer.step_params() for layer in model.layers]
-        self.fused = model_step_args(model, self.params) if self.backend == "torch" else None
+        f32 = all(t.dtype == torch.float32 for t in self.conv_states)
+        self.fused = model_step_args(model, self.params) if self.backend == "torch" and f32 else None
+        self.owner = weakref.ref(model)
 
     def clone(self, repeat: int = 1) -> MambaCache:
         """An independent copy of the states (the step parameters are shared): a prefix read once, continued
@@ -153,6 +157,11 @@ class MambaCache:
                 f"got {type(self).__name__}"
             )
         cfg = model.cfg
+        if self.owner is not None and self.owner() is not model:
+            raise ValueError(
+                "past_key_values: this cache was allocated by another model (it decodes with that model's "
+                "weights); allocate one with this model's allocate_cache, or call cache.refresh(model)"
+            )
         if len(self) != cfg.n_layer:
             raise ValueError(f"past_key_values: cache has {len(self)} layers, the model has {cfg.n_layer}")
         if self.batch_size != batch_size:
@@ -450,14 +459,22 @@ def _stream_fns(streamer) -> tuple[Callable | None, Callable | None, Callable | 
     )
 
 
-def _check_cache(cache, model: torch.nn.Module, batch: int, device: torch.device) -> None:
-    """Clear errors for a ``cache`` argument that generate() cannot continue from."""
+def _check_cache(cache, model: torch.nn.Module, batch: int, device: torch.device, backend: str | None) -> None:
+    """Clear errors for a ``cache`` argument that generate() cannot continue from (or not with ``backend``)."""
     if not isinstance(cache, MambaCache):
         raise TypeError(f"generate: cache must be a MambaCache (model.allocate_cache), got {type(cache).__name__}")
     try:
         cache.check(model, batch)
     except ValueError as e:
         raise ValueError("generate: " + str(e).replace("past_key_values: ", "")) from None
+    check_prompt_backend(model, device)  # the prompt runs the model's backend, as without a cache
+    if backend is not None:
+        wanted = dispatch.requested_backend(backend)
+        if wanted not in ("auto", cache.backend):
+            raise ValueError(
+                f"generate: backend={backend!r}, but the cache decodes with {cache.backend!r} (chosen when it was "
+                f"allocated): pass model.allocate_cache(batch, backend={backend!r}), or leave backend unset"
+            )
     states = (*cache.conv_states, *cache.ssm_states)
     if states and states[0].device != device:
         raise ValueError(f"generate: the cache is on {states[0].device}, the prompt on {device}")
@@ -588,15 +605,11 @@ def generate(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"generate: seed must be an int, got {seed!r}")
     if cache is not None:
-        _check_cache(cache, model, batch, input_ids.device)
+        _check_cache(cache, model, batch, input_ids.device, backend)
     mask = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"generate: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != (batch, prompt_len):
-            raise ValueError(
-                f"generate: attention_mask must have shape {(batch, prompt_len)}, got {tuple(attention_mask.shape)}"
-            )
         cached = 0 if cache is None else cache.seqlen_offset
         try:
             mask = padding_mask(attention_mask, batch, prompt_len, cached, right=False)

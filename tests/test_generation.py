@@ -1138,6 +1138,31 @@ def test_generate_cache_errors(model):
     _, _, grad_cache = model(ids, use_cache=True)  # autograd on: states in a graph
     with pytest.raises(ValueError, match="cache holds states recorded by autograd"):
         generate(model, ids, cache=grad_cache, max_new_tokens=2)
+    other = tiny_model(seed=1)  # same config, other weights: its cache would decode with them
+    with pytest.raises(ValueError, match="generate: this cache was allocated by another model"):
+        generate(model, ids, cache=other.allocate_cache(2), max_new_tokens=2)
+    with pytest.raises(ValueError, match="past_key_values: this cache was allocated by another model"):
+        model(ids, past_key_values=other.allocate_cache(2))
+    with pytest.raises(ValueError, match=r"backend='triton', but the cache decodes with 'torch'"):
+        generate(model, ids, cache=model.allocate_cache(2), backend="triton", max_new_tokens=2)
+    # transformers' full-width mask (cached + new columns) on a continued cache
+    cache = model.allocate_cache(2)
+    generate(model, ids, cache=cache, max_new_tokens=2)
+    full = torch.ones(2, cache.seqlen_offset + 3)
+    assert generate(model, ids, attention_mask=full, cache=cache, max_new_tokens=2).shape == (2, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_cache_of_another_dtype_decodes(model, dtype):
+    """A cache allocated in another dtype than the float32 model's takes the per-layer path instead of the fused
+    float32 C++ kernels (which would refuse it mid-way), and continues like a float32 one (bf16: loosely)."""
+    ids = prompt(1, 6)
+    cache = model.allocate_cache(1, dtype=dtype)
+    assert cache.fused is None
+    out = generate(model, ids, max_new_tokens=4, cache=cache)
+    assert cache.seqlen_offset == 10 and cache.conv_states[0].dtype == dtype
+    if dtype == torch.float64:
+        assert torch.equal(out, generate(model, ids, max_new_tokens=4))
 
 
 def test_left_padded_greedy_equals_transformers(hf_pair):
