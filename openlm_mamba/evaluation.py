@@ -121,7 +121,11 @@ def check_tasks(tasks: list[Any], manager: Any) -> None:
 
 @register_model("openlm-mamba", "openlm_mamba")
 class MambaEvalLM(TemplateLM):
-    """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until."""
+    """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until.
+
+    ``share_contexts``: requests with the same context (a multiple-choice question's choices) read it once and
+    continue from copies of its recurrent state; False scores every request whole, as transformers' does.
+    """
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class MambaEvalLM(TemplateLM):
         dtype: str | torch.dtype | None = None,
         backend: str | None = None,
         check_checkpoint: bool = True,
+        share_contexts: bool = True,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -174,6 +179,7 @@ class MambaEvalLM(TemplateLM):
         self._batch_size = bs
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
+        self.share_contexts = bool(share_contexts)
 
     # -- properties lm-eval reads --------------------------------------------------------------------
     @property
@@ -202,37 +208,95 @@ class MambaEvalLM(TemplateLM):
     # -- scoring -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(request, context tokens, continuation tokens) -> (sum log p(continuation | context), is greedy)."""
-        prepared = []
+        """(request, context tokens, continuation tokens) -> (sum log p(continuation | context), is greedy).
+
+        Requests that share their context (the choices of a multiple-choice question) read it once: its state is
+        forked for each continuation (``share_contexts``); the others run whole, right-padded, in batches."""
+        prepared = []  # (request index, model input, scored continuation)
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError("MambaEvalLM: a request has an empty continuation (nothing to score)")
             whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             inp = whole[:-1]
             prepared.append((i, inp, list(cont)[-len(inp) :] if len(cont) > len(inp) else list(cont)))
-        order = sorted(prepared, key=lambda r: -len(r[1]))  # longest first: fewer padded tokens per batch
+        groups: dict[tuple[int, ...], list] = {}
+        if self.share_contexts:
+            for item in prepared:
+                _, inp, cont = item
+                if len(inp) >= len(cont):  # a context to share: the input up to the first scored token
+                    groups.setdefault(tuple(inp[: len(inp) - len(cont) + 1]), []).append(item)
+        shared = {key: items for key, items in groups.items() if len(items) > 1}
+        in_groups = {item[0] for items in shared.values() for item in items}
+        alone = [item for item in prepared if item[0] not in in_groups]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(order), desc="loglikelihood", disable=disable_tqdm or len(order) < 2)
+        bar = tqdm(total=len(prepared), desc="loglikelihood", disable=disable_tqdm or len(prepared) < 2)
+        self._score_whole(alone, requests, results, bar)
+        self._score_shared(list(shared.items()), requests, results, bar)
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _record(self, requests, results: list, i: int, logits: torch.Tensor, cont: list[int]) -> None:
+        """Score continuation ``cont`` of request ``i`` from the logits (len(cont), vocab) that predict it."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(cont, device=logp.device)
+        ll = logp.gather(-1, target[:, None]).sum().item()
+        greedy = bool((logp.argmax(-1) == target).all())
+        results[i] = (ll, greedy)
+        req = requests[i][0]
+        if req is not None:
+            self.cache_hook.add_partial("loglikelihood", req, (ll, greedy))
+
+    def _score_whole(self, items: list, requests, results: list, bar) -> None:
+        """Each input whole, right-padded, ``batch_size`` at a time (longest first: little padding)."""
+        order = sorted(items, key=lambda r: -len(r[1]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             width = max(len(inp) for _, inp, _ in batch)
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             for row, (_, inp, _) in enumerate(batch):
                 ids[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, so earlier logits are unaffected
-            logits = self.model(ids.to(self.device))[0].float()
+            logits = self.model(ids.to(self.device))[0]
             for row, (i, inp, cont) in enumerate(batch):
-                n = len(cont)
-                logp = F.log_softmax(logits[row, len(inp) - n : len(inp)], dim=-1)
-                target = torch.tensor(cont, device=logp.device)
-                ll = logp.gather(-1, target[:, None]).sum().item()
-                greedy = bool((logp.argmax(-1) == target).all())
-                results[i] = (ll, greedy)
-                req = requests[i][0]
-                if req is not None:
-                    self.cache_hook.add_partial("loglikelihood", req, (ll, greedy))
+                self._record(requests, results, i, logits[row, len(inp) - len(cont) : len(inp)], cont)
             bar.update(len(batch))
-        bar.close()
-        return results  # type: ignore[return-value]
+
+    def _score_shared(self, groups: list, requests, results: list, bar) -> None:
+        """Groups of requests with one context: ``batch_size`` contexts read at a time (left-padded), their last
+        logits score each continuation's first token, and each continuation's other tokens run from a copy of
+        its context's state (right-padded, ``batch_size`` rows at a time)."""
+        from .model import padding_mask
+
+        groups = sorted(groups, key=lambda g: -len(g[0]))
+        for start in range(0, len(groups), self.batch_size):
+            batch = groups[start : start + self.batch_size]
+            width = max(len(ctx) for ctx, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.bool)
+            for row, (ctx, _) in enumerate(batch):
+                ids[row, width - len(ctx) :], mask[row, width - len(ctx) :] = torch.tensor(ctx), True
+            cache = self.model.allocate_cache(len(batch), device=self.device)
+            mask = padding_mask(mask, len(batch), width, right=False)
+            first = self.model.forward_with_cache(
+                ids.to(self.device), cache, last_only=True, mask=None if mask is None else mask.to(self.device)
+            )[0][:, -1]
+            members = [(row, item) for row, (_, items) in enumerate(batch) for item in items]
+            for row, (i, _, cont) in members:
+                if len(cont) == 1:
+                    self._record(requests, results, i, first[row : row + 1], cont)
+            rest = sorted(((row, item) for row, item in members if len(item[2]) > 1), key=lambda m: -len(m[1][2]))
+            for lo in range(0, len(rest), self.batch_size):
+                part = rest[lo : lo + self.batch_size]
+                span = max(len(cont) for _, (_, _, cont) in part) - 1
+                more = torch.zeros(len(part), span, dtype=torch.long)
+                for k, (_, (_, _, cont)) in enumerate(part):
+                    more[k, : len(cont) - 1] = torch.tensor(cont[:-1])  # right padding: never read back
+                fork = cache.select([row for row, _ in part])
+                logits = self.model(more.to(self.device), past_key_values=fork)[0]
+                for k, (row, (i, _, cont)) in enumerate(part):
+                    self._record(
+                        requests, results, i, torch.cat([first[row : row + 1], logits[k, : len(cont) - 1]]), cont
+                    )
+            bar.update(len(members))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []

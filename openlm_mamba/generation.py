@@ -127,13 +127,29 @@ class MambaCache:
         e.g. one shared prompt for a batch of continuations."""
         if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
             raise ValueError(f"MambaCache.clone: repeat must be a positive int, got {repeat!r}")
+        if not self.ssm_states:
+            return self.select([])
+        return self.select(torch.arange(self.batch_size).repeat_interleave(repeat))
 
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            t = t.detach()
-            return t.repeat_interleave(repeat, dim=0) if repeat > 1 else t.clone()
+    def select(self, rows: torch.Tensor | Sequence[int]) -> MambaCache:
+        """A new cache of the sequences ``rows`` (indices into this batch, in any order, repeats allowed): copies
+        of their states, the step parameters shared."""
+        if not self.ssm_states:  # a model without layers: nothing to copy
+            return dataclasses.replace(self, conv_states=[], ssm_states=[])
+        index = torch.as_tensor(rows, dtype=torch.long)
+        if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.batch_size):
+            raise ValueError(
+                f"MambaCache.select: rows must be a 1-D list of indices in [0, {self.batch_size}), got "
+                f"{index.tolist() if index.numel() <= 8 else tuple(index.shape)}"
+            )
+        if not index.numel():
+            raise ValueError("MambaCache.select: rows is empty")
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().index_select(0, index.to(t.device))
 
         return dataclasses.replace(
-            self, conv_states=[copy(t) for t in self.conv_states], ssm_states=[copy(t) for t in self.ssm_states]
+            self, conv_states=[take(t) for t in self.conv_states], ssm_states=[take(t) for t in self.ssm_states]
         )
 
     def reset(self) -> None:

@@ -150,6 +150,47 @@ def test_lm_eval_multiple_choice_offline_matches_transformers(setup, task_dir, m
     assert "| tiny_mc | 0 |" in table and f"{100 * acc:.1f}" in table
 
 
+def test_shared_contexts_score_as_whole_requests_with_fewer_tokens(setup):
+    """Requests sharing a context (choices of one question) read it once and continue from copies of its state:
+    the same log-likelihoods and greedy flags as scoring each request whole (and as transformers), with fewer
+    tokens through the model. Covers 1-token and longer continuations, singletons, a continuation longer
+    than max_length and contexts cut at max_length."""
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    _, lm, hf = setup
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(1, 400, (n,), generator=g).tolist()
+
+    ctxs = [toks(n) for n in (30, 7, 1, 120)]  # the last is cut at max_length with its longer continuations
+    reqs = [(None, ctx, toks(n)) for ctx in ctxs for n in (1, 3, 1, 6, 2)]
+    reqs += [(None, toks(12), toks(4)), (None, toks(5), toks(140)), (None, ctxs[1], toks(1))]  # alone, too long
+    assert lm.share_contexts and lm.batch_size == 4
+    shared = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    kw = {"model": lm.model, "tokenizer": lm.tokenizer, "max_length": 128}
+    whole = MambaEvalLM(**kw, batch_size=4, share_contexts=False)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(shared, whole):
+        assert abs(a - b) < 1e-4 and ga == gb, (a, b)
+    counted: list[int] = []  # tokens through the model, one request or context at a time (no padding)
+    hook = lm.model.model.backbone.embedding.register_forward_pre_hook(lambda _m, a: counted.append(a[0].numel()))
+    tokens = []
+    try:
+        for share in (False, True):
+            counted.clear()
+            one = MambaEvalLM(**kw, batch_size=1, share_contexts=share)._loglikelihood_tokens(reqs, disable_tqdm=True)
+            assert [ll for ll, _ in one] == pytest.approx([ll for ll, _ in shared], abs=1e-4)
+            tokens.append(sum(counted))
+    finally:
+        hook.remove()
+    # each context once, then each continuation but its first token (scored from the context's last logits);
+    # the two requests alone run whole (15 and 128 input tokens)
+    assert tokens[1] == sum(len(c) + (0 + 2 + 0 + 5 + 1) for c in ctxs) + 15 + 128, tokens
+    assert tokens[1] < 0.5 * tokens[0], tokens
+    for (_, ctx, cont), (ll, _) in list(zip(reqs, shared))[:10]:  # against transformers too
+        assert ll == pytest.approx(_hf_loglikelihood(hf, ctx, cont), abs=1e-4)
+
+
 def test_loglikelihood_rolling_and_generate_until(setup):
     from lm_eval.api.instance import Instance
 
@@ -569,3 +610,22 @@ def test_load_tokenizer_hub_name_cache_first_and_no_retry_loop_offline(monkeypat
     with pytest.raises(SystemExit, match=r"'org/missing': not in the local HF cache, and the hub .* cannot be reached"):
         generate.load_tokenizer("org/missing")
     assert fake.calls == [("org/missing", True)] and len(probes) == 1
+
+
+def test_bench_eval_quick_runs(capsys):
+    """benchmarks/bench_eval.py on a tiny model: both workloads' rows, and the HF columns where lm-eval's HFLM
+    (it needs accelerate) can run."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with_hf = has_module("accelerate") and has_module("transformers")
+    argv = ["--d-model", "32", "--n-layer", "1", "--vocab", "300", "--questions", "2", "--repeats", "1"]
+    assert bench.main(argv + ([] if with_hf else ["--no-hf"])) == 0
+    out = capsys.readouterr().out
+    assert "| mmlu | 8 |" in out and "| hellaswag | 8 |" in out, out
+    if with_hf:
+        assert "x** |" in out, out
