@@ -1121,6 +1121,13 @@ def test_shared_prefix_read_once_and_forked(model):
     assert twin.ssm_states[0].data_ptr() != cache.ssm_states[0].data_ptr()
     with pytest.raises(ValueError, match="repeat must be a positive int, got 0"):
         cache.clone(repeat=0)
+    picked = forked.select([2, 0, 2])  # any order, repeats allowed: copies of those rows
+    for a, b in zip(picked.ssm_states + picked.conv_states, forked.ssm_states + forked.conv_states):
+        assert torch.equal(a, b[[2, 0, 2]]) and a.data_ptr() != b.data_ptr()
+    with pytest.raises(ValueError, match=r"rows must be a 1-D list of indices in \[0, 3\), got \[3\]"):
+        forked.select([3])
+    with pytest.raises(ValueError, match="rows is empty"):
+        forked.select([])
 
 
 def test_generate_cache_errors(model):

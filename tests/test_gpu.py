@@ -235,3 +235,24 @@ def test_seq_kernels_at_gpu_launch_shapes(launch, dtype, monkeypatch):
     assert rel_err(out, ref) < tol and rel_err(last, ref_last) < tol
     for name, got, want in zip(["u", "delta", "A", "B", "C", "D", "z", "bias", "h0"], grads, ref_grads):
         assert rel_err(got, want) < tol, name
+
+
+def test_eval_shared_contexts_on_gpu():
+    """lm-eval scoring on the GPU: shared contexts (left-padded prefill, forked states) give the same
+    log-likelihoods as scoring every request whole."""
+    pytest.importorskip("lm_eval")
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    class Tok:  # all MambaEvalLM reads of a tokenizer here
+        eos_token_id = 0
+
+        def __len__(self) -> int:
+            return 512
+
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(3)
+    ctxs = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (40, 9, 130)]
+    reqs = [(None, c, torch.randint(1, 512, (k,), generator=g).tolist()) for c in ctxs for k in (1, 4, 2, 7)]
+    lms = [MambaEvalLM(model=model, tokenizer=Tok(), batch_size=2, share_contexts=s) for s in (True, False)]
+    shared, whole = (lm._loglikelihood_tokens(reqs, disable_tqdm=True) for lm in lms)
+    assert max(abs(a[0] - b[0]) for a, b in zip(shared, whole)) < 1e-3
