@@ -37,6 +37,7 @@ from openlm_mamba import MambaConfig, MambaLM
 
 # workload -> (context tokens, choices, tokens per choice)
 WORKLOADS = {"mmlu": (512, 4, 1), "hellaswag": (80, 4, 24)}
+MIN_VOCAB = 257  # the tokenizer's 256 byte tokens and its end-of-text token
 
 
 def tokenizer(vocab: int):
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--d-model", type=positive_int, default=256, help="model width")
     p.add_argument("--n-layer", type=positive_int, default=4, help="layers")
-    p.add_argument("--vocab", type=positive_int, default=1024, help="vocabulary size")
+    p.add_argument("--vocab", type=positive_int, default=1024, help=f"vocabulary size, at least {MIN_VOCAB}")
     p.add_argument("--questions", type=positive_int, default=16, help="questions per workload (4 requests each)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size, both sides")
     p.add_argument("--workloads", default="mmlu,hellaswag", help=f"comma-separated, from {', '.join(WORKLOADS)}")
@@ -95,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad or not workloads:
         p.error(f"argument --workloads: expected names from {', '.join(WORKLOADS)}, got {args.workloads!r}")
-    if args.device.startswith("cuda"):
-        check_cuda_device(args.device)
+    check_cuda_device(p, args.device)
+    if args.vocab < MIN_VOCAB:
+        p.error(
+            f"argument --vocab: expected at least {MIN_VOCAB} (the benchmark's byte-level tokenizer), got {args.vocab}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

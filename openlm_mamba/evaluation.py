@@ -51,6 +51,18 @@ MODEL_CARD_TASKS = {
 }
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A bool argument, also as lm-eval's model_args strings ("true", "False", "1", "no", ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"MambaEvalLM: {name} must be true or false, got {value!r}")
+
+
 def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None) -> Any:
     """A tokenizer object as is; else what ``openlm-mamba generate --tokenizer`` would load (a directory, a
     tokenizer.json file or a hub name; default: the checkpoint dir's, else gpt-neox-20b). ValueError if it cannot."""
@@ -179,7 +191,7 @@ class MambaEvalLM(TemplateLM):
         self._batch_size = bs
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
-        self.share_contexts = bool(share_contexts)
+        self.share_contexts = _flag("share_contexts", share_contexts)
 
     # -- properties lm-eval reads --------------------------------------------------------------------
     @property
@@ -216,6 +228,7 @@ class MambaEvalLM(TemplateLM):
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError("MambaEvalLM: a request has an empty continuation (nothing to score)")
+            ctx = ctx or [self.prefix_token_id]  # as lm-eval's loglikelihood does for an empty context
             whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             inp = whole[:-1]
             prepared.append((i, inp, list(cont)[-len(inp) :] if len(cont) > len(inp) else list(cont)))

@@ -136,7 +136,10 @@ class MambaCache:
         of their states, the step parameters shared."""
         if not self.ssm_states:  # a model without layers: nothing to copy
             return dataclasses.replace(self, conv_states=[], ssm_states=[])
-        index = torch.as_tensor(rows, dtype=torch.long)
+        index = torch.as_tensor(rows)
+        if index.numel() and (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
+            raise ValueError(f"MambaCache.select: rows must be integer indices, got {index.dtype}")
+        index = index.long()
         if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.batch_size):
             raise ValueError(
                 f"MambaCache.select: rows must be a 1-D list of indices in [0, {self.batch_size}), got "

@@ -187,6 +187,13 @@ def test_shared_contexts_score_as_whole_requests_with_fewer_tokens(setup):
     # the two requests alone run whole (15 and 128 input tokens)
     assert tokens[1] == sum(len(c) + (0 + 2 + 0 + 5 + 1) for c in ctxs) + 15 + 128, tokens
     assert tokens[1] < 0.5 * tokens[0], tokens
+    # an empty context scores as lm-eval scores it: after the prefix (EOT) token
+    empty = lm._loglikelihood_tokens([(None, [], ctxs[0][:3]), (None, [lm.prefix_token_id], ctxs[0][:3])], True)
+    assert empty[0] == pytest.approx(empty[1], abs=1e-6)
+    for text, flag in (("false", False), ("True", True), ("0", False), ("yes", True)):
+        assert MambaEvalLM(**kw, share_contexts=text).share_contexts is flag
+    with pytest.raises(ValueError, match="share_contexts must be true or false, got 'maybe'"):
+        MambaEvalLM(**kw, share_contexts="maybe")
     for (_, ctx, cont), (ll, _) in list(zip(reqs, shared))[:10]:  # against transformers too
         assert ll == pytest.approx(_hf_loglikelihood(hf, ctx, cont), abs=1e-4)
 

@@ -1128,6 +1128,9 @@ def test_shared_prefix_read_once_and_forked(model):
         forked.select([3])
     with pytest.raises(ValueError, match="rows is empty"):
         forked.select([])
+    for rows, dtype in (([True, False, True], "bool"), ([0.9, 1.7], "float32")):
+        with pytest.raises(ValueError, match=f"rows must be integer indices, got torch.{dtype}"):
+            forked.select(rows)  # not a mask, not rounded
 
 
 def test_generate_cache_errors(model):
