@@ -278,6 +278,9 @@ def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
     assert "| tiny_mc |" in printed
     saved = json.loads(out.read_text())
     assert 0.0 <= saved["results"]["tiny_mc"]["acc,none"] <= 1.0
+    whole = tmp_path / "whole.json"  # every request scored whole: the same accuracy
+    assert cli_main([*argv, "--limit", "3", "--batch-size", "2", "--no-share-contexts", "--output", str(whole)]) == 0
+    assert json.loads(whole.read_text())["results"]["tiny_mc"] == saved["results"]["tiny_mc"]
     assert cli_main(["eval", str(root / "hf")]) == 2
     assert "--tasks" in capsys.readouterr().err
 

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests scored together (default: 8)")
     parser.add_argument("--max-length", type=int, default=2048, help="context window for scoring (default 2048)")
     parser.add_argument(
+        "--no-share-contexts",
+        action="store_true",
+        help="score every request whole (by default the choices of a question read its context once and continue "
+        "from copies of its recurrent state: the same numbers, less work)",
+    )
+    parser.add_argument(
         "--limit",
         type=float,
         default=None,
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             backend=args.backend,  # "auto" too: it overrides $OPENLM_MAMBA_BACKEND, as in generate
             check_checkpoint=False,  # checked above: a legacy (non-zip) .pt is not read a third time
+            share_contexts=not args.no_share_contexts,
         )
     except (ConversionError, ValueError, BackendUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
