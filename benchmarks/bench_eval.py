@@ -2,11 +2,12 @@
 under lm-eval's own ``HFLM``, on the same random weights.
 
 Two synthetic workloads shaped like the model card's tasks (random token ids; only the shapes matter):
-``mmlu`` (5-shot: one long context per question, four 1-token choices) and ``hellaswag`` (zero-shot: a short
-context, four multi-token endings). Contenders, each scoring the same requests through ``_loglikelihood_tokens``
-(the method lm-eval calls for multiple-choice tasks):
+``mmlu`` (5-shot: 400 tokens of examples every context starts with, then a 112-token question, four 1-token
+choices) and ``hellaswag`` (zero-shot: an 80-token context, four 24-token endings). Contenders, each scoring the
+same requests through ``_loglikelihood_tokens`` (the method lm-eval calls for multiple-choice tasks):
 
-- ``ours``: the default, each context read once and its recurrent state forked for the choices;
+- ``ours``: the default: a batch's common few-shot prefix read once, each context read once, and their
+  recurrent states forked for what follows;
 - ``ours-whole``: ``share_contexts=False``, every request scored whole (context + choice);
 - ``hf``: lm-eval's ``HFLM`` (needs ``accelerate``) around transformers' Mamba, which without mamba-ssm runs
   its PyTorch path. HFLM shares a context only for 1-token choices (its logits cache).
@@ -35,8 +36,9 @@ from _bench_args import HelpFormatter, check_cuda_device, positive_int
 
 from openlm_mamba import MambaConfig, MambaLM
 
-# workload -> (context tokens, choices, tokens per choice)
-WORKLOADS = {"mmlu": (512, 4, 1), "hellaswag": (80, 4, 24)}
+# workload -> (few-shot tokens every question's context starts with, the question's own tokens, choices,
+# tokens per choice)
+WORKLOADS = {"mmlu": (400, 112, 4, 1), "hellaswag": (0, 80, 4, 24)}
 MIN_VOCAB = 257  # the tokenizer's 256 byte tokens and its end-of-text token
 
 
@@ -59,11 +61,12 @@ def tokenizer(vocab: int):
 
 def requests(workload: str, questions: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) token pairs: every question's context with each of its choices."""
-    ctx_len, choices, cont_len = WORKLOADS[workload]
+    shots, own, choices, cont_len = WORKLOADS[workload]
     g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, vocab, (shots,), generator=g).tolist()
     out = []
     for _ in range(questions):
-        ctx = torch.randint(1, vocab, (ctx_len,), generator=g).tolist()
+        ctx = prefix + torch.randint(1, vocab, (own,), generator=g).tolist()
         out += [(ctx, torch.randint(1, vocab, (cont_len,), generator=g).tolist()) for _ in range(choices)]
     return out
 

@@ -51,6 +51,9 @@ MODEL_CARD_TASKS = {
 }
 
 
+PREFIX_MIN = 32  # tokens: a batch of contexts sharing a shorter start reads each context whole
+
+
 def _flag(name: str, value: Any) -> bool:
     """A bool argument, also as lm-eval's model_args strings ("true", "False", "1", "no", ...)."""
     if isinstance(value, bool):
@@ -222,8 +225,10 @@ class MambaEvalLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(request, context tokens, continuation tokens) -> (sum log p(continuation | context), is greedy).
 
-        Requests that share their context (the choices of a multiple-choice question) read it once: its state is
-        forked for each continuation (``share_contexts``); the others run whole, right-padded, in batches."""
+        With ``share_contexts``, work that requests share is done once: a batch of contexts with a long common
+        start (few-shot examples) reads that prefix once and the rest of each from copies of its recurrent state,
+        and the choices of a question read its context once (:meth:`_score_prefixed`, :meth:`_score_shared`).
+        Other requests run whole, right-padded, in batches."""
         prepared = []  # (request index, model input, scored continuation)
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
@@ -238,13 +243,16 @@ class MambaEvalLM(TemplateLM):
                 _, inp, cont = item
                 if len(inp) >= len(cont):  # a context to share: the input up to the first scored token
                     groups.setdefault(tuple(inp[: len(inp) - len(cont) + 1]), []).append(item)
-        shared = {key: items for key, items in groups.items() if len(items) > 1}
-        in_groups = {item[0] for items in shared.values() for item in items}
-        alone = [item for item in prepared if item[0] not in in_groups]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(prepared), desc="loglikelihood", disable=disable_tqdm or len(prepared) < 2)
+        left = self._score_prefixed(list(groups.items()), requests, results, bar)
+        shared = [(key, items) for key, items in left if len(items) > 1]
+        in_groups = {item[0] for key, items in groups.items() for item in items}
+        alone = [item for item in prepared if item[0] not in in_groups] + [
+            items[0] for _, items in left if len(items) == 1
+        ]
         self._score_whole(alone, requests, results, bar)
-        self._score_shared(list(shared.items()), requests, results, bar)
+        self._score_shared(shared, requests, results, bar)
         bar.close()
         return results  # type: ignore[return-value]
 
@@ -272,6 +280,50 @@ class MambaEvalLM(TemplateLM):
             for row, (i, inp, cont) in enumerate(batch):
                 self._record(requests, results, i, logits[row, len(inp) - len(cont) : len(inp)], cont)
             bar.update(len(batch))
+
+    def _score_prefixed(self, groups: list, requests, results: list, bar) -> list:
+        """Groups of requests (context -> its requests) whose contexts start alike, ``batch_size`` contexts at a
+        time in sorted order: where a batch's common prefix is long (few-shot examples), it is read once, and
+        each context's rest, with each continuation but its last token (or the rest alone when every choice is
+        one token), runs right-padded from copies of the prefix's state. Returns the groups left over."""
+        left: list = []
+        order = sorted(groups, key=lambda g: g[0])  # lexicographic: a batch's common prefix is its ends'
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            first, last = batch[0][0], batch[-1][0]
+            common = next((k for k, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+            if len(batch) < 2 or common < PREFIX_MIN:
+                left += batch
+                continue
+            prefix = first[:common]
+            cache = self.model.allocate_cache(1, device=self.device)
+            after_prefix = self.model.forward_with_cache(
+                torch.tensor([prefix], device=self.device), cache, last_only=True
+            )
+            after_prefix = after_prefix[0][0, -1:]  # (1, vocab): predicts the token after the prefix
+            rows = []  # (tokens after the prefix, [(request index, continuation, where its logits start)])
+            for ctx, items in batch:
+                rest = list(ctx[common:])
+                if all(len(cont) == 1 for _, _, cont in items):  # one row serves every choice
+                    rows.append((rest, [(i, cont, len(rest) - 1) for i, _, cont in items]))
+                else:
+                    rows += [(rest + cont[:-1], [(i, cont, len(rest) - 1)]) for i, _, cont in items]
+            rows.sort(key=lambda r: -len(r[0]))
+            for lo in range(0, len(rows), self.batch_size):
+                part = rows[lo : lo + self.batch_size]
+                width = max(len(toks) for toks, _ in part)
+                logits = None
+                if width:
+                    ids = torch.zeros(len(part), width, dtype=torch.long)
+                    for k, (toks, _) in enumerate(part):
+                        ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)  # right padding: never read
+                    logits = self.model(ids.to(self.device), past_key_values=cache.clone(repeat=len(part)))[0]
+                for k, (_, members) in enumerate(part):
+                    for i, cont, at in members:  # logits at `at` predict cont[0]; at -1 the prefix's do
+                        own = logits[k, max(at, 0) : at + len(cont)] if logits is not None else after_prefix[:0]
+                        self._record(requests, results, i, own if at >= 0 else torch.cat([after_prefix, own]), cont)
+            bar.update(sum(len(items) for _, items in batch))
+        return left
 
     def _score_shared(self, groups: list, requests, results: list, bar) -> None:
         """Groups of requests with one context: ``batch_size`` contexts read at a time (left-padded), their last

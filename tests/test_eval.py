@@ -198,6 +198,39 @@ def test_shared_contexts_score_as_whole_requests_with_fewer_tokens(setup):
         assert ll == pytest.approx(_hf_loglikelihood(hf, ctx, cont), abs=1e-4)
 
 
+def test_few_shot_prefix_read_once_per_batch(setup):
+    """Contexts with a long common start (few-shot examples) read it once per batch, then each rest from
+    copies of its state: the same log-likelihoods as scoring whole, with far fewer tokens. Covers a context
+    equal to the prefix, all-1-token choice groups (one row per context) and multi-token ones, singletons."""
+    from openlm_mamba.evaluation import PREFIX_MIN, MambaEvalLM
+
+    _, lm, _ = setup
+    g = torch.Generator().manual_seed(1)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(1, 400, (n,), generator=g).tolist()
+
+    shots = toks(3 * PREFIX_MIN)
+    ctxs = [shots] + [shots + toks(n) for n in (5, 1, 12, 7, 3, 9)]
+    reqs = [(None, c, toks(1)) for c in ctxs for _ in range(4)]  # MMLU-like: four 1-token choices
+    reqs += [(None, c, toks(k)) for c in ctxs[:3] for k in (1, 3)]  # mixed lengths for three of them
+    reqs += [(None, shots + toks(4), toks(2))]  # a singleton with the same start
+    kw = {"model": lm.model, "tokenizer": lm.tokenizer, "max_length": 512}
+    counted: list[int] = []
+    hook = lm.model.model.backbone.embedding.register_forward_pre_hook(lambda _m, a: counted.append(a[0].numel()))
+    out, tokens = [], []
+    try:
+        for share in (False, True):
+            counted.clear()
+            out.append(MambaEvalLM(**kw, batch_size=4, share_contexts=share)._loglikelihood_tokens(reqs, True))
+            tokens.append(sum(counted))
+    finally:
+        hook.remove()
+    for (a, ga), (b, gb) in zip(*out):
+        assert abs(a - b) < 1e-4 and ga == gb, (a, b)
+    assert tokens[1] < 0.2 * tokens[0], tokens
+
+
 def test_loglikelihood_rolling_and_generate_until(setup):
     from lm_eval.api.instance import Instance
 
