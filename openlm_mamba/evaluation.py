@@ -138,8 +138,9 @@ def check_tasks(tasks: list[Any], manager: Any) -> None:
 class MambaEvalLM(TemplateLM):
     """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until.
 
-    ``share_contexts``: requests with the same context (a multiple-choice question's choices) read it once and
-    continue from copies of its recurrent state; False scores every request whole, as transformers' does.
+    ``share_contexts``: work that requests share is done once, continuing from copies of the recurrent state:
+    the choices of a question read its context once, and a batch of contexts with a long common start (few-shot
+    examples; batch_size >= 2) reads it once. False scores every request whole, as transformers' does.
     """
 
     def __init__(
@@ -276,51 +277,65 @@ class MambaEvalLM(TemplateLM):
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             for row, (_, inp, _) in enumerate(batch):
                 ids[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, so earlier logits are unaffected
-            logits = self.model(ids.to(self.device))[0]
-            for row, (i, inp, cont) in enumerate(batch):
-                self._record(requests, results, i, logits[row, len(inp) - len(cont) : len(inp)], cont)
+            cache = self.model.allocate_cache(len(batch), device=self.device)
+            hidden = self.model.forward_with_cache(ids.to(self.device), cache, head=False)[1]
+            # the head only where a continuation token is predicted: one matmul, not (batch, width, vocab) logits
+            spans = [(len(inp) - len(cont), len(inp)) for _, inp, cont in batch]
+            logits = self.model.model.lm_head(torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)]))
+            for (i, _, cont), own in zip(batch, logits.float().split([len(cont) for _, _, cont in batch])):
+                self._record(requests, results, i, own, cont)
             bar.update(len(batch))
 
     def _score_prefixed(self, groups: list, requests, results: list, bar) -> list:
         """Groups of requests (context -> its requests) whose contexts start alike, ``batch_size`` contexts at a
-        time in sorted order: where a batch's common prefix is long (few-shot examples), it is read once, and
-        each context's rest, with each continuation but its last token (or the rest alone when every choice is
-        one token), runs right-padded from copies of the prefix's state. Returns the groups left over."""
+        time in sorted order. Where that saves work (a long common start, e.g. few-shot examples), the batch's
+        common prefix is read once and, from copies of its state, right-padded rows: each context's rest once
+        for its 1-token choices, and rest + continuation but its last token for each longer choice. Returns the
+        groups left to the per-context path."""
         left: list = []
         order = sorted(groups, key=lambda g: g[0])  # lexicographic: a batch's common prefix is its ends'
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             first, last = batch[0][0], batch[-1][0]
             common = next((k for k, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
-            if len(batch) < 2 or common < PREFIX_MIN:
-                left += batch
-                continue
-            prefix = first[:common]
-            cache = self.model.allocate_cache(1, device=self.device)
-            after_prefix = self.model.forward_with_cache(
-                torch.tensor([prefix], device=self.device), cache, last_only=True
-            )
-            after_prefix = after_prefix[0][0, -1:]  # (1, vocab): predicts the token after the prefix
             rows = []  # (tokens after the prefix, [(request index, continuation, where its logits start)])
             for ctx, items in batch:
                 rest = list(ctx[common:])
-                if all(len(cont) == 1 for _, _, cont in items):  # one row serves every choice
-                    rows.append((rest, [(i, cont, len(rest) - 1) for i, _, cont in items]))
-                else:
-                    rows += [(rest + cont[:-1], [(i, cont, len(rest) - 1)]) for i, _, cont in items]
+                ones = [(i, cont, len(rest) - 1) for i, _, cont in items if len(cont) == 1]
+                if ones:  # one row serves every 1-token choice
+                    rows.append((rest, ones))
+                rows += [(rest + cont[:-1], [(i, cont, len(rest) - 1)]) for i, _, cont in items if len(cont) > 1]
+            # tokens through the model this way, and per context (each read once, its longer choices forked)
+            prefixed = common + sum(len(toks) for toks, _ in rows)
+            per_context = sum(len(ctx) + sum(len(c) - 1 for _, _, c in items) for ctx, items in batch)
+            # (the per-context path reads its contexts' last layer at one position only: worth some tokens)
+            if len(batch) < 2 or common < PREFIX_MIN or prefixed > 0.8 * per_context:
+                left += batch
+                continue
+            cache = self.model.allocate_cache(1, device=self.device)
+            prefix = torch.tensor([first[:common]], device=self.device)
+            after_prefix = self.model.forward_with_cache(prefix, cache, last_only=True)[0][0, -1:]  # (1, vocab)
             rows.sort(key=lambda r: -len(r[0]))
             for lo in range(0, len(rows), self.batch_size):
                 part = rows[lo : lo + self.batch_size]
+                hidden = None
                 width = max(len(toks) for toks, _ in part)
-                logits = None
                 if width:
                     ids = torch.zeros(len(part), width, dtype=torch.long)
                     for k, (toks, _) in enumerate(part):
                         ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)  # right padding: never read
-                    logits = self.model(ids.to(self.device), past_key_values=cache.clone(repeat=len(part)))[0]
+                    fork = cache.clone(repeat=len(part))
+                    hidden = self.model.forward_with_cache(ids.to(self.device), fork, head=False)[1]
+                # the head only at scored positions, all of the part's in one matmul (one read of its weight)
+                spans = [(max(0, min(at for _, _, at in m)), max(at + len(c) for _, c, at in m)) for _, m in part]
+                logits = None
+                if hidden is not None:
+                    logits = self.model.model.lm_head(torch.cat([hidden[k, a:b] for k, (a, b) in enumerate(spans)]))
+                    logits = logits.float().split([b - a for a, b in spans])
                 for k, (_, members) in enumerate(part):
-                    for i, cont, at in members:  # logits at `at` predict cont[0]; at -1 the prefix's do
-                        own = logits[k, max(at, 0) : at + len(cont)] if logits is not None else after_prefix[:0]
+                    for i, cont, at in members:  # the logits at `at` predict cont[0]; at -1 the prefix's do
+                        a = spans[k][0]
+                        own = logits[k][max(at, 0) - a : at + len(cont) - a] if logits is not None else after_prefix[:0]
                         self._record(requests, results, i, own if at >= 0 else torch.cat([after_prefix, own]), cont)
             bar.update(sum(len(items) for _, items in batch))
         return left

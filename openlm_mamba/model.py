@@ -713,8 +713,9 @@ class MambaLM(nn.Module):
         logits, hidden = self.forward_with_cache(input_ids, cache, embeds=inputs_embeds, mask=mask)
         return logits, hidden, cache
 
-    def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False, mask=None):
-        """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden).
+    def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False, mask=None, head=True):
+        """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden), logits None
+        without ``head`` (for a caller that needs them at a few positions only).
 
         One token (seq length 1) takes the O(1) recurrent step; longer inputs run the scan from the
         cached state (prefill). ``last_only`` computes logits (and returns hidden) for the last
@@ -756,6 +757,8 @@ class MambaLM(nn.Module):
                 hidden, residual = layer(hidden, residual, cache, last_only and i == n - 1, mask)
             hidden, _ = backbone.norm_f(hidden, residual, True)
         cache.seqlen_offset += seqlen
+        if not head:
+            return None, hidden
         head_in = hidden[:, -1:] if last_only else hidden
         return self.model.lm_head(head_in).float(), hidden
 
