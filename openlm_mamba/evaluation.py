@@ -51,6 +51,7 @@ MODEL_CARD_TASKS = {
 }
 
 
+AUTO_BATCH_SIZE = 8  # batch_size="auto": the recurrent state does not grow with the context, as a KV cache does
 PREFIX_MIN = 32  # tokens: a batch of contexts sharing a shorter start reads each context whole
 
 
@@ -165,9 +166,13 @@ class MambaEvalLM(TemplateLM):
         if model is not None and not isinstance(model, MambaLM):
             raise TypeError(f"MambaEvalLM: model must be a MambaLM, got {type(model).__name__}")
         # the cheap checks first, the checkpoint last
-        bs = 1 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        text = str(batch_size).strip().lower()
+        try:  # "auto" / "auto:N" (lm-eval's search for the largest batch): a fixed default
+            bs = AUTO_BATCH_SIZE if batch_size is None or text.startswith("auto") else int(text)
+        except ValueError:
+            bs = 0
         if bs <= 0:
-            raise ValueError(f"MambaEvalLM: batch_size must be a positive int, got {batch_size!r}")
+            raise ValueError(f"MambaEvalLM: batch_size must be a positive int or 'auto', got {batch_size!r}")
         if int(max_length) < 2:
             raise ValueError(f"MambaEvalLM: max_length must be >= 2, got {max_length!r}")
         if model is None and check_checkpoint:  # the CLI, which checked it already, passes False

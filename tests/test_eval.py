@@ -288,8 +288,11 @@ def test_adapter_argument_errors(setup):
     _root, lm, _ = setup
     with pytest.raises(ValueError, match="exactly one of pretrained"):
         MambaEvalLM(tokenizer=lm.tokenizer)
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
-        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=0)
+    for bad in (0, "x", "-2"):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int or 'auto', got {bad!r}"):
+            MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=bad)
+    for size, want in (("auto", 8), ("auto:4", 8), (None, 8), ("16", 16), (3, 3)):  # lm-eval passes strings
+        assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=size).batch_size == want
 
 
 def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
