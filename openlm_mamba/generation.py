@@ -176,7 +176,9 @@ class MambaCache:
                 f"got {type(self).__name__}"
             )
         cfg = model.cfg
-        if self.owner is not None and self.owner() is not model:
+        # the model itself, or a wrapper of it (torch.compile's _orig_mod, DDP's / FSDP's module)
+        owners = (model, getattr(model, "_orig_mod", None), getattr(model, "module", None))
+        if self.owner is not None and not any(self.owner() is m for m in owners if m is not None):
             raise ValueError(
                 "past_key_values: this cache was allocated by another model (it decodes with that model's "
                 "weights); allocate one with this model's allocate_cache, or call cache.refresh(model)"

@@ -1153,6 +1153,9 @@ def test_generate_cache_errors(model):
         generate(model, ids, cache=other.allocate_cache(2), max_new_tokens=2)
     with pytest.raises(ValueError, match="past_key_values: this cache was allocated by another model"):
         model(ids, past_key_values=other.allocate_cache(2))
+    wrapped = torch.nn.Module()  # a wrapper holding the model as .module (DDP, FSDP) still owns its caches
+    wrapped.module, wrapped.cfg = model, model.cfg
+    model.allocate_cache(2).check(wrapped, 2)
     with pytest.raises(ValueError, match=r"backend='triton', but the cache decodes with 'torch'"):
         generate(model, ids, cache=model.allocate_cache(2), backend="triton", max_new_tokens=2)
     # transformers' full-width mask (cached + new columns) on a continued cache
