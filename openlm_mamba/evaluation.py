@@ -55,6 +55,11 @@ AUTO_BATCH_SIZE = 8  # batch_size="auto": the recurrent state does not grow with
 PREFIX_MIN = 32  # tokens: a batch of contexts sharing a shorter start reads each context whole
 
 
+def _common_length(a: tuple, b: tuple) -> int:
+    """How many leading tokens two sequences share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _flag(name: str, value: Any) -> bool:
     """A bool argument, also as lm-eval's model_args strings ("true", "False", "1", "no", ...)."""
     if isinstance(value, bool):
@@ -140,8 +145,8 @@ class MambaEvalLM(TemplateLM):
     """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until.
 
     ``share_contexts``: work that requests share is done once, continuing from copies of the recurrent state:
-    the choices of a question read its context once, and a batch of contexts with a long common start (few-shot
-    examples; batch_size >= 2) reads it once. False scores every request whole, as transformers' does.
+    the choices of a question read its context once, and contexts with a long common start (a few-shot task's
+    examples) read it once. False scores every request whole, as transformers' does.
     """
 
     def __init__(
@@ -231,8 +236,8 @@ class MambaEvalLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(request, context tokens, continuation tokens) -> (sum log p(continuation | context), is greedy).
 
-        With ``share_contexts``, work that requests share is done once: a batch of contexts with a long common
-        start (few-shot examples) reads that prefix once and the rest of each from copies of its recurrent state,
+        With ``share_contexts``, work that requests share is done once: contexts with a long common start
+        (few-shot examples) read that prefix once and the rest of each from copies of its recurrent state,
         and the choices of a question read its context once (:meth:`_score_prefixed`, :meth:`_score_shared`).
         Other requests run whole, right-padded, in batches."""
         prepared = []  # (request index, model input, scored continuation)
@@ -292,58 +297,64 @@ class MambaEvalLM(TemplateLM):
             bar.update(len(batch))
 
     def _score_prefixed(self, groups: list, requests, results: list, bar) -> list:
-        """Groups of requests (context -> its requests) whose contexts start alike, ``batch_size`` contexts at a
-        time in sorted order. Where that saves work (a long common start, e.g. few-shot examples), the batch's
-        common prefix is read once and, from copies of its state, right-padded rows: each context's rest once
-        for its 1-token choices, and rest + continuation but its last token for each longer choice. Returns the
-        groups left to the per-context path."""
+        """Groups of requests (context -> its requests) whose contexts start alike: in sorted order, runs of
+        contexts sharing at least PREFIX_MIN tokens (a few-shot task's examples) form clusters. Where that saves
+        work, a cluster's common prefix is read once and, from copies of its state, right-padded rows in batches
+        of ``batch_size``: each context's rest once for its 1-token choices, and rest + continuation but its
+        last token for each longer choice. Returns the groups left to the per-context path."""
         left: list = []
-        order = sorted(groups, key=lambda g: g[0])  # lexicographic: a batch's common prefix is its ends'
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            first, last = batch[0][0], batch[-1][0]
-            common = next((k for k, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+        clusters: list[list] = []
+        for group in sorted(groups, key=lambda g: g[0]):  # lexicographic: neighbours share the longest starts
+            if clusters and _common_length(clusters[-1][-1][0], group[0]) >= PREFIX_MIN:
+                clusters[-1].append(group)
+            else:
+                clusters.append([group])
+        for cluster in clusters:
+            common = _common_length(cluster[0][0], cluster[-1][0])  # sorted: the ends' common start is all's
             rows = []  # (tokens after the prefix, [(request index, continuation, where its logits start)])
-            for ctx, items in batch:
+            for ctx, items in cluster:
                 rest = list(ctx[common:])
                 ones = [(i, cont, len(rest) - 1) for i, _, cont in items if len(cont) == 1]
                 if ones:  # one row serves every 1-token choice
                     rows.append((rest, ones))
                 rows += [(rest + cont[:-1], [(i, cont, len(rest) - 1)]) for i, _, cont in items if len(cont) > 1]
-            # tokens through the model this way, and per context (each read once, its longer choices forked)
+            # tokens through the model this way, and per context (each read once, its longer choices forked);
+            # the per-context path reads its contexts' last layer at one position only: worth some tokens
             prefixed = common + sum(len(toks) for toks, _ in rows)
-            per_context = sum(len(ctx) + sum(len(c) - 1 for _, _, c in items) for ctx, items in batch)
-            # (the per-context path reads its contexts' last layer at one position only: worth some tokens)
-            if len(batch) < 2 or common < PREFIX_MIN or prefixed > 0.8 * per_context:
-                left += batch
+            per_context = sum(len(ctx) + sum(len(c) - 1 for _, _, c in items) for ctx, items in cluster)
+            if len(cluster) < 2 or prefixed > 0.8 * per_context:
+                left += cluster
                 continue
             cache = self.model.allocate_cache(1, device=self.device)
-            prefix = torch.tensor([first[:common]], device=self.device)
+            prefix = torch.tensor([cluster[0][0][:common]], device=self.device)
             after_prefix = self.model.forward_with_cache(prefix, cache, last_only=True)[0][0, -1:]  # (1, vocab)
             rows.sort(key=lambda r: -len(r[0]))
             for lo in range(0, len(rows), self.batch_size):
-                part = rows[lo : lo + self.batch_size]
-                hidden = None
-                width = max(len(toks) for toks, _ in part)
-                if width:
-                    ids = torch.zeros(len(part), width, dtype=torch.long)
-                    for k, (toks, _) in enumerate(part):
-                        ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)  # right padding: never read
-                    fork = cache.clone(repeat=len(part))
-                    hidden = self.model.forward_with_cache(ids.to(self.device), fork, head=False)[1]
-                # the head only at scored positions, all of the part's in one matmul (one read of its weight)
-                spans = [(max(0, min(at for _, _, at in m)), max(at + len(c) for _, c, at in m)) for _, m in part]
-                logits = None
-                if hidden is not None:
-                    logits = self.model.model.lm_head(torch.cat([hidden[k, a:b] for k, (a, b) in enumerate(spans)]))
-                    logits = logits.float().split([b - a for a, b in spans])
-                for k, (_, members) in enumerate(part):
-                    for i, cont, at in members:  # the logits at `at` predict cont[0]; at -1 the prefix's do
-                        a = spans[k][0]
-                        own = logits[k][max(at, 0) - a : at + len(cont) - a] if logits is not None else after_prefix[:0]
-                        self._record(requests, results, i, own if at >= 0 else torch.cat([after_prefix, own]), cont)
-            bar.update(sum(len(items) for _, items in batch))
+                self._score_rows(rows[lo : lo + self.batch_size], cache, after_prefix, requests, results)
+            bar.update(sum(len(items) for _, items in cluster))
         return left
+
+    def _score_rows(self, part: list, cache, after_prefix: torch.Tensor, requests, results: list) -> None:
+        """Rows of tokens after a prefix (right-padded, from copies of its state ``cache``) and the requests
+        each scores; ``after_prefix`` (1, vocab) predicts the first token after the prefix."""
+        hidden = None
+        width = max(len(toks) for toks, _ in part)
+        if width:
+            ids = torch.zeros(len(part), width, dtype=torch.long)
+            for k, (toks, _) in enumerate(part):
+                ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)  # right padding: never read
+            hidden = self.model.forward_with_cache(ids.to(self.device), cache.clone(repeat=len(part)), head=False)[1]
+        # the head only at scored positions, all of the part's in one matmul (one read of its weight)
+        spans = [(max(0, min(at for _, _, at in m)), max(at + len(c) for _, c, at in m)) for _, m in part]
+        logits = None
+        if hidden is not None:
+            logits = self.model.model.lm_head(torch.cat([hidden[k, a:b] for k, (a, b) in enumerate(spans)]))
+            logits = logits.float().split([b - a for a, b in spans])
+        for k, (_, members) in enumerate(part):
+            for i, cont, at in members:  # the logits at `at` predict cont[0]; at -1 the prefix's do
+                a = spans[k][0]
+                own = logits[k][max(at, 0) - a : at + len(cont) - a] if logits is not None else after_prefix[:0]
+                self._record(requests, results, i, own if at >= 0 else torch.cat([after_prefix, own]), cont)
 
     def _score_shared(self, groups: list, requests, results: list, bar) -> None:
         """Groups of requests with one context: ``batch_size`` contexts read at a time (left-padded), their last
@@ -376,11 +387,14 @@ class MambaEvalLM(TemplateLM):
                 for k, (_, (_, _, cont)) in enumerate(part):
                     more[k, : len(cont) - 1] = torch.tensor(cont[:-1])  # right padding: never read back
                 fork = cache.select([row for row, _ in part])
-                logits = self.model(more.to(self.device), past_key_values=fork)[0]
+                hidden = self.model.forward_with_cache(more.to(self.device), fork, head=False)[1]
+                # the head at the continuations' own positions only (not the padding), in one matmul
+                logits = self.model.model.lm_head(
+                    torch.cat([hidden[k, : len(c) - 1] for k, (_, (_, _, c)) in enumerate(part)])
+                )
+                logits = logits.float().split([len(c) - 1 for _, (_, _, c) in part])
                 for k, (row, (i, _, cont)) in enumerate(part):
-                    self._record(
-                        requests, results, i, torch.cat([first[row : row + 1], logits[k, : len(cont) - 1]]), cont
-                    )
+                    self._record(requests, results, i, torch.cat([first[row : row + 1], logits[k]]), cont)
             bar.update(len(members))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -220,14 +220,19 @@ def test_few_shot_prefix_read_once_per_batch(setup):
     hook = lm.model.model.backbone.embedding.register_forward_pre_hook(lambda _m, a: counted.append(a[0].numel()))
     out, tokens = [], []
     try:
-        for share in (False, True):
+        for share, size in ((False, 4), (True, 4), (True, 1)):
             counted.clear()
-            out.append(MambaEvalLM(**kw, batch_size=4, share_contexts=share)._loglikelihood_tokens(reqs, True))
+            out.append(MambaEvalLM(**kw, batch_size=size, share_contexts=share)._loglikelihood_tokens(reqs, True))
             tokens.append(sum(counted))
     finally:
         hook.remove()
-    for (a, ga), (b, gb) in zip(*out):
-        assert abs(a - b) < 1e-4 and ga == gb, (a, b)
+    for results in out[1:]:
+        for (a, ga), (b, gb) in zip(results, out[0]):
+            assert abs(a - b) < 1e-4 and ga == gb, (a, b)
+    # one at a time (no padding): the prefix once, then each context's rest once for its 1-token choices and
+    # rest + all but the last token for each longer choice (the singleton's too); a rest of 0 tokens runs nothing
+    rests = (0, 5, 1, 12, 7, 3, 9)
+    assert tokens[2] == len(shots) + sum(rests) + sum(n + 2 for n in rests[:3]) + (4 + 1), tokens
     assert tokens[1] < 0.2 * tokens[0], tokens
 
 
