@@ -60,6 +60,14 @@ def _common_length(a: tuple, b: tuple) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _right_padded(rows: list, device: torch.device) -> torch.Tensor:
+    """Token rows of any lengths as one (len(rows), longest) int64 tensor on ``device``, zeros after each row."""
+    ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return ids.to(device)
+
+
 def _flag(name: str, value: Any) -> bool:
     """A bool argument, also as lm-eval's model_args strings ("true", "False", "1", "no", ...)."""
     if isinstance(value, bool):
@@ -278,21 +286,23 @@ class MambaEvalLM(TemplateLM):
         if req is not None:
             self.cache_hook.add_partial("loglikelihood", req, (ll, greedy))
 
+    def _head_at(self, hidden: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        """float32 logits of rows k's positions [a, b) of ``hidden`` (rows, L, d_model), one tensor per span: the
+        output layer only where tokens are scored, all in one matmul (one read of its weight)."""
+        picked = torch.cat([hidden[k, a:b] for k, (a, b) in enumerate(spans)])
+        return self.model.model.lm_head(picked).float().split([b - a for a, b in spans])
+
     def _score_whole(self, items: list, requests, results: list, bar) -> None:
         """Each input whole, right-padded, ``batch_size`` at a time (longest first: little padding)."""
         order = sorted(items, key=lambda r: -len(r[1]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(inp) for _, inp, _ in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, (_, inp, _) in enumerate(batch):
-                ids[row, : len(inp)] = torch.tensor(inp)  # right padding: causal, so earlier logits are unaffected
+            ids = _right_padded([inp for _, inp, _ in batch], self.device)  # causal: real logits unaffected
             cache = self.model.allocate_cache(len(batch), device=self.device)
-            hidden = self.model.forward_with_cache(ids.to(self.device), cache, head=False)[1]
-            # the head only where a continuation token is predicted: one matmul, not (batch, width, vocab) logits
+            hidden = self.model.forward_with_cache(ids, cache, head=False)[1]
+            # logits only where a continuation token is predicted, not (batch, width, vocab) of them
             spans = [(len(inp) - len(cont), len(inp)) for _, inp, cont in batch]
-            logits = self.model.model.lm_head(torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)]))
-            for (i, _, cont), own in zip(batch, logits.float().split([len(cont) for _, _, cont in batch])):
+            for (i, _, cont), own in zip(batch, self._head_at(hidden, spans)):
                 self._record(requests, results, i, own, cont)
             bar.update(len(batch))
 
@@ -337,19 +347,12 @@ class MambaEvalLM(TemplateLM):
     def _score_rows(self, part: list, cache, after_prefix: torch.Tensor, requests, results: list) -> None:
         """Rows of tokens after a prefix (right-padded, from copies of its state ``cache``) and the requests
         each scores; ``after_prefix`` (1, vocab) predicts the first token after the prefix."""
-        hidden = None
-        width = max(len(toks) for toks, _ in part)
-        if width:
-            ids = torch.zeros(len(part), width, dtype=torch.long)
-            for k, (toks, _) in enumerate(part):
-                ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)  # right padding: never read
-            hidden = self.model.forward_with_cache(ids.to(self.device), cache.clone(repeat=len(part)), head=False)[1]
-        # the head only at scored positions, all of the part's in one matmul (one read of its weight)
         spans = [(max(0, min(at for _, _, at in m)), max(at + len(c) for _, c, at in m)) for _, m in part]
         logits = None
-        if hidden is not None:
-            logits = self.model.model.lm_head(torch.cat([hidden[k, a:b] for k, (a, b) in enumerate(spans)]))
-            logits = logits.float().split([b - a for a, b in spans])
+        if any(toks for toks, _ in part):
+            ids = _right_padded([toks for toks, _ in part], self.device)  # the padding is never read
+            hidden = self.model.forward_with_cache(ids, cache.clone(repeat=len(part)), head=False)[1]
+            logits = self._head_at(hidden, spans)
         for k, (_, members) in enumerate(part):
             for i, cont, at in members:  # the logits at `at` predict cont[0]; at -1 the prefix's do
                 a = spans[k][0]
@@ -360,21 +363,15 @@ class MambaEvalLM(TemplateLM):
         """Groups of requests with one context: ``batch_size`` contexts read at a time (left-padded), their last
         logits score each continuation's first token, and each continuation's other tokens run from a copy of
         its context's state (right-padded, ``batch_size`` rows at a time)."""
-        from .model import padding_mask
+        from .generation import _prompt_rows
 
         groups = sorted(groups, key=lambda g: -len(g[0]))
         for start in range(0, len(groups), self.batch_size):
             batch = groups[start : start + self.batch_size]
-            width = max(len(ctx) for ctx, _ in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, (ctx, _) in enumerate(batch):
-                ids[row, width - len(ctx) :], mask[row, width - len(ctx) :] = torch.tensor(ctx), True
+            ids, mask = _prompt_rows([torch.tensor(ctx) for ctx, _ in batch], self.device)  # left-padded
             cache = self.model.allocate_cache(len(batch), device=self.device)
-            mask = padding_mask(mask, len(batch), width, right=False)
-            first = self.model.forward_with_cache(
-                ids.to(self.device), cache, last_only=True, mask=None if mask is None else mask.to(self.device)
-            )[0][:, -1]
+            mask = None if bool(mask.all()) else mask
+            first = self.model.forward_with_cache(ids, cache, last_only=True, mask=mask)[0][:, -1]
             members = [(row, item) for row, (_, items) in enumerate(batch) for item in items]
             for row, (i, _, cont) in members:
                 if len(cont) == 1:
@@ -382,17 +379,9 @@ class MambaEvalLM(TemplateLM):
             rest = sorted(((row, item) for row, item in members if len(item[2]) > 1), key=lambda m: -len(m[1][2]))
             for lo in range(0, len(rest), self.batch_size):
                 part = rest[lo : lo + self.batch_size]
-                span = max(len(cont) for _, (_, _, cont) in part) - 1
-                more = torch.zeros(len(part), span, dtype=torch.long)
-                for k, (_, (_, _, cont)) in enumerate(part):
-                    more[k, : len(cont) - 1] = torch.tensor(cont[:-1])  # right padding: never read back
-                fork = cache.select([row for row, _ in part])
-                hidden = self.model.forward_with_cache(more.to(self.device), fork, head=False)[1]
-                # the head at the continuations' own positions only (not the padding), in one matmul
-                logits = self.model.model.lm_head(
-                    torch.cat([hidden[k, : len(c) - 1] for k, (_, (_, _, c)) in enumerate(part)])
-                )
-                logits = logits.float().split([len(c) - 1 for _, (_, _, c) in part])
+                more = _right_padded([cont[:-1] for _, (_, _, cont) in part], self.device)  # padding never read
+                hidden = self.model.forward_with_cache(more, cache.select([row for row, _ in part]), head=False)[1]
+                logits = self._head_at(hidden, [(0, len(c) - 1) for _, (_, _, c) in part])
                 for k, (row, (i, _, cont)) in enumerate(part):
                     self._record(requests, results, i, torch.cat([first[row : row + 1], logits[k]]), cont)
             bar.update(len(members))

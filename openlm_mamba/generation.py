@@ -127,8 +127,6 @@ class MambaCache:
         e.g. one shared prompt for a batch of continuations."""
         if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
             raise ValueError(f"MambaCache.clone: repeat must be a positive int, got {repeat!r}")
-        if not self.ssm_states:
-            return self.select([])
         return self.select(torch.arange(self.batch_size).repeat_interleave(repeat))
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> MambaCache:
