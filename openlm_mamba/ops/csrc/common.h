@@ -134,40 +134,41 @@ OLM_INLINE T vsigmoid(T v) {
 }
 
 #ifdef OLM_AVX512
-// 32 log2(e) in float: exp(x) = 2^(x * kExp2x32 / 32).
-constexpr float kExp2x32 = 46.16624069213867f;
+// log2(e) in float: exp(x) = 2^(x * kLog2e).
+constexpr float kLog2e = 1.44269502162933349609375f;
 
-// 2^(a b / 32) for 16 floats with AVX-512: m = a b + 1.5 * 2^23 rounds a b to the nearest integer k,
-// which sits in m's low mantissa bits (no round or convert instruction); f = a b - k exactly (one
-// fma), then 2^(k div 32) (scalef) * T[k mod 32] (a 32-entry table of 2^(i/32), one permute
-// indexed by m's low bits) * 2^(f / 32) (a quadratic, |f| <= 1/2). Relative error < 4e-7 for
-// finite results (e^x with b = kExp2x32 and |x| <= 88; an a b prepared elsewhere adds its own
-// rounding). |a b| >= 2^22 leaves k inexact, but 2^(k / 32) then over- or underflows anyway, so
-// results stay right up to |a b| ~ 1e28 (|x| ~ 2e26 for e^x): inf above, 0 below. Beyond that, and
-// for an infinite a b, f overflows the quadratic and the result is NaN: callers that can see such
-// arguments clamp first. The scan does not: its dt * A never gets near that in a model.
-OLM_INLINE __m512 vexp2_32(__m512 a, __m512 b) {
+// 2^(a b) for 16 floats with AVX-512: m = a b + 1.5 * 2^18 rounds a b to the nearest multiple k of
+// 1/32, whose 32 k sits in m's low mantissa bits (no round or convert instruction); f = a b - k
+// exactly (one fma), then 2^floor(k) (scalef, which floors its exponent itself) * T[32 k mod 32] (a
+// 32-entry table of 2^(i/32), one permute indexed by m's low bits) * 2^f (a quadratic, |f| <= 1/64).
+// Relative error < 4e-7 for finite results (e^x with b = kLog2e and |x| <= 88; an a b prepared
+// elsewhere adds its own rounding). |a b| >= 2^17 leaves k inexact, but 2^k then over- or underflows
+// anyway, so results stay right up to |a b| ~ 1e28 (|x| ~ 7e27 for e^x): inf above, 0 below. Beyond
+// that, and for an infinite a b, f overflows the quadratic and the result is NaN: callers that can
+// see such arguments clamp first. The scan does not: its dt * A never gets near that in a model.
+OLM_INLINE __m512 vexp2(__m512 a, __m512 b) {
   const __m512 t0 = _mm512_setr_ps(1.0f, 1.02189715f, 1.04427378f, 1.0671404f, 1.09050773f, 1.11438674f, 1.13878863f,
                                    1.16372486f, 1.18920712f, 1.21524736f, 1.24185781f, 1.26905096f, 1.29683955f,
                                    1.32523664f, 1.35425555f, 1.38390988f);
   const __m512 t1 = _mm512_setr_ps(1.41421356f, 1.44518081f, 1.47682615f, 1.50916443f, 1.54221083f, 1.57598085f,
                                    1.61049033f, 1.64575548f, 1.68179283f, 1.7186193f, 1.75625216f, 1.79470908f,
                                    1.83400809f, 1.87416763f, 1.91520656f, 1.95714412f);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: ulp 1, k's bits in the low mantissa
+  const __m512 magic = _mm512_set1_ps(393216.0f);  // 1.5 * 2^18: ulp 1/32, 32 k's bits in the low mantissa
   const __m512 m = _mm512_fmadd_ps(a, b, magic);
   const __m512 k = _mm512_sub_ps(m, magic);
   const __m512 f = _mm512_fmsub_ps(a, b, k);
   const __m512 tv = _mm512_permutex2var_ps(t0, _mm512_castps_si512(m), t1);  // uses index bits 0-4 only
-  const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(2.3459619820224677e-4f), f, _mm512_set1_ps(2.166084939249829e-2f));
+  // 2^f ~ 1 + f (ln 2 + f (ln 2)^2 / 2): the coefficients in float
+  const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.24022650718688965f), f, _mm512_set1_ps(0.69314718246459961f));
   const __m512 p = _mm512_fmadd_ps(q, _mm512_mul_ps(f, tv), tv);
-  return _mm512_scalef_ps(p, _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32)));  // scalef: * 2^floor(k / 32)
+  return _mm512_scalef_ps(p, k);  // scalef: * 2^floor(k)
 }
 
 // e^x for 16 floats, x clamped to [-87, 88] (so e^-inf = 1.6e-38, not NaN). The constant goes first
 // in min / max, which return their second operand when either is NaN: a NaN x stays NaN.
 OLM_INLINE __m512 vexp16(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  return vexp2_32(x, _mm512_set1_ps(kExp2x32));
+  return vexp2(x, _mm512_set1_ps(kLog2e));
 }
 
 // 1 / d for AVX-512: the 14-bit estimate and one Newton step (relative error ~1e-8; vdivps is slow).

@@ -102,7 +102,7 @@ inline void load_step(const T* __restrict__ dr, const T* __restrict__ ur, const 
   for (int64_t w = 0; w < W; ++w) du[w] = dt[w] * uv[w];
 }
 
-// A as the state steps below want it (Ae): A itself, or A * 32 log2(e) for the AVX-512 exp.
+// A as the state steps below want it (Ae): A itself, or A * log2(e) for the AVX-512 exp.
 template <typename T>
 OLM_INLINE T exp_arg_scale() {
   return T(1);
@@ -159,7 +159,7 @@ static_assert(W == 16, "one AVX-512 float vector per channel block");
 
 template <>
 OLM_INLINE float exp_arg_scale<float>() {
-  return olm::kExp2x32;
+  return olm::kLog2e;
 }
 
 template <>
@@ -168,7 +168,7 @@ OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const
                                   const float* __restrict__ xp, float* __restrict__ xn, float* __restrict__ e) {
   const __m512 dtv = _mm512_loadu_ps(dt), duv = _mm512_loadu_ps(du);
   for (int64_t n = 0; n < N; ++n) {
-    const __m512 ev = olm::vexp2_32(dtv, _mm512_loadu_ps(Ae + n * W));
+    const __m512 ev = olm::vexp2(dtv, _mm512_loadu_ps(Ae + n * W));
     _mm512_storeu_ps(e + n * W, ev);
     _mm512_storeu_ps(xn + n * W,
                     _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n]))));
@@ -194,7 +194,7 @@ OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const floa
     __m512 ya = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * W), yb = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int n = 0; n < NG; ++n) {  // two accumulators: a shorter dependency chain
-      xs[n] = _mm512_fmadd_ps(olm::vexp2_32(dtv, as[n]), xs[n], _mm512_mul_ps(duv, _mm512_set1_ps(Bi[n])));
+      xs[n] = _mm512_fmadd_ps(olm::vexp2(dtv, as[n]), xs[n], _mm512_mul_ps(duv, _mm512_set1_ps(Bi[n])));
       if (n & 1)
         yb = _mm512_fmadd_ps(xs[n], _mm512_set1_ps(Ci[n]), yb);
       else
