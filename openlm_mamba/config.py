@@ -263,12 +263,15 @@ def _validate(data: dict[str, Any], source: str, require_all: bool) -> None:
         raise ConfigError(f'{source}: dt_rank must be a positive int or "auto", got {rank!r}')
     if isinstance(rank, int) and rank <= 0:
         raise ConfigError(f'{source}: dt_rank must be a positive int or "auto", got {rank!r}')
-    if "norm_epsilon" in data and not data["norm_epsilon"] > 0:
-        raise ConfigError(f"{source}: norm_epsilon must be > 0, got {data['norm_epsilon']!r}")
+    if "norm_epsilon" in data and not 0 < data["norm_epsilon"] < math.inf:
+        raise ConfigError(f"{source}: norm_epsilon must be a finite number > 0, got {data['norm_epsilon']!r}")
+    for key in ("initializer_range", "dt_scale", "dt_init_floor"):
+        if key in data and not 0 <= data[key] < math.inf:
+            raise ConfigError(f"{source}: {key} must be a finite number >= 0, got {data[key]!r}")
     if "d_conv" in data and not 2 <= data["d_conv"] <= 4:
         raise ConfigError(f"{source}: d_conv must be 2, 3 or 4, got {data['d_conv']!r}")
     if data.get("dt_init", "random") not in ("random", "constant"):
         raise ConfigError(f'{source}: dt_init must be "random" or "constant", got {data["dt_init"]!r}')
     dt_min, dt_max = data.get("dt_min", 1e-3), data.get("dt_max", 1e-1)
-    if not 0 < dt_min <= dt_max:
+    if not 0 < dt_min <= dt_max < math.inf:
         raise ConfigError(f"{source}: dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min!r}, {dt_max!r}")

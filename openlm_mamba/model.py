@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, MambaConfig
-from .ops import add_norm, causal_conv1d, selective_scan
+from .ops import add_norm, causal_conv1d, dispatch, selective_scan
 from .ops.causal_conv1d import causal_conv1d_step_ref, causal_conv1d_update
 from .ops.state_update import selective_state_step_ref
 
@@ -28,8 +28,15 @@ if TYPE_CHECKING:
     from .generation import MambaCache
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 as it is: 16-bit parameters do float32 math, float64 ones lose nothing."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm weight holder; the math lives in ``ops.add_norm`` (fused with the residual add)."""
+
+    backend: str | None = None  # set by MambaLM.set_backend
 
     def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -42,14 +49,20 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_in_fp32: bool = True):
-        return add_norm(x, self.weight, None, residual, self.eps, residual_in_fp32, is_rms_norm=True)
+        backend = dispatch.for_op("add_norm", self.backend)
+        return add_norm(x, self.weight, None, residual, self.eps, residual_in_fp32, is_rms_norm=True, backend=backend)
 
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with the same fused ``(x, residual) -> (normed, new residual)`` interface."""
 
+    backend: str | None = None  # set by MambaLM.set_backend
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_in_fp32: bool = True):
-        return add_norm(x, self.weight, self.bias, residual, self.eps, residual_in_fp32, is_rms_norm=False)
+        backend = dispatch.for_op("add_norm", self.backend)
+        return add_norm(
+            x, self.weight, self.bias, residual, self.eps, residual_in_fp32, is_rms_norm=False, backend=backend
+        )
 
 
 class DtProj(nn.Linear):
@@ -62,6 +75,7 @@ class DtProj(nn.Linear):
     def reset_parameters(self) -> None:
         cfg = self._cfg
         std = cfg.dt_rank_value**-0.5 * cfg.dt_scale
+        self.bias._no_reinit = True  # mamba_ssm's marker: a generic re-init must keep the dt recipe
         with torch.no_grad():
             if cfg.dt_init == "constant":
                 nn.init.constant_(self.weight, std)
@@ -119,6 +133,10 @@ class MambaMixer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise the parameters this module owns directly (A_log = log(1..N), D = 1)."""
+        # mamba_ssm's markers, for trainers that honour them (OpenLM's optimizer groups do not); set here,
+        # not only in __init__, because materialising from the meta device replaces the Parameter objects
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         with torch.no_grad():
             n = self.cfg.d_state
             a = torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device)
@@ -131,7 +149,7 @@ class MambaMixer(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, r + 2N)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_wide(self.A_log))
         return delta, A, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,9 +168,9 @@ class MambaMixer(nn.Module):
             A,
             B,
             C,
-            self.D.float(),
+            _wide(self.D),
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=_wide(self.dt_proj.bias),
             delta_softplus=True,
             backend=self.backend,
         )
@@ -207,9 +225,9 @@ class MambaMixer(nn.Module):
             A,
             B,
             C,
-            self.D.float(),
+            _wide(self.D),
             z=None if last_only else z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=_wide(self.dt_proj.bias),
             delta_softplus=True,
             return_last_state=True,
             initial_state=None if fresh else ssm_state,
@@ -581,9 +599,12 @@ class MambaLM(nn.Module):
         self.grad_checkpointing = enable
 
     def set_backend(self, backend: str | None) -> None:
-        """Force an op backend ("torch", "triton", "cuda") for every layer; None = auto / env."""
+        """Force an op backend ("torch", "triton", "cuda") for every layer and norm; None = auto / env. Ops
+        without the backend named (add_norm and the decoding step have no "cuda") take auto."""
+        if backend is not None:
+            dispatch.requested_backend(backend)  # a clear error for an unknown name, now rather than at forward
         for module in self.modules():
-            if isinstance(module, MambaMixer):
+            if isinstance(module, (MambaMixer, RMSNorm, LayerNorm)):
                 module.backend = backend
 
     @property
@@ -641,7 +662,7 @@ class MambaLM(nn.Module):
             cache = self.allocate_cache(hidden.shape[0])
             if cache.fused is not None:
                 hidden = _fused_prefill(hidden, cache, last_only=False, mask=mask)
-                return self.model.lm_head(hidden).float(), hidden, None
+                return _wide(self.model.lm_head(hidden)), hidden, None
         residual = None
         extra = () if mask is None else (None, False, mask)  # the blocks' cache, last_only and mask arguments
         for layer in backbone.layers:
@@ -650,7 +671,7 @@ class MambaLM(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual, *extra)
         hidden, _ = backbone.norm_f(hidden, residual, True)
-        logits = self.model.lm_head(hidden).float()
+        logits = _wide(self.model.lm_head(hidden))
         return logits, hidden, None
 
     # -- inference -----------------------------------------------------------------------------------
@@ -760,7 +781,7 @@ class MambaLM(nn.Module):
         if not head:
             return None, hidden
         head_in = hidden[:, -1:] if last_only else hidden
-        return self.model.lm_head(head_in).float(), hidden
+        return _wide(self.model.lm_head(head_in)), hidden
 
     def _step_needs_grad(self, hidden: torch.Tensor, cache) -> bool:
         """Whether a decoding step must be differentiable: autograd on, and the input, a parameter or a cached

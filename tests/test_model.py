@@ -132,6 +132,9 @@ def test_meta_device_materialisation_is_correctly_distributed():
     out_w = mixer.out_proj.weight  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(fan_in), / sqrt(n_layer)
     assert out_w.abs().max() <= 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layer) + 1e-6
     assert out_w.abs().max() > 0.9 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layer)
+    # mamba_ssm's markers survive materialisation: no weight decay on A_log and D, no re-init of dt's bias
+    assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay and mixer.dt_proj.bias._no_reinit
+    assert not hasattr(mixer.in_proj.weight, "_no_weight_decay")
 
 
 def test_mamba_7b_on_meta_device():
@@ -251,3 +254,35 @@ def test_public_api_has_docstrings_and_type_hints():
         assert sig.return_annotation is not inspect.Signature.empty, fn
         unhinted = [p for p in sig.parameters.values() if p.name != "self" and p.annotation is inspect.Parameter.empty]
         assert not unhinted, (fn, unhinted)
+
+
+@requires_hf
+def test_float64_model_is_float64_throughout():
+    """A .double() model computes in float64 end to end (A, D and dt's bias are not rounded through float32):
+    its output matches a float64 reference computed independently, and to_transformers copies it exactly."""
+    from openlm_mamba.ops import selective_scan_ref
+
+    torch.manual_seed(0)
+    model = MambaLM(tiny(d_model=32, n_layer=1, vocab_size=64)).double()
+    ids = torch.randint(0, 64, (2, 12))
+    logits, hidden, _ = model(ids)
+    assert logits.dtype == hidden.dtype == torch.float64
+    mixer, norm = model.layers[0].mixer, model.layers[0].norm
+    emb = model.model.backbone.embedding(ids)
+    h = emb * torch.rsqrt(emb.square().mean(-1, keepdim=True) + norm.eps) * norm.weight
+    x, z = mixer.in_proj(h).chunk(2, dim=-1)
+    x = torch.nn.functional.conv1d(
+        x.transpose(1, 2), mixer.conv1d.weight, mixer.conv1d.bias, padding=mixer.cfg.d_conv - 1, groups=x.shape[-1]
+    )[..., :12]
+    x = torch.nn.functional.silu(x)
+    delta, A, B, C = mixer.ssm_inputs(x)
+    y = selective_scan_ref(x, delta, A, B, C, mixer.D, z.transpose(1, 2), mixer.dt_proj.bias, delta_softplus=True)
+    r = mixer.out_proj(y.transpose(1, 2)) + emb
+    final = model.model.backbone.norm_f
+    want = r * torch.rsqrt(r.square().mean(-1, keepdim=True) + final.eps) * final.weight
+    torch.testing.assert_close(hidden, want, rtol=1e-12, atol=1e-12)
+    hf = hf_twin(model)
+    for name, p in hf.named_parameters():
+        assert p.dtype == torch.float64, name
+    torch.testing.assert_close(hf.backbone.layers[0].mixer.in_proj.weight, mixer.in_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(hf(ids).logits.double(), logits, rtol=1e-6, atol=1e-6)  # HF returns float32 logits

@@ -311,3 +311,27 @@ def test_grid_of_reference_shapes_is_consistent():
         o2, s2 = part(slice(h, seqlen), s1)
         torch.testing.assert_close(torch.cat([o1, o2], -1), full)
         torch.testing.assert_close(s2, last)
+
+
+def test_a_model_wide_backend_is_a_preference_for_ops_without_it(monkeypatch):
+    """$OPENLM_MAMBA_BACKEND and MambaLM.set_backend name a backend for the ops that have it; add_norm has no
+    "cuda", so it takes auto instead of failing; the norms follow set_backend; an unknown name fails at once."""
+    from openlm_mamba import MambaLM
+    from openlm_mamba.ops import add_norm, dispatch
+
+    x, w = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(BackendUnavailableError, match=r"add_norm: backend 'cuda' is not implemented"):
+        add_norm(x, w, backend="cuda")  # asked of the op itself: an error
+    monkeypatch.setenv("OPENLM_MAMBA_BACKEND", "cuda")
+    assert dispatch.resolve("add_norm", torch.device("cpu"))[0] == "torch"
+    with pytest.raises(BackendUnavailableError, match=r"causal_conv1d: backend 'cuda' is unavailable on cpu"):
+        MambaLM({"d_model": 16, "n_layer": 1, "vocab_size": 32})(torch.zeros(1, 4, dtype=torch.long))
+    monkeypatch.delenv("OPENLM_MAMBA_BACKEND")
+    model = MambaLM({"d_model": 16, "n_layer": 1, "vocab_size": 32})
+    model.set_backend("cuda")
+    assert model.layers[0].norm.backend == "cuda" and dispatch.for_op("add_norm", "cuda") == "auto"
+    assert dispatch.for_op("add_norm", "torch") == "torch" and dispatch.for_op("selective_scan", "cuda") == "cuda"
+    with pytest.raises(ValueError, match=r"backend must be one of auto, torch, triton, cuda; got 'bogus'"):
+        model.set_backend("bogus")
+    model.set_backend(None)
+    assert model.layers[0].norm.backend is None

@@ -247,6 +247,41 @@ def test_b_and_c_with_different_group_layouts(gb, gc):
     assert_close(run(selective_scan, inputs), run(selective_scan_ref, inputs), 1e-10)
 
 
+LAYOUTS = {
+    "contiguous": lambda base: base[..., :4].transpose(1, 2).contiguous(),  # time stride N
+    "slice": lambda base: base[..., 4:8].transpose(1, 2),  # a time-major slice of a projection: time stride 13
+    "broadcast": lambda base: base[:, :1, :4].transpose(1, 2).expand(-1, -1, 40),  # time stride 0
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("lb", "lc"),
+    [("contiguous", "slice"), ("slice", "contiguous"), ("broadcast", "slice"), ("contiguous", "broadcast")],
+)
+def test_b_and_c_with_different_time_strides(lb, lc, dtype):
+    """B and C laid out differently in memory (each read with its own time stride) match the
+    reference, forward and backward, including B or C broadcast along time."""
+    g = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(2, 40, 13, generator=g, dtype=torch.float64) for k in "BC"}
+    u, delta = (
+        torch.randn(2, 24, 40, generator=g, dtype=torch.float64),
+        torch.rand(2, 24, 40, generator=g, dtype=torch.float64),
+    )
+    A = -torch.rand(24, 4, generator=g, dtype=torch.float64) - 0.2
+
+    def grads(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (u, base["B"], base["C"])]
+        Bv, Cv = LAYOUTS[lb](leaves[1]), LAYOUTS[lc](leaves[2])
+        out, last = fn(leaves[0], delta.to(cast), A.to(cast), Bv, Cv, return_last_state=True)
+        return [out, last, *torch.autograd.grad(out.square().sum() + last.sum(), leaves)]
+
+    fast = grads(selective_scan_cpu, dtype)
+    ref = grads(selective_scan_ref, torch.float64)
+    names = ("out", "last_state", "du", "dB", "dC")
+    assert_close(dict(zip(names, fast)), dict(zip(names, ref)), RTOL if dtype == torch.float32 else 1e-10)
+
+
 def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     """torch waits forever on a build lock a killed build left behind; the loader breaks a stale one."""
     import os
@@ -413,3 +448,22 @@ def test_empty_inputs_without_the_extension(forced_fallback, shape):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the one "pure PyTorch path" warning
         check_empty_scan(*shape, init=True)
+
+
+def test_double_backward_is_an_error_not_zeros():
+    """The C++ backward kernels have no autograd of their own: differentiating a gradient again
+    (create_graph=True) must fail loudly, not return zeros."""
+    from openlm_mamba.ops import causal_conv1d
+
+    inputs = make_inputs(1, 16, 8, 2, x0=False)
+    u = inputs["u"].clone().requires_grad_()
+    out = selective_scan(u, inputs["delta"], inputs["A"], inputs["B"], inputs["C"], backend="torch")
+    (g,) = torch.autograd.grad(out.square().sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+    x = inputs["u"].clone().requires_grad_()
+    (g,) = torch.autograd.grad(
+        causal_conv1d(x, torch.randn(16, 4, dtype=x.dtype), activation="silu").square().sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()

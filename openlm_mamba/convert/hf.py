@@ -335,9 +335,10 @@ def to_transformers(model: MambaLM) -> MambaForCausalLM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' "falling back to the PyTorch path" notices
         hf = MambaForCausalLM(HFConfig(**config))
+    p = next(model.parameters())
+    hf = hf.to(p.dtype)  # before loading: float64 weights must not pass through float32
     state = {to_hf_key(k.removeprefix("model.")): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ConversionError(f"to_transformers: missing keys {missing}, unexpected keys {unexpected}")
-    p = next(model.parameters())
-    return hf.to(p.device, p.dtype).eval()
+    return hf.to(p.device).eval()

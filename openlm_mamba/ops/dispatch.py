@@ -63,6 +63,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
     """Pick the implementation of ``op`` for inputs on ``device``; returns (backend name, function)."""
     impls = _REGISTRY.get(op, {})
     name = requested_backend(backend)
+    if name != "auto" and backend is None and name not in impls:
+        name = "auto"  # $OPENLM_MAMBA_BACKEND is a preference for the ops that have it (add_norm has no "cuda")
     if name != "auto":
         impl = impls.get(name)
         if impl is None:
@@ -78,6 +80,15 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
         if impl is not None and impl.available(device) is None:
             return candidate, impl.fn
     raise BackendUnavailableError(f"{op}: no backend available on {device}")
+
+
+def for_op(op: str, backend: str | None) -> str | None:
+    """``backend`` if ``op`` implements it (or it is None / "auto"), else "auto": a model-wide backend
+    choice is a preference, and ops without that backend (add_norm has no "cuda") take auto."""
+    name = requested_backend(backend) if backend is not None else None
+    if name is None or name == "auto" or name in _REGISTRY.get(op, {}):
+        return backend
+    return "auto"
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:

@@ -14,9 +14,9 @@ OP = "causal_conv1d"
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def _check_activation(activation) -> None:
+def _check_activation(activation, op: str = OP) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f'{OP}: activation must be None, "silu" or "swish", got {activation!r}')
+        raise ValueError(f'{op}: activation must be None, "silu" or "swish", got {activation!r}')
 
 
 def _check(x, weight, bias, initial_states, activation) -> None:
@@ -48,7 +48,7 @@ def _check_update(x, conv_state, weight, bias, activation) -> None:
     if bias is not None:
         check_tensor(op, "bias", bias, 1, device=x.device)
         check_shape(op, "bias", bias, (dim,), "(dim,)")
-    _check_activation(activation)
+    _check_activation(activation, op)
 
 
 def causal_conv1d(

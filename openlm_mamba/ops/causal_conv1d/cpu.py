@@ -10,6 +10,7 @@ plain PyTorch version (one grouped ``F.conv1d``) runs instead.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..cpp import needs_grad, use_cpp
 
@@ -27,6 +28,7 @@ class _ConvFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no autograd: a double backward is an error, not zeros
     def backward(ctx, gout):
         x_tm, weight, bias, init = ctx.saved_tensors
         dx, dw_b, dbias_b, dinit = torch.ops.openlm_mamba_cpu.conv_bwd(

@@ -142,15 +142,15 @@ OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restr
 }
 
 // The state recurrence over one chunk of len steps: y[i] = sum_n C[i][n] x[n] after step i (y
-// (len, W), overwritten); x (N, W) carried in and out. Bv, Cv: step 0's rows of B and C, bst
-// their time stride. dtc, duc: the steps' dt and dt * u (len, W).
+// (len, W), overwritten); x (N, W) carried in and out. Bv, Cv: step 0's rows of B and C, bst and
+// cst their time strides. dtc, duc: the steps' dt and dt * u (len, W).
 template <typename T>
 OLM_INLINE void fwd_chunk(int64_t len, int64_t N, const T* __restrict__ dtc, const T* __restrict__ duc,
-                          const T* __restrict__ Ae, const T* Bv, const T* Cv, int64_t bst, T* __restrict__ x,
+                          const T* __restrict__ Ae, const T* Bv, const T* Cv, int64_t bst, int64_t cst, T* __restrict__ x,
                           T* __restrict__ y) {
   for (int64_t i = 0; i < len; ++i) {
     for (int64_t w = 0; w < W; ++w) y[i * W + w] = T(0);
-    fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, Bv + i * bst, Cv + i * bst, x, y + i * W);
+    fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, Bv + i * bst, Cv + i * cst, x, y + i * W);
   }
 }
 
@@ -180,7 +180,7 @@ OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const
 // contribution to step i's output.
 template <int NG>
 OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const float* __restrict__ duc,
-                          const float* __restrict__ Ae, const float* Bv, const float* Cv, int64_t bst,
+                          const float* __restrict__ Ae, const float* Bv, const float* Cv, int64_t bst, int64_t cst,
                           float* __restrict__ x, float* __restrict__ y, bool first) {
   __m512 xs[NG], as[NG];
   for (int n = 0; n < NG; ++n) {
@@ -190,7 +190,7 @@ OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const floa
   for (int64_t i = 0; i < len; ++i) {
     const __m512 dtv = _mm512_loadu_ps(dtc + i * W), duv = _mm512_loadu_ps(duc + i * W);
     const float* Bi = Bv + i * bst;
-    const float* Ci = Cv + i * bst;
+    const float* Ci = Cv + i * cst;
     __m512 ya = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * W), yb = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int n = 0; n < NG; ++n) {  // two accumulators: a shorter dependency chain
@@ -209,10 +209,11 @@ OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const floa
 template <>
 OLM_INLINE void fwd_chunk<float>(int64_t len, int64_t N, const float* __restrict__ dtc,
                                  const float* __restrict__ duc, const float* __restrict__ Ae, const float* Bv,
-                                 const float* Cv, int64_t bst, float* __restrict__ x, float* __restrict__ y) {
+                                 const float* Cv, int64_t bst, int64_t cst, float* __restrict__ x,
+                                 float* __restrict__ y) {
   int64_t n = 0;
-  for (; n + 8 <= N; n += 8) fwd_group<8>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, x + n * W, y, n == 0);
-  for (; n < N; ++n) fwd_group<1>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, x + n * W, y, n == 0);
+  for (; n + 8 <= N; n += 8) fwd_group<8>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
+  for (; n < N; ++n) fwd_group<1>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
   if (N == 0)
     for (int64_t i = 0; i < len * W; ++i) y[i] = 0.0f;
 }
@@ -271,7 +272,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
           }
           load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dtc + i * W, uc + i * W, duc + i * W, raw);
         }
-        fwd_chunk<T>(len, N, dtc, duc, Ae, BB.row(b, g, t0), CC.row(b, g, t0), BB.st, x, yc);
+        fwd_chunk<T>(len, N, dtc, duc, Ae, BB.row(b, g, t0), CC.row(b, g, t0), BB.st, CC.st, x, yc);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = t0 + i;
           if (t + kAhead < L) {

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..checks import compute_dtype
 from ..cpp import needs_grad, use_cpp
@@ -217,6 +218,7 @@ class _ScanFn(torch.autograd.Function):
         return out, last, ck
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no autograd: a double backward is an error, not zeros
     def backward(ctx, gout, glast, _gck):
         u, delta, At, Bt, Ct, D, z, bias, ck = ctx.saved_tensors
         if gout is None:
