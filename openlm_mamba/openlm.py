@@ -196,6 +196,7 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     # loaders rebuild this exact model, even when a custom JSON shares a shipped config's name
     setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
     for flag in ("pretrained", "resume"):
+        _refuse_converter_formats(getattr(args, flag, None), f"--{flag}", cfg)
         _warn_if_config_differs(getattr(args, flag, None), f"--{flag}", cfg)
     _avoid_inductor_cpu_half_transposes(args)
     return build_model(cfg)
@@ -221,6 +222,25 @@ def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
         args.precision,
         torch.__version__,
     )
+
+
+def _refuse_converter_formats(path: Any, flag: str, cfg: MambaConfig) -> None:
+    """An HF or mamba_ssm checkpoint directory given to --pretrained / --resume: OpenLM would fail on it with a
+    bare IsADirectoryError; say what it is and how to convert it."""
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return
+    from .convert import ConversionError, detect_format
+
+    try:
+        kind = detect_format(path)
+    except ConversionError:
+        return
+    if kind in ("hf", "mamba_ssm"):
+        name = {"hf": "an HF transformers", "mamba_ssm": "a mamba_ssm"}[kind]
+        raise ValueError(
+            f"{flag} {path}: {name} checkpoint directory; OpenLM loads its own .pt checkpoints: convert it first, "
+            f"openlm-mamba convert --to openlm {path} {Path(path).name}.pt --model {cfg.name}, and pass that file"
+        )
 
 
 def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:

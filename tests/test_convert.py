@@ -419,6 +419,48 @@ def test_untied_head_round_trip_through_hf(tmp_path):
             assert (hf(x).logits - model(x)[0]).abs().max().item() < 1e-4
 
 
+def test_hf_to_hf_keeps_special_token_ids_and_generation_config(tiny, tmp_path):
+    """An HF source's bos / eos / pad ids and generation_config.json are not in a MambaConfig: a conversion to HF
+    (another dtype, in place or elsewhere) keeps them instead of writing the NeoX defaults (0 / 0 / 0)."""
+    hf = tmp_path / "hf"
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), hf, to="hf", model="mamba_tiny", progress=False)
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 0)
+    config.update(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    (hf / "config.json").write_text(json.dumps(config))
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "max_new_tokens": 50, "temperature": 0.7}
+    (hf / "generation_config.json").write_text(json.dumps(gen))
+    for dst, overwrite in ((tmp_path / "bf16", False), (hf, True)):
+        convert(hf, dst, to="hf", dtype="bfloat16", overwrite=overwrite, progress=False)
+        out = json.loads((dst / "config.json").read_text())
+        assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (1, 2, 3), dst
+        assert json.loads((dst / "generation_config.json").read_text()) == gen, dst
+        assert out["torch_dtype"] == "bfloat16"
+
+
+def test_a_distinct_head_under_a_tied_config_is_refused(tmp_path):
+    """A stored lm_head.weight that differs from the embedding, in a checkpoint whose config says tied (or omits the
+    flag, which means tied): refused, not silently replaced by the embedding; an identical stored head loads."""
+    torch.manual_seed(4)
+    cfg = MambaConfig.load("mamba_tiny").replace(tie_embeddings=False, name="tiny_untied")
+    model = MambaLM(cfg).eval()
+    convert(_openlm_ckpt(model, tmp_path / "u.pt"), tmp_path / "hf", to="hf", model=cfg, progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tied in (True, None):
+        if tied is None:
+            config.pop("tie_word_embeddings")
+        else:
+            config["tie_word_embeddings"] = tied
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConversionError, match=r"lm_head\.weight differs from the embedding, but the config ties"):
+            load_model(tmp_path / "hf")
+    # a tied model's head stored explicitly (mamba_ssm writes both keys) still loads, tied
+    tiny_cfg = MambaConfig.load("mamba_tiny")
+    convert(_openlm_ckpt(MambaLM(tiny_cfg), tmp_path / "t.pt"), tmp_path / "ssm", to="mamba_ssm", progress=False)
+    tied = load_model(tmp_path / "ssm")
+    assert tied.model.lm_head.weight is tied.model.backbone.embedding.weight
+
+
 def test_hf_output_stores_tied_weights_once(tiny, tmp_path):
     from safetensors import safe_open
 
@@ -565,7 +607,7 @@ def test_hf_config_errors_name_hf_keys(tiny, tmp_path):
         ({"use_bias": "no"}, "use_bias must be bool"),
         ({"state_size": 0}, "state_size must be a positive int, got 0"),
         ({"num_hidden_layers": -2}, "num_hidden_layers must be a positive int"),
-        ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be > 0"),
+        ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be a finite number > 0"),
         ({"time_step_rank": "x"}, 'time_step_rank must be a positive int or "auto"'),
         ({"time_step_min": 0.5, "time_step_max": 0.1}, "time_step_min/time_step_max must satisfy"),
         ({"conv_kernel": True}, "conv_kernel must be int, got True"),
@@ -596,6 +638,25 @@ def test_a_file_that_is_not_a_pt_checkpoint_is_named(tiny, tmp_path):
     ):
         with pytest.raises(ConversionError, match=f"{what}, not an OpenLM checkpoint"):
             detect_format(tmp_path / name)
+    # OpenLM's optimizer / stats files next to epoch_N.pt, and an HF directory that lost its config.json
+    for name, what in (("optimizer_3.pt", "optimizer state"), ("stats_3.pt", "training statistics")):
+        torch.save({"optimizer": {}}, tmp_path / name)
+        with pytest.raises(
+            ConversionError, match=rf"{name}: OpenLM's {what} file, not model weights: pass epoch_3\.pt"
+        ):
+            load_model(tmp_path / name)
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    shutil.copy(hf / "model.safetensors", lost / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"lost: holds model\.safetensors but no config\.json"):
+        load_model(lost)
+    # an HF directory's .bin weights passed as a file
+    torch.save(tiny.state_dict(), hf / "pytorch_model.bin")
+    with pytest.raises(
+        ConversionError, match=r"pytorch_model\.bin: the weights file of the HF checkpoint .*: pass its"
+    ):
+        convert(hf / "pytorch_model.bin", tmp_path / "k.pt", to="openlm", progress=False)
+    (hf / "pytorch_model.bin").unlink()
     # a .bin that holds safetensors bytes: said when torch.load fails on it
     shutil.move(hf / "model.safetensors", hf / "pytorch_model.bin")
     with pytest.raises(ConversionError, match=r"pytorch_model\.bin: a safetensors weights file, not a PyTorch"):

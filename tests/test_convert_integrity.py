@@ -103,6 +103,34 @@ def test_load_model_rejects_corrupted_small_record(tiny, tmp_path):
         load_model(src)
 
 
+def test_corrupted_pickled_structure_is_detected(tiny, tmp_path):
+    """The data.pkl record says which storage each tensor reads: pointing a tensor at another tensor's storage of
+    the same shape (it would load, silently wrong) fails its CRC32 check."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    sd = torch.load(src, weights_only=True)["state_dict"]
+    names = list(sd)[: next(i for i, k in enumerate(sd) if "lm_head" in k)]  # _record_of holds before the tied head
+    storage_key = {k: _record_of(src, k).rsplit("/", 1)[1] for k in names}
+    k0, k1 = next(
+        (storage_key[a], storage_key[b])
+        for a in names
+        for b in names
+        if sd[a].shape == sd[b].shape and len(storage_key[a]) == len(storage_key[b]) and not torch.equal(sd[a], sd[b])
+    )
+    with open(src, "rb") as f, zipfile.ZipFile(f) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+        f.seek(info.header_offset)
+        n, m = struct.unpack("<HH", f.read(30)[26:30])
+        offset = info.header_offset + 30 + n + m
+        pkl = zf.read(info)
+    key = b"X" + struct.pack("<I", len(k0)) + k0.encode()  # the storage key, a pickled str
+    assert pkl.count(key) == 1
+    with open(src, "r+b") as f:
+        f.seek(offset + pkl.index(key) + 5)
+        f.write(k1.encode())
+    with pytest.raises(ConversionError, match=r"the pickled structure \(data\.pkl record\) is corrupted"):
+        load_model(src)
+
+
 def test_corrupted_weights_in_hf_and_mamba_ssm_bin_files(tiny, tmp_path):
     src = _epoch_ckpt(tiny, tmp_path / "e.pt")
     convert(src, tmp_path / "ssm", to="mamba_ssm", model="mamba_tiny", progress=False)

@@ -280,6 +280,22 @@ def tiny_recipe():
     return module
 
 
+def test_tiny_recipe_keeps_an_existing_folders_gitignore(tmp_path):
+    """make_tiny_data marks a folder it creates as generated (.gitignore "*"), but never overwrites the
+    .gitignore of a folder that already exists (e.g. ``make_tiny_data.py .`` in a user's repository)."""
+    recipe = tiny_recipe()
+    if recipe is None:
+        pytest.skip("examples/make_tiny_data.py is not present")
+    recipe.make_tiny_dataset(tmp_path / "new", max_chars=20_000)
+    assert (tmp_path / "new" / ".gitignore").read_text() == "*\n"
+    mine = tmp_path / "repo"
+    mine.mkdir()
+    (mine / ".gitignore").write_text("build/\n")
+    recipe.make_tiny_dataset(mine, max_chars=20_000)
+    assert (mine / ".gitignore").read_text() == "build/\n"
+    assert (mine / "tokenizer.json").is_file()
+
+
 def test_tiny_recipe_help_explains_every_flag(capsys, monkeypatch):
     """examples/make_tiny_data.py --help: every flag has a help text (--vocab-size and --seq-len had none)."""
     recipe = tiny_recipe()

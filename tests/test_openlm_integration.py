@@ -220,6 +220,29 @@ def test_pretrained_of_another_size_names_both_architectures(olm):
 
 
 @needs_open_lm
+def test_pretrained_hf_directory_says_convert_first(olm, tmp_path):
+    """--pretrained / --resume given an HF or mamba_ssm directory (how one would try to fine-tune the released
+    weights): a clear error naming the convert command, not OpenLM's IsADirectoryError from inside fsspec."""
+    from openlm_mamba import MambaConfig, MambaLM
+    from openlm_mamba.convert import convert
+    from openlm_mamba.convert.openlm import openlm_checkpoint
+
+    cfg = MambaConfig.load("mamba_tiny")
+    src = tmp_path / "epoch_1.pt"
+    torch.save(openlm_checkpoint(MambaLM(cfg).model.state_dict(), cfg), src)
+    for to in ("hf", "mamba_ssm"):
+        out = tmp_path / to
+        convert(src, out, to=to)
+        for flag in ("pretrained", "resume"):
+            args = _args("mamba_tiny")
+            setattr(args, flag, str(out))
+            with pytest.raises(ValueError, match=rf"--{flag} {out}: an? .*checkpoint directory.*openlm-mamba convert"):
+                olm.create_model(args)
+    args = _args("mamba_tiny")
+    args.pretrained = str(tmp_path)  # another directory: left to OpenLM
+    olm.create_model(args)
+
+
 def test_pretrained_converted_checkpoint_with_another_config_warns(olm, tmp_path, caplog):
     """A converted .pt embeds its model_config: --pretrained / --resume with a --model that differs in a field
     shapes do not show (norm_epsilon) gets a warning naming it (the weights load into --model's model)."""

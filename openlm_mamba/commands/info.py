@@ -120,7 +120,11 @@ def _params(n: int) -> str:
 def _is_checkpoint_path(arg: str, names: list[str]) -> bool:
     """MODEL names a checkpoint (a file that is not JSON, or a directory) rather than a config; a shipped
     config's name wins over a directory of that name in the working directory (say ./NAME for the directory)."""
+    from ..convert import is_hf_dir, is_mamba_ssm_dir
+
     path = Path(arg)
+    if path.is_file() and path.name == "config.json" and (is_hf_dir(path.parent) or is_mamba_ssm_dir(path.parent)):
+        return True  # an HF / mamba_ssm checkpoint's config: the checkpoint reader says to pass the directory
     return arg not in names and (path.is_dir() or (path.is_file() and path.suffix != ".json"))
 
 

@@ -31,7 +31,7 @@ from .common import (
     parse_size,
     read_json,
 )
-from .hf import config_from_hf, hf_config, is_hf_dir, read_hf, to_transformers, write_hf, writes_hf_file
+from .hf import config_from_hf, hf_config, hf_extras, is_hf_dir, read_hf, to_transformers, write_hf, writes_hf_file
 from .mamba_ssm import (
     config_from_mamba_ssm,
     is_mamba_ssm_dir,
@@ -88,13 +88,20 @@ def _check_checkpoint_file(path: Path) -> None:
     """Raise a ConversionError saying what ``path`` is when it is a JSON, safetensors, text or empty file, not a
     ``.pt``."""
     kind = describe_file(path)
-    if kind is None:
-        return
     folder = path.parent
     what = "HF" if is_hf_dir(folder) else "mamba_ssm" if is_mamba_ssm_dir(folder) else None
-    if what is not None:
-        part = {"a JSON file": "the config", "a safetensors weights file": "the weights file"}.get(kind, kind)
+    if what is not None and (kind is not None or path.suffix in (".bin", ".safetensors")):
+        if path.name.endswith(".index.json"):
+            part = "the weight index"
+        elif path.name == "config.json":
+            part = "the config"
+        elif path.suffix in (".bin", ".safetensors"):
+            part = "the weights file"
+        else:
+            part = kind
         raise ConversionError(f"{path}: {part} of the {what} checkpoint {folder}: pass its directory {folder}")
+    if kind is None:
+        return
     raise ConversionError(
         f"{path}: {kind}, not an OpenLM checkpoint (an HF or mamba_ssm checkpoint is a directory holding "
         "config.json and the weights: pass that directory)"
@@ -308,7 +315,8 @@ def convert(
                     checks.submit(key)
                     bar.update(nbytes)
 
-                write_hf(source, cfg, tmp, limit, fetch, dtype_of, written)
+                carried = hf_extras(ckpt.path) if ckpt.format == "hf" else None
+                write_hf(source, cfg, tmp, limit, fetch, dtype_of, written, carried)
                 checks.wait()
             else:
                 state = {key: fetch(key) for key in order}

@@ -295,6 +295,7 @@ def _unsafe_objects_error(path: Path, refused: str) -> ConversionError:
     """The error for a readable checkpoint holding non-tensor Python objects (after checking its records)."""
     found = _zip_records(path)
     if found:
+        _verify_pickle(path)
         _verify_records(path, found[0])  # "intact" below is checked, not assumed
     return ConversionError(
         f"{path}: the file is intact but holds Python objects other than tensors ({refused}), which safe loading "
@@ -474,8 +475,22 @@ def _no_check(key: str, tensor: torch.Tensor) -> None:
     return None
 
 
+def _verify_pickle(path: Path) -> None:
+    """Check the CRC32 of the ``<archive>/data.pkl`` record: the checkpoint's structure (keys, shapes, strides,
+    which storage each tensor reads), small, and as able as the tensor data to load wrong weights when damaged."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith("/data.pkl"):
+                    zf.read(info)  # raises BadZipFile on a CRC mismatch
+    except zipfile.BadZipFile as e:
+        raise ConversionError(f"{path}: the pickled structure (data.pkl record) is corrupted: {e}") from None
+
+
 def _integrity_check(path: Path, obj: Any, mmapped: bool) -> TensorCheck:
     found = _zip_records(path)
+    if found is not None:
+        _verify_pickle(path)
     if not found or not found[0]:
         return _no_check  # legacy format (no checksums) or no tensor data
     records, byteorder = found
@@ -641,8 +656,17 @@ def check_tensors(source: TensorSource, cfg: MambaConfig) -> None:
     if problems:
         shown = problems[:8] + ([f"... {len(problems) - 8} more problems"] if len(problems) > 8 else [])
         raise ConversionError(f"{source.description} does not match the config ({cfg.name}):\n  " + "\n  ".join(shown))
-    if cfg.tie_embeddings:
-        source.tensors.pop("lm_head.weight", None)
+    if cfg.tie_embeddings and "lm_head.weight" in source.tensors:
+        head, emb = source.tensors["lm_head.weight"], source.tensors.get("backbone.embedding.weight")
+        same = emb is None or head.shape != emb.shape  # a wrong shape: the check above already said so
+        if not same and not torch.equal(source.get("lm_head.weight"), source.get("backbone.embedding.weight")):
+            raise ConversionError(
+                f"{source.description}: lm_head.weight differs from the embedding, but the config ties them "
+                "(tie_embeddings / tie_word_embeddings true, or absent: true is the default); dropping the stored "
+                "head would change the model. If it is a separate output layer, set tie_word_embeddings (HF) or "
+                "tie_embeddings (mamba_ssm, OpenLM) to false in the config"
+            )
+        source.tensors.pop("lm_head.weight")
 
 
 # --------------------------------------------------------------------------------------------------

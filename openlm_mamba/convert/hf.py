@@ -289,10 +289,12 @@ def write_hf(
     fetch: Callable[[str], torch.Tensor],
     dtype_of: Callable[[str], torch.dtype],
     on_tensor: Callable[[str, int], None] | None = None,
+    carried: dict[str, Any] | None = None,
 ) -> None:
     """Write an HF directory: config.json, generation_config.json, model.safetensors or shards + index.
 
-    ``on_tensor(key, nbytes)`` is called with the canonical key after each tensor is written."""
+    ``on_tensor(key, nbytes)`` is called with the canonical key after each tensor is written. ``carried``: what an
+    HF source holds that a MambaConfig does not (see :func:`hf_extras`), kept instead of the NeoX defaults."""
     out.mkdir(parents=True)
     keys = list(source.tensors)
     items = [(k, TensorInfo(source.tensors[k].shape, dtype_of(k), source.tensors[k].load)) for k in keys]
@@ -307,8 +309,10 @@ def write_hf(
     by_hf = {to_hf_key(k): k for k in keys}
     written = None if on_tensor is None else (lambda name, nbytes: on_tensor(by_hf[name], nbytes))
     emb_dtype = dtype_of("backbone.embedding.weight")
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, emb_dtype), indent=2) + "\n")
-    gen = {**NEOX_SPECIAL_IDS}
+    carried = carried or {}
+    config = {**hf_config(cfg, emb_dtype), **carried.get("special_ids", {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = carried.get("generation_config") or {**NEOX_SPECIAL_IDS, **carried.get("special_ids", {})}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     meta = {"format": "pt"}
     if len(shards) == 1:
@@ -322,6 +326,21 @@ def write_hf(
         weight_map.update({k: name for k, _ in shard})
     index = {"metadata": {"total_size": sum(info.nbytes for _, info in items)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def hf_extras(path: Path) -> dict[str, Any]:
+    """What an HF checkpoint directory holds beyond its model config: its special token ids (config.json's
+    bos / eos / pad_token_id) and its generation_config.json, for a conversion to HF to keep."""
+    out: dict[str, Any] = {}
+    config = read_json(path / "config.json", "config.json")
+    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if isinstance(config.get(k), (int, list))}
+    if ids:
+        out["special_ids"] = ids
+    if (path / "generation_config.json").is_file():
+        gen = read_json(path / "generation_config.json", "generation_config.json")
+        if isinstance(gen, dict):
+            out["generation_config"] = gen
+    return out
 
 
 def to_transformers(model: MambaLM) -> MambaForCausalLM:

@@ -38,6 +38,12 @@ def to_openlm_key(key: str) -> str:
 def find_checkpoint_file(path: Path) -> Path:
     """``path`` itself, or the latest ``epoch_N.pt`` in ``path`` or ``path/checkpoints``."""
     if path.is_file():
+        m = re.fullmatch(r"(optimizer|stats)_(\d+)\.pt", path.name)
+        if m:
+            what = "optimizer state" if m.group(1) == "optimizer" else "training statistics"
+            raise ConversionError(
+                f"{path}: OpenLM's {what} file, not model weights: pass epoch_{m.group(2)}.pt from the same folder"
+            )
         return path
     for folder in (path, path / "checkpoints"):
         found = [
@@ -47,6 +53,14 @@ def find_checkpoint_file(path: Path) -> Path:
             return max(found)[1]
         if (folder / "epoch_latest.pt").is_file():
             return folder / "epoch_latest.pt"
+    weights = sorted(
+        p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+    )
+    if weights and not (path / "config.json").exists():
+        raise ConversionError(
+            f"{path}: holds {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''} but no config.json: an HF or "
+            "mamba_ssm checkpoint directory needs its config.json next to the weights"
+        )
     raise ConversionError(
         f"{path}: no OpenLM checkpoint found (expected a .pt file, or epoch_N.pt in it or in checkpoints/)"
     )
