@@ -362,6 +362,13 @@ def test_existing_destination_and_bad_arguments(tiny, tmp_path):
     torch.save({"optimizer": {}}, tmp_path / "opt.pt")
     with pytest.raises(ConversionError, match="expected an OpenLM checkpoint"):
         convert(tmp_path / "opt.pt", tmp_path / "x", to="hf")
+    with pytest.raises(TypeError, match=r"convert: src must be a checkpoint path .* got NoneType"):
+        convert(None, tmp_path / "x", to="hf")
+    with pytest.raises(TypeError, match=r"convert: dst must be the output path .* got int"):
+        convert(src, 5, to="hf")
+    for size in (True, 1.5):
+        with pytest.raises(ConversionError, match=r"shard size must be an int number of bytes or a string like 5GB"):
+            convert(src, tmp_path / "x", to="hf", shard_size=size)
     assert not (tmp_path / "x").exists()
 
 

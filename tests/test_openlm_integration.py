@@ -141,6 +141,9 @@ def test_invalid_mamba_json_reports_field(olm, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="d_state must be int"):
         olm.create_model(_args(str(path)))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"bad\.json: expected a JSON object of config fields, got a list"):
+        olm.create_model(_args(str(path)))
 
 
 @needs_open_lm

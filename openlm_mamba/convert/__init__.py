@@ -278,6 +278,9 @@ def convert(
     ``overwrite`` replaces an existing ``dst`` holding only what such a conversion writes (its tokenizer files are
     carried over); a ``dst`` that is or holds a file the conversion reads is refused (except the source itself).
     """
+    _check_path(src, "src", "convert")
+    if not isinstance(dst, (str, os.PathLike)):
+        raise TypeError(f"convert: dst must be the output path (str or os.PathLike), got {type(dst).__name__}")
     if to not in FORMATS:
         raise ConversionError(f"unknown target format {to!r} (to= / --to): expected one of {', '.join(FORMATS)}")
     dst = Path(dst)

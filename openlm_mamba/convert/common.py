@@ -975,6 +975,10 @@ def dir_config(path: Path) -> dict[str, Any] | None:
 
 def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"10KiB"`` or an int -> bytes."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ConversionError(
+            f"shard size must be an int number of bytes or a string like 5GB, got {type(text).__name__} {text!r}"
+        )
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
