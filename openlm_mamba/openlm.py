@@ -160,7 +160,9 @@ def _check_model_name(model_arg: str) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--model {model_arg}: cannot read it ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"--model {model_arg}: expected a JSON object of config fields, got a {type(data).__name__}")
+            raise ValueError(
+                f"--model {model_arg}: expected a JSON object of config fields, got a {type(data).__name__}"
+            )
         if {"d_state", "d_conv", "expand"} & set(data):
             if "model_type" not in data:
                 raise ValueError(
