@@ -22,6 +22,8 @@ CASES = [  # batch, dim, L, width
     (3, 64, 129, 3),
     (1, 5, 3, 2),
     (2, 33, 50, 1),
+    (2, 1, 9, 4),  # one channel: a (batch, L, 1) view has any channel stride
+    (1, 1, 5, 2),
 ]
 
 
@@ -121,3 +123,12 @@ def test_empty_inputs_give_empty_outputs(shape, init, cpp_kernels, monkeypatch):
     for t in (x, w, b) + ((init_s,) if init else ()):
         assert t.grad is not None and t.grad.shape == t.shape
     assert causal_conv1d(x.detach(), w.detach(), backend="torch").shape == shape
+
+
+def test_final_states_are_not_a_view_of_x():
+    """The final states are a tensor of their own (as the reference's): reusing x's buffer must not change them."""
+    x = torch.randn(2, 8, 10)
+    _, final = causal_conv1d(x, torch.randn(8, 4), return_final_states=True, backend="torch")
+    want = x[:, :, -3:].clone()
+    x.zero_()
+    assert torch.equal(final, want)

@@ -750,3 +750,45 @@ def test_conv_puts_time_tiles_on_grid_axis_0():
     assert grid == (triton.cdiv(70, bt), triton.cdiv(8, bd), 3), grid  # time tiles on axis 0, the batch on axis 2
     with pytest.raises(ValueError, match="batch 65536 is more than the 65535 sequences one launch takes"):
         ct._check_batch(65536)
+
+
+def test_state_update_in_float64_accumulates_in_float64():
+    """float64 inputs: the step computes in float64 (it was float32 throughout), over 20 decode steps."""
+    from openlm_mamba.ops import selective_state_update, selective_state_update_ref
+
+    g = torch.Generator().manual_seed(1)
+    b, d, N = 2, 8, 4
+    f64 = {"dtype": torch.float64}
+    state = torch.randn(b, d, N, generator=g, **f64).to(DEVICE)
+    A = (-torch.rand(d, N, generator=g, **f64) - 0.1).to(DEVICE)
+    D, dt_bias = torch.randn(d, generator=g, **f64).to(DEVICE), torch.randn(d, generator=g, **f64).to(DEVICE)
+    s_tri, s_ref = state.clone(), state.clone()
+    for _ in range(20):
+        x, dt, z = (torch.randn(b, d, generator=g, **f64).to(DEVICE) for _ in range(3))
+        B, C = (torch.randn(b, N, generator=g, **f64).to(DEVICE) for _ in range(2))
+        out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
+        ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, dt_bias, True)
+        assert out.dtype == torch.float64
+        assert_close(out, ref, 1e-12, "out")
+    assert_close(s_tri, s_ref, 1e-12, "state")
+
+
+def test_conv_final_states_are_not_a_view_of_x():
+    x = torch.randn(2, 8, 10, device=DEVICE)
+    w = torch.randn(8, 4, device=DEVICE)
+    _, final = causal_conv1d(x, w, return_final_states=True, backend="triton")
+    want = x[:, :, -3:].clone()
+    x.zero_()
+    assert torch.equal(final, want)
+
+
+def test_add_norm_residual_dtype_follows_x_not_residual():
+    """As the reference: a float64 residual does not make the new (float32) residual float64."""
+    x = torch.randn(4, 32, device=DEVICE)
+    res = torch.randn(4, 32, device=DEVICE, dtype=torch.float64)
+    w = torch.rand(32, device=DEVICE) + 0.5
+    out, new_res = add_norm(x, w, None, res, 1e-5, True, True, backend="triton")
+    ref_out, ref_res = add_norm_ref(x, w, None, res, 1e-5, True, True)
+    assert new_res.dtype == ref_res.dtype == torch.float32 and out.dtype == torch.float32
+    assert_close(new_res, ref_res, 1e-6, "residual")
+    assert_close(out, ref_out, 1e-5, "out")

@@ -72,7 +72,7 @@ def causal_conv1d_cpu(
         return out
     L, keep = x.shape[-1], width - 1
     if keep <= L:
-        final = x[:, :, L - keep :]
+        final = x[:, :, L - keep :].clone()  # not a view of x, as the reference
     else:
         before = initial_states if initial_states is not None else x.new_zeros(x.shape[0], x.shape[1], keep)
         final = torch.cat([before[:, :, L:].to(x.dtype), x], dim=-1)

@@ -264,7 +264,7 @@ def causal_conv1d_triton(
         return out
     width = weight.shape[1]
     if x.shape[2] >= width - 1:
-        final = x[:, :, x.shape[2] - (width - 1) :]
+        final = x[:, :, x.shape[2] - (width - 1) :].clone()  # not a view of x, as the reference
     else:
         init = initial_states if initial_states is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
         final = torch.cat([init.to(x.dtype), x], dim=-1)[:, :, -(width - 1) :]

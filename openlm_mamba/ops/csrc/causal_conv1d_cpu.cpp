@@ -31,7 +31,9 @@ struct Shape {
 };
 
 Shape shape_of(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "conv: x must be (batch, L, dim) with a unit channel stride");
+  // one channel: its stride is never used (torch calls a (batch, L, 1) tensor contiguous whatever that stride)
+  TORCH_CHECK(x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1),
+              "conv: x must be (batch, L, dim) with a unit channel stride");
   TORCH_CHECK(weight.is_contiguous() && weight.size(1) >= 1 && weight.size(1) <= MAXW,
               "conv: weight must be contiguous (dim, width <= 4)");
   return {x.size(0), x.size(1), x.size(2), weight.size(1), (x.size(2) + V - 1) / V, x.stride(0), x.stride(1)};

@@ -1,7 +1,7 @@
 """Triton backend of ``selective_state_update``: one program per (sequence, block of channels).
 
 Runs on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
-The state is read and written once; all math is in float32.
+The state is read and written once; the math is in float32, or float64 when an input is float64.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import interpreting, on_device
+from ..triton_utils import acc_dtype, interpreting, on_device, tl_dtype
 
 # Channels per program: small blocks give a GPU many programs; the CPU interpreter prefers few.
 _MAX_BLOCK_D = 1024 if interpreting() else 64
@@ -56,6 +56,7 @@ def _state_update_kernel(
     DT_SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # batch on grid axis 0 (axis 1 stops at 65535 programs); int64, as b * state's batch stride
     # (dim * d_state) passes 2^31 from 16384 sequences at Mamba-7B sizes
@@ -67,26 +68,26 @@ def _state_update_kernel(
     mask_2d = mask_d[:, None] & (offs_n < dstate)[None, :]
 
     state_ptrs = state_ptr + b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :] * s_sn
-    state = tl.load(state_ptrs, mask=mask_2d, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b * s_xb + offs_d * s_xd, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b * s_tb + offs_d * s_td, mask=mask_d, other=0.0).to(tl.float32)
+    state = tl.load(state_ptrs, mask=mask_2d, other=0.0).to(ACC)
+    x = tl.load(x_ptr + b * s_xb + offs_d * s_xd, mask=mask_d, other=0.0).to(ACC)
+    dt = tl.load(dt_ptr + b * s_tb + offs_d * s_td, mask=mask_d, other=0.0).to(ACC)
     if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     if DT_SOFTPLUS:
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_2d, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_2d, other=0.0).to(ACC)
     g = offs_d // ratio
     Bm = tl.load(B_ptr + b * s_bb + g[:, None] * s_bg + offs_n[None, :] * s_bn, mask=mask_2d, other=0.0)
     Cm = tl.load(C_ptr + b * s_cb + g[:, None] * s_cg + offs_n[None, :] * s_cn, mask=mask_2d, other=0.0)
 
-    state = state * tl.exp(A * dt[:, None]) + Bm.to(tl.float32) * (dt * x)[:, None]
+    state = state * tl.exp(A * dt[:, None]) + Bm.to(ACC) * (dt * x)[:, None]
     tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask_2d)
 
-    out = tl.sum(state * Cm.to(tl.float32), axis=1)
+    out = tl.sum(state * Cm.to(ACC), axis=1)
     if HAS_D:
-        out += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        out += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_Z:
-        z = tl.load(z_ptr + b * s_zb + offs_d * s_zd, mask=mask_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * s_zb + offs_d * s_zd, mask=mask_d, other=0.0).to(ACC)
         out *= z * tl.sigmoid(z)
     tl.store(out_ptr + b * s_ob + offs_d * s_od, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -149,5 +150,6 @@ def selective_state_update_triton(
             DT_SOFTPLUS=bool(dt_softplus),
             BLOCK_D=block_d,
             BLOCK_N=block_n,
+            ACC=tl_dtype(acc_dtype(state, x, dt, A, B, C, D, z, dt_bias)),
         )
     return out
