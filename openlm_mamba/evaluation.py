@@ -13,7 +13,9 @@ Importing this module also registers it in lm-eval's model registry as ``openlm-
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,12 @@ from .model import MambaLM
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+_log = logging.getLogger(__name__)
+_INIT_ARGS = (
+    "pretrained", "model", "tokenizer", "model_config", "batch_size", "max_length", "max_gen_toks", "device",
+    "dtype", "backend", "check_checkpoint", "share_contexts", "max_batch_size",
+)  # fmt: skip
 
 # The model card's evaluation (TRI-ML/mamba-7b-rw): task -> (lm-eval task name, num_fewshot, card accuracy %)
 MODEL_CARD_TASKS = {
@@ -171,9 +179,19 @@ class MambaEvalLM(TemplateLM):
         backend: str | None = None,
         check_checkpoint: bool = True,
         share_contexts: bool = True,
-        **_: Any,
+        max_batch_size: int | None = None,  # lm-eval passes it with batch_size "auto"; the batch is fixed here
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        if unknown:  # a misspelt model_args entry (share_context=, dtpye=) must not be dropped silently
+            names = ", ".join(sorted(unknown))
+            close = {k: difflib.get_close_matches(k, _INIT_ARGS, n=1) for k in sorted(unknown)}
+            hints = "; ".join(f"{k}: did you mean {v[0]}?" for k, v in close.items() if v)
+            raise TypeError(
+                f"MambaEvalLM: unknown argument(s) {names}"
+                + (f" ({hints})" if hints else "")
+                + f"; known: {', '.join(_INIT_ARGS)}"
+            )
         if (pretrained is None) == (model is None):
             raise ValueError("MambaEvalLM: pass exactly one of pretrained= (a checkpoint path) or model= (a MambaLM)")
         if model is not None and not isinstance(model, MambaLM):
@@ -409,26 +427,33 @@ class MambaEvalLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations cut at each request's stop strings; up to ``batch_size`` requests with the same
-        token budget decode together (left-padded: each as it would alone)."""
+        """Continuations cut at each request's stop strings: greedy, or sampled where the request says
+        ``do_sample: true`` (with its temperature / top_p / top_k), as lm-eval's HFLM does. Up to ``batch_size``
+        requests with the same token budget and settings decode together (left-padded: each as it would alone)."""
         eos_text = self.tok_decode([self.eot_token_id])
-        jobs = []  # (request index, context ids, max new tokens, stop strings)
+        jobs = []  # (request index, context ids, max new tokens, stop strings, sampling settings)
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
+            kwargs = copy.deepcopy(dict(gen_kwargs or {}))  # the request's own args stay as they were (cache keys)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
+            max_new = self.max_gen_toks
+            for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):  # lm-eval's names
+                if kwargs.get(key) is not None:
+                    max_new = int(kwargs.pop(key))
+                    break
+            sampling = _sampling_settings(kwargs)
             ctx = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
-            jobs.append((i, ctx, max_new, until))
+            jobs.append((i, ctx, max_new, until, sampling))
         out: list[str] = [""] * len(jobs)
-        budgets: dict[int, list] = {}
+        groups: dict[tuple, list] = {}
         for job in sorted(jobs, key=lambda j: -len(j[1])):  # longest contexts first: little padding per batch
-            budgets.setdefault(job[2], []).append(job)
+            groups.setdefault((job[2], job[4]), []).append(job)
         with tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm) as bar:
-            for max_new, group in budgets.items():
+            for (max_new, sampling), group in groups.items():
                 for start in range(0, len(group), self.batch_size):
                     batch = group[start : start + self.batch_size]
-                    for (i, _, _, until), new in zip(batch, self._greedy([j[1] for j in batch], max_new)):
+                    news = self._continue([j[1] for j in batch], max_new, dict(sampling))
+                    for (i, _, _, until, _), new in zip(batch, news):
                         text = self.tok_decode(new)
                         for stop in until:
                             if stop and stop in text:
@@ -438,15 +463,38 @@ class MambaEvalLM(TemplateLM):
                     bar.update(len(batch))
         return out
 
-    def _greedy(self, contexts: list[list[int]], max_new: int) -> list[list[int]]:
-        """Greedy new tokens for each context (one left-padded batch), each cut before its first EOS."""
+    def _continue(self, contexts: list[list[int]], max_new: int, sampling: dict[str, Any]) -> list[list[int]]:
+        """New tokens for each context (one left-padded batch), each cut before its first EOS; greedy unless
+        ``sampling`` has do_sample."""
         from .generation import generate
 
         rows = [torch.tensor(c, device=self.device) for c in contexts]
-        full = generate(self.model, rows, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eot_token_id)
+        full = generate(self.model, rows, max_new_tokens=max_new, eos_token_id=self.eot_token_id, **sampling)
         width = max(len(c) for c in contexts)
         news = full[:, width:].tolist()
         return [new[: new.index(self.eot_token_id)] if self.eot_token_id in new else new for new in news]
+
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+_warned_kwargs: set[str] = set()
+
+
+def _sampling_settings(kwargs: dict[str, Any]) -> tuple:
+    """A request's generation settings for :func:`generate`, as a hashable tuple of items. As lm-eval's HFLM:
+    sampling only with ``do_sample: true`` (a temperature alone, or 0, means greedy). Settings generate() has no
+    equivalent for are named once in a warning, not silently dropped."""
+    do_sample = bool(kwargs.pop("do_sample", False))
+    picked = {k: kwargs.pop(k) for k in _SAMPLING_KEYS if kwargs.get(k) is not None}
+    for key in sorted(set(kwargs) - _warned_kwargs):
+        _warned_kwargs.add(key)
+        _log.warning("generate_until: generation setting %r is not supported here and is ignored", key)
+    if not do_sample:
+        penalty = picked.get("repetition_penalty")
+        return (("do_sample", False),) + ((("repetition_penalty", penalty),) if penalty is not None else ())
+    if float(picked.get("temperature", 1.0)) == 0.0:  # do_sample with temperature 0: greedy, as HF's would be
+        picked.pop("temperature")
+        return (("do_sample", False),)
+    return (("do_sample", True), *sorted(picked.items()))
 
 
 def evaluate(

@@ -56,6 +56,8 @@ class MambaCache:
     seqlen_offset: int = 0
     fused: tuple | None = None  # model_step_args(): the whole step / prefill as one C++ call, where it applies
     owner: Callable | None = dataclasses.field(default=None, repr=False, compare=False)  # weakref to the model
+    # why the states cannot be trusted (a generate() call that raised part-way); reset() clears it
+    broken: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def allocate(
@@ -165,6 +167,7 @@ class MambaCache:
                 else:
                     t.zero_()
         self.seqlen_offset = 0
+        self.broken = None
 
     def check(self, model: torch.nn.Module, batch_size: int) -> None:
         """Raise a clear error if this cache does not fit ``model`` and a batch of ``batch_size``."""
@@ -172,6 +175,10 @@ class MambaCache:
             raise TypeError(
                 "past_key_values must be a MambaCache (from model.allocate_cache or forward(use_cache=True)), "
                 f"got {type(self).__name__}"
+            )
+        if self.broken:
+            raise ValueError(
+                f"past_key_values: {self.broken}; call cache.reset() and read the context again, or allocate a new one"
             )
         cfg = model.cfg
         # the model itself, or a wrapper of it (torch.compile's _orig_mod, DDP's / FSDP's module)
@@ -301,7 +308,11 @@ class _Sampler:
         if not self.do_sample:
             return scores.argmax(dim=-1)
         if self.temperature != 1.0:
-            scores = scores / self.temperature
+            scaled = scores / self.temperature
+            if self.temperature < 1e-4:  # a row can overflow to inf (then NaN): it takes the max-subtracted form
+                safe = (scores - scores.amax(dim=-1, keepdim=True)) / self.temperature
+                scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, safe)
+            scores = scaled
         top = None
         if self.top_k:
             top = torch.topk(scores, self.top_k, dim=-1)
@@ -675,41 +686,49 @@ def generate(
             cache = model.allocate_cache(batch, device=device, backend=backend)
         if on_prompt is not None:
             on_prompt(input_ids)
-        logits = model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)[0][:, -1]
-        # pads count as the row's last prompt token (always real): already seen, so penalised no more
-        sampler.observe(input_ids if mask is None else torch.where(mask, input_ids, input_ids[:, -1:]))
-        graph = _graph_wanted(cuda_graph, device, cache, max_new_tokens, model)
-        step = None
-        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None
-        n = 0
-        while True:
-            tok = sampler(logits)
-            if finished is not None:
-                tok = tok.masked_fill(finished, pad_token_id)
-            if n == cap:
-                cap = min(max_new_tokens, 2 * cap)
-                grown = torch.empty(batch, prompt_len + cap, dtype=torch.long, device=device)
-                grown[:, : prompt_len + n] = out
-                out = grown
-            out[:, prompt_len + n] = tok
-            n += 1
-            if on_token is not None:
-                on_token(tok)
-            if finished is not None:
-                finished |= torch.isin(tok, eos)
-                if bool(finished.all()):
+        try:
+            logits = model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)[0][:, -1]
+            # pads count as the row's last prompt token (always real): already seen, so penalised no more
+            sampler.observe(input_ids if mask is None else torch.where(mask, input_ids, input_ids[:, -1:]))
+            graph = _graph_wanted(cuda_graph, device, cache, max_new_tokens, model)
+            step = None
+            finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos is not None else None
+            n = 0
+            while True:
+                tok = sampler(logits)
+                if finished is not None:
+                    tok = tok.masked_fill(finished, pad_token_id)
+                if n == cap:
+                    cap = min(max_new_tokens, 2 * cap)
+                    grown = torch.empty(batch, prompt_len + cap, dtype=torch.long, device=device)
+                    grown[:, : prompt_len + n] = out
+                    out = grown
+                out[:, prompt_len + n] = tok
+                n += 1
+                if on_token is not None:
+                    on_token(tok)
+                if finished is not None:
+                    finished |= torch.isin(tok, eos)
+                    if bool(finished.all()):
+                        break
+                if n == max_new_tokens:
                     break
-            if n == max_new_tokens:
-                break
-            tok = tok.unsqueeze(1)
-            sampler.observe(tok)
-            if graph and step is None:  # captured after the first token is out, so it does not delay it
-                step = _graphed_step_or_none(model, cache, batch, device, cuda_graph)
-                graph = step is not None
-            logits = model.forward_with_cache(tok, cache)[0][:, -1] if step is None else step(tok)
-        if keep:  # the caller's cache: take in the last new token too, so it holds the whole output
-            tok = tok.view(batch, 1)
-            model.forward_with_cache(tok, cache) if step is None else step(tok)
+                tok = tok.unsqueeze(1)
+                sampler.observe(tok)
+                if graph and step is None:  # captured after the first token is out, so it does not delay it
+                    step = _graphed_step_or_none(model, cache, batch, device, cuda_graph)
+                    graph = step is not None
+                logits = model.forward_with_cache(tok, cache)[0][:, -1] if step is None else step(tok)
+            if keep:  # the caller's cache: take in the last new token too, so it holds the whole output
+                tok = tok.view(batch, 1)
+                model.forward_with_cache(tok, cache) if step is None else step(tok)
+        except BaseException as e:
+            if keep:  # the caller's cache holds part of this call: say so when it is used again
+                cache.broken = (
+                    f"this cache was left part-way by a generate() call that stopped with {type(e).__name__} "
+                    f"({cache.seqlen_offset} tokens read into it)"
+                )
+            raise
     if on_end is not None:
         on_end()
     return out[:, : prompt_len + n].clone()  # a normal tensor, not an inference-mode one

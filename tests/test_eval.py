@@ -287,6 +287,36 @@ def test_generate_until_batches_give_the_single_request_answers(setup):
     assert batched == single and any(single)
 
 
+def test_generate_until_leaves_requests_alone_and_honours_sampling_settings(setup, caplog):
+    """The request's args are not changed (lm-eval's cache keys them: EOS was appended to `until` in place);
+    do_sample samples as HFLM does (a temperature alone stays greedy); lm-eval's max_tokens alias is read;
+    a setting generate() has no equivalent for is named in a warning."""
+    import copy
+
+    from lm_eval.api.instance import Instance
+
+    _, lm, _ = setup
+
+    def req(**kw):
+        return Instance(
+            request_type="generate_until", doc={}, arguments=("The cat", {"until": ["\n\n\n"], **kw}), idx=0
+        )
+
+    r = req(max_gen_toks=6)
+    before = copy.deepcopy(r.args)
+    greedy = lm.generate_until([r], disable_tqdm=True)[0]
+    assert r.args == before
+    assert lm.generate_until([req(max_gen_toks=6, temperature=0.8)], disable_tqdm=True)[0] == greedy
+    short = lm.generate_until([req(max_tokens=1)], disable_tqdm=True)[0]
+    assert len(lm.tok_encode(short)) <= 1 < len(lm.tok_encode(greedy))
+    torch.manual_seed(0)
+    sampled = [lm.generate_until([req(max_gen_toks=6, do_sample=True, temperature=5.0)], True)[0] for _ in range(4)]
+    assert len(set(sampled)) > 1, sampled  # a hot temperature: different draws
+    with caplog.at_level("WARNING"):
+        lm.generate_until([req(max_gen_toks=2, num_beams_made_up=3)], disable_tqdm=True)
+    assert "num_beams_made_up" in caplog.text
+
+
 def test_adapter_argument_errors(setup):
     from openlm_mamba.evaluation import MambaEvalLM
 
@@ -298,6 +328,9 @@ def test_adapter_argument_errors(setup):
             MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=bad)
     for size, want in (("auto", 8), ("auto:4", 8), (None, 8), ("16", 16), (3, 3)):  # lm-eval passes strings
         assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, batch_size=size).batch_size == want
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) share_context \(share_context: did you mean share_con"):
+        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, share_context=False)
+    assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, max_batch_size=64).batch_size == 1  # lm-eval's own
 
 
 def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
@@ -324,6 +357,11 @@ def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
     assert json.loads(whole.read_text())["results"]["tiny_mc"] == saved["results"]["tiny_mc"]
     assert cli_main(["eval", str(root / "hf")]) == 2
     assert "--tasks" in capsys.readouterr().err
+    assert cli_main([*argv, "--limit", "2", "--batch-size", "auto", "--output", str(whole)]) == 0  # lm-eval's "auto"
+    capsys.readouterr()
+    rc, err = _eval_cli(capsys, [*argv[1:], "--num-fewshot", "500", "--limit", "2"])  # more shots than documents
+    _one_line_error(rc, err.splitlines()[-1], "error: tiny_mc: lm-eval: ")  # after lm-eval's own progress bars
+    assert "Traceback" not in err
 
 
 def test_cli_model_card_runs_zero_shot_tasks_and_mmlu_five_shot(setup, capsys, monkeypatch):

@@ -1165,6 +1165,41 @@ def test_generate_cache_errors(model):
     assert generate(model, ids, attention_mask=full, cache=cache, max_new_tokens=2).shape == (2, 5)
 
 
+def test_a_cache_left_part_way_by_a_failed_generate_is_refused_until_reset(model):
+    """A generate() that raises after reading into the caller's cache (here: its streamer, on the 3rd token)
+    leaves an unknown part of that call in it: using the cache again is an error naming that, until reset();
+    errors raised before the cache is touched leave it usable."""
+    ids = prompt(1, 4)
+    cache = model.allocate_cache(1)
+    with pytest.raises(ValueError, match="top_p"):  # refused before anything is read: the cache stays usable
+        generate(model, ids, cache=cache, do_sample=True, top_p=2.0, max_new_tokens=3)
+    assert cache.broken is None and cache.seqlen_offset == 0
+    seen = []
+
+    def streamer(tok):
+        seen.append(tok)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, ids, cache=cache, streamer=streamer, max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"left part-way by a generate\(\) call that stopped with KeyboardInterrupt"):
+        generate(model, ids, cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="left part-way"):
+        model(ids, past_key_values=cache.clone())
+    cache.reset()
+    assert torch.equal(generate(model, ids, cache=cache, max_new_tokens=3), generate(model, ids, max_new_tokens=3))
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(model):
+    """logits / 1e-45 overflows to inf (softmax NaN, and torch.multinomial fails): such rows take the
+    max-subtracted form, which samples the most likely token."""
+    ids = prompt(2, 5)
+    greedy = generate(model, ids, max_new_tokens=4)
+    for t in (1e-45, 1e-30):
+        assert torch.equal(generate(model, ids, do_sample=True, temperature=t, seed=0, max_new_tokens=4), greedy)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_cache_of_another_dtype_decodes(model, dtype):
     """A cache allocated in another dtype than the float32 model's takes the per-layer path instead of the fused

@@ -11,6 +11,20 @@ from pathlib import Path
 HELP = "Evaluate a checkpoint (OpenLM .pt, HF dir or mamba_ssm dir) with lm-evaluation-harness tasks."
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a positive int, or lm-eval's "auto" / "auto:N" (kept as given: MambaEvalLM reads it as 8)."""
+    value = text.strip().lower()
+    if value == "auto" or (value.startswith("auto:") and value[5:].isdigit()):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="OpenLM .pt (or run dir), HF MambaForCausalLM dir or mamba_ssm dir")
     group = parser.add_mutually_exclusive_group()
@@ -34,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model config the checkpoint must match (name or JSON path)")
     parser.add_argument("--include-path", default=None, help="folder of extra task YAMLs (e.g. local JSONL tasks)")
     parser.add_argument("--only-local-tasks", action="store_true", help="skip indexing lm-eval's built-in tasks")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests scored together (default: 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=8,
+        help="requests scored together (default: 8; lm-eval's 'auto' / 'auto:N' also mean 8)",
+    )
     parser.add_argument("--max-length", type=int, default=2048, help="context window for scoring (default 2048)")
     parser.add_argument(
         "--no-share-contexts",
@@ -168,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
     for shots, tasks in runs.items():
         try:
             res = evaluate(lm, tasks, num_fewshot=shots, limit=limit, task_manager=manager)
+        except ValueError as e:  # lm-eval refusing the task's settings, e.g. more few-shot examples than it has
+            print(f"error: {','.join(tasks)}: lm-eval: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         except (ConnectionError, OSError) as e:  # lm-eval fetching a task's dataset (datasets / huggingface_hub)
             cause = " ".join(str(e).split())
             print(
