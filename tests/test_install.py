@@ -6,6 +6,8 @@ import os
 import subprocess
 import textwrap
 
+import pytest
+
 from .installs import install_into_fresh_venv
 
 CHECK = textwrap.dedent(
@@ -49,3 +51,40 @@ def test_wheel_install_in_fresh_venv(tmp_path):
     print(f"mamba_7b parameters: {params:,}")
     assert abs(params - 6.95e9) / 6.95e9 < 0.01
     assert lines["GRADS_OK"] == "True"
+
+
+def test_sdist_ships_a_runnable_test_suite_and_the_quick_start(tmp_path):
+    """The source distribution holds what its README and tests use: the whole tests/ package (conftest.py,
+    __init__.py, helpers), the examples of the Quick start, the benchmarks and the model configs; not the
+    generated example data."""
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if files.returncode != 0:  # not a git checkout (an unpacked sdist): nothing to compare with
+        pytest.skip("not a git checkout")
+    for name in files.stdout.splitlines():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((root / name).read_bytes())
+    (src / "examples" / "tiny_data").mkdir(exist_ok=True)
+    (src / "examples" / "tiny_data" / "tokenizer.json").write_text("{}")  # generated data: left out
+    out = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for need in ("tests/__init__.py", "tests/conftest.py", "tests/installs.py", "tests/test_model.py",
+                 "examples/make_tiny_data.py", "examples/tiny_cpu.yaml", "benchmarks/bench_generate.py",
+                 "model_configs/mamba_7b.json", "openlm_mamba/ops/csrc/common.h", "BENCHMARKS.md", "LICENSE",
+                 "openlm_mamba_autoload.pth"):  # fmt: skip
+        assert need in names, need
+    assert not any(n.startswith("examples/tiny_data") for n in names)

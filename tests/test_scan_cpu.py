@@ -467,3 +467,22 @@ def test_double_backward_is_an_error_not_zeros():
     )
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.square().sum().backward()
+
+
+def test_ninja_of_an_unactivated_venv_is_found(tmp_path, monkeypatch):
+    """The package depends on ninja, which pip puts in the venv's bin/; a venv's python run without activating it
+    has no bin/ on $PATH, and torch's builder runs ``ninja`` from $PATH: that bin/ is put on it."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setitem(sys.modules, "ninja", None)  # no PyPI ninja module either: only the venv's bin/
+    cpp._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(bin_dir)
+    cpp._ninja_on_path()  # found now: PATH is left alone
+    assert os.environ["PATH"].count(str(bin_dir)) == 1

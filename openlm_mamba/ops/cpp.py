@@ -44,6 +44,25 @@ def _tool_version(cmd: str) -> str:
     return out.strip().splitlines()[0] if out.strip() else ""
 
 
+def _ninja_on_path() -> None:
+    """Put the ninja this package depends on onto $PATH when only its environment's bin/ has it: torch's builder
+    runs ``ninja`` from $PATH, which lacks the venv's bin/ when the venv is not activated (cron, an IDE, pipx,
+    ``venv/bin/python`` called directly)."""
+    if shutil.which("ninja") is not None:
+        return
+    folders = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI package: its binary lives in ninja.BIN_DIR
+
+        folders.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for folder in folders:
+        if shutil.which("ninja", path=folder) is not None:
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def _build_tag() -> str:
     """A short hash of this CPU's instruction set, the sources and the toolchain (torch, compiler,
     ninja): a cached build is never reused on another CPU, after an edit or under another torch,
@@ -143,6 +162,7 @@ def load_extension() -> bool:
             cxx = os.environ.get("CXX", "c++")
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler: {cxx!r} not found")
+            _ninja_on_path()
             verify_ninja_availability()
             flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd"]
             ldflags = []
