@@ -2,16 +2,21 @@
 
 Typed converters for argparse (a bad value ends in one ``error: argument --flag: expected ...``
 line and exit code 2, before anything is built or measured), a help formatter that keeps the
-module docstring's layout and shows each flag's default, and the one-line refusal the GPU
-benchmarks give on a machine without CUDA.
+module docstring's layout and shows each flag's default, the one-line refusal the GPU
+benchmarks give on a machine without CUDA, and the results file every ``--json`` writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -121,6 +126,66 @@ def check_cuda_device(parser: argparse.ArgumentParser, device: str) -> None:
             f"argument --device: {device!r} asked for, but torch sees no CUDA device "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
         )
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file path whose directory exists and is writable (checked before a long run, not after)."""
+    path = Path(text)
+    parent = path.parent
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}" + (" (a directory)" if text else ""))
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {str(parent)!r} of {text!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {str(parent)!r} of {text!r} is not writable")
+    return text
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (nested in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write ``value`` to ``path`` as valid JSON: a non-finite float (no GPU memory on CPU) becomes null."""
+    Path(path).write_text(json.dumps(finite_json(value), indent=1, allow_nan=False) + "\n")
+
+
+def check_backend(
+    parser: argparse.ArgumentParser,
+    backend: str | None,
+    device: str,
+    ops: Iterable[str] = ("selective_scan", "causal_conv1d"),
+) -> None:
+    """``parser.error`` when the model-wide op ``backend`` (None: $OPENLM_MAMBA_BACKEND's) cannot run a model's
+    ``ops`` (those with no other backend to fall back on: the scan and the conv) on ``device``."""
+    import torch
+
+    from openlm_mamba.ops import available_backends, dispatch
+
+    source = "argument --backend" if backend is not None else f"${dispatch.ENV_VAR}"
+    try:
+        name = dispatch.requested_backend(backend)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if name == "auto":
+        return
+    dev = torch.device(device)
+    for op in ops:
+        if name in available_backends(op, dev):
+            continue
+        reason = f"{op}: backend {name!r} is unavailable on {dev}"
+        try:
+            dispatch.resolve(op, dev, name)
+        except dispatch.BackendUnavailableError as exc:
+            reason = str(exc)
+        parser.error(f"{source}: {reason}")
 
 
 def needs_gpu(prog: str, hint: str = "--quick runs a tiny CPU smoke test through the Triton interpreter") -> int:

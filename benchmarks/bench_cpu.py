@@ -3,6 +3,8 @@
 Measures one training step (forward + cross-entropy + backward, fp32) and a forward-only prefill,
 each contender in a fresh subprocess so its peak RSS is its own, then a scaling table for
 openlm_mamba's training step at growing sequence lengths. Prints one table.
+Every contender gets one untimed warm-up run before the timed ones, except transformers at full
+size, where one step takes minutes: its first timed run is a cold call (--quick warms it up).
 
     python benchmarks/bench_cpu.py            # the config (transformers measured once: ~2 min)
     python benchmarks/bench_cpu.py --quick    # tiny shapes, a few seconds (CI)
@@ -22,7 +24,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, add_names_arg, int_list, nonneg_int, positive_int, progress
+from _bench_args import (
+    HelpFormatter,
+    add_names_arg,
+    int_list,
+    nonneg_int,
+    output_file,
+    positive_int,
+    progress,
+    write_json,
+)
 
 CONTENDERS = ("openlm_mamba", "mambapy", "transformers")
 # Defaults of the flags --quick changes (None on the command line: filled from here).
@@ -244,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=positive_int, help=f"training sequence length ({default('seq')})")
     p.add_argument("--prefill", type=positive_int, help=f"prefill length, batch 1, forward only ({default('prefill')})")
     p.add_argument("--runs", type=positive_int, help=f"timed runs per measurement, median reported ({default('runs')})")
-    p.add_argument("--hf-runs", type=positive_int, help=f"timed runs for transformers, slow ({default('hf_runs')})")
+    p.add_argument(
+        "--hf-runs",
+        type=positive_int,
+        help=f"timed runs for transformers, slow; without --quick no warm-up run before them, so the first is a "
+        f"cold call ({default('hf_runs')})",
+    )
     p.add_argument(
         "--scaling",
         type=int_list,
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads per contender (0: torch's default, one per core)",
     )
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", type=output_file, help="also write the results here (its directory must exist)")
     # worker mode (internal)
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("train", "prefill"), help=argparse.SUPPRESS)
@@ -287,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         f"# config: d_model {args.d_model}, n_layer {args.n_layer}, d_state {args.d_state}, expand 2, "
         f"vocab {args.vocab}; train batch {args.batch} x {args.seq}; prefill 1 x {args.prefill}; fp32"
     )
+    hf_warmup = 1 if args.quick else 0  # at full size one transformers step takes minutes
+    if "transformers" in names and not hf_warmup:
+        print(
+            "# transformers: no warm-up run at this size (a step takes minutes), so its times include "
+            "first-call costs; the other contenders get one warm-up run"
+        )
     results: dict[str, dict] = {}
     for task in ("train", "prefill"):
         for name in names:
             slow = name == "transformers"
-            r = run_worker(args, name, task, args.hf_runs if slow else args.runs, 0 if slow else 1)
+            r = run_worker(args, name, task, args.hf_runs if slow else args.runs, hf_warmup if slow else 1)
             if r is not None:
                 results[f"{task}/{name}"] = r
                 progress(f"# {name} {task}: {r['median_s']:.3f} s (median of {len(r['times'])})")
@@ -341,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# scaling: openlm_mamba training step, batch 1 (ratios vs the previous row)")
         _table(("seq", "median s", "time ratio", "activation MiB", "memory ratio"), srows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     failed = [r for r in rows if r[2] == "failed"] + [r for r in srows if r[1] == "failed"]
     return 1 if failed else 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, check_cuda_device, positive_int
+from _bench_args import HelpFormatter, add_names_arg, check_cuda_device, positive_int
 
 from openlm_mamba import MambaConfig, MambaLM
 
@@ -89,16 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=positive_int, default=1024, help=f"vocabulary size, at least {MIN_VOCAB}")
     p.add_argument("--questions", type=positive_int, default=16, help="questions per workload (4 requests each)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size, both sides")
-    p.add_argument("--workloads", default="mmlu,hellaswag", help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    add_names_arg(p, "--workloads", WORKLOADS, "; each runs once")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes per contender (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (and lm-eval's HFLM)")
     args = p.parse_args(argv)
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [w for w in workloads if w not in WORKLOADS]
-    if bad or not workloads:
-        p.error(f"argument --workloads: expected names from {', '.join(WORKLOADS)}, got {args.workloads!r}")
     check_cuda_device(p, args.device)
     if args.vocab < MIN_VOCAB:
         p.error(
@@ -140,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "| workload | requests | ours ms/req | ours-whole ms/req | HF ms/req | vs HF | vs whole | max ll diff vs HF |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name in workloads:
+    for name in args.workloads:
         pairs = requests(name, args.questions, args.vocab)
         t_ours, ll_ours = timed(
             lambda r: ours._loglikelihood_tokens([(None, c, x) for c, x in r], True), pairs, args.repeats

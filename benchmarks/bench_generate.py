@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, check_cuda_device, int_list, positive_int
+from _bench_args import HelpFormatter, check_backend, check_cuda_device, int_list, positive_int
 
 from openlm_mamba import MambaConfig, MambaLM, generate
-from openlm_mamba.ops.dispatch import BACKENDS
+from openlm_mamba.ops.dispatch import BACKENDS, requested_backend
 
 
 def build_model(args) -> MambaLM:
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
-        "--backend", default=None, choices=BACKENDS, help="op backend for openlm_mamba (default: auto / env)"
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="op backend of the whole openlm_mamba model (model.set_backend: prefill and decoding step; ops "
+        "without it, e.g. the decoding step for cuda, take auto); it must run on --device "
+        "(default: auto / $OPENLM_MAMBA_BACKEND)",
     )
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument(
@@ -140,19 +145,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.new_tokens < 2:
         p.error("argument --new-tokens: must be at least 2 (decode speed is timed over the tokens after the first)")
     check_cuda_device(p, args.device)
+    check_backend(p, args.backend, args.device)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
     model = build_model(args)
+    model.set_backend(args.backend)  # prompt and decoding step alike (None: auto / $OPENLM_MAMBA_BACKEND)
     hf = None if args.no_hf else hf_model(model)
     n_new = args.new_tokens
     dev = torch.device(args.device)
     print(
         f"# device={args.device} ({torch.get_num_threads()} threads) dtype={args.dtype} d_model={args.d_model} "
         f"n_layer={args.n_layer} vocab={model.cfg.padded_vocab_size} batch={args.batch} new_tokens={n_new} "
-        f"decoding={'model-card sampling' if args.sample else 'greedy'} "
+        f"backend={requested_backend(args.backend)} decoding={'model-card sampling' if args.sample else 'greedy'} "
         f"cuda_graph={'off' if args.no_cuda_graph else 'auto'} "
         f"torch={torch.__version__} load_average={os.getloadavg()[0]:.1f}"
     )
@@ -171,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
                 ids,
                 max_new_tokens=n_new,
                 streamer=clock,
-                backend=args.backend,
                 seed=0,
                 cuda_graph=graph,
                 **decoding,

@@ -16,7 +16,6 @@ Without --quick it needs a CUDA GPU (on a machine without one it exits with code
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, add_names_arg, needs_gpu, positive_int, progress
+from _bench_args import HelpFormatter, add_names_arg, needs_gpu, output_file, positive_int, progress, write_json
 
 # Peak HBM bandwidth (bytes/s) of common training GPUs, matched by substring of the device name.
 PEAK_BANDWIDTH = (
@@ -71,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, help="timed runs per measurement; default 5 (--quick: 1)")
     add_names_arg(p, "--ops", OPS)
     add_names_arg(p, "--backends", BACKENDS, "; one not installed or not usable here gets an 'unavailable' row")
-    p.add_argument("--json", default=None, help="write the result rows to this file")
+    p.add_argument(
+        "--json", type=output_file, default=None, help="write the result rows to this file (its directory must exist)"
+    )
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -264,8 +265,7 @@ def main(argv=None) -> int:
         )
     print("BW = minimum bytes the op must move / time, as a fraction of the device's peak HBM bandwidth")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=1)
+        write_json(args.json, {"device": name, "args": vars(args), "rows": rows})
     failed = [r for r in rows if r.get("error") not in (None, "unavailable")]
     return 1 if failed else 0
 

@@ -5,7 +5,9 @@ path, which is what users get when the CUDA build fails). One step = forward + c
 backward under bf16 autocast, as OpenLM trains. Reports the median step time, tokens/s, peak
 GPU memory and each contender's time relative to openlm_mamba, measured in this one run.
 openlm_mamba+ckpt adds gradient checkpointing; openlm_mamba+seq runs the scan's opt-in
-plain-recurrence kernels ($OPENLM_MAMBA_SCAN_LAUNCH set for its steps only).
+plain-recurrence kernels ($OPENLM_MAMBA_SCAN_LAUNCH set for its steps only; left out of the
+default contenders where the scan does not run on Triton, e.g. on CPU). A contender that fails
+is a "failed" row and the exit code is 1.
 
     python benchmarks/bench_train_gpu.py                       # mamba_130m, 4 x 2048 tokens, bf16
     python benchmarks/bench_train_gpu.py --model mamba_370m --batch 8
@@ -18,7 +20,6 @@ Without --quick it needs a CUDA GPU (on a machine without one it exits with code
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,10 +30,21 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, add_names_arg, check_cuda_device, needs_gpu, nonneg_int, positive_int
+from _bench_args import (
+    HelpFormatter,
+    check_backend,
+    check_cuda_device,
+    name_list,
+    needs_gpu,
+    nonneg_int,
+    output_file,
+    positive_int,
+    write_json,
+)
 from bench_cpu import _build
 
 from openlm_mamba import ConfigError, MambaConfig
+from openlm_mamba.ops import dispatch
 from openlm_mamba.ops.dispatch import BACKENDS
 from openlm_mamba.ops.selective_scan.triton import LAUNCH_ENV  # read per launch by the Triton scan
 
@@ -113,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-runs", type=positive_int, help=f"timed steps for transformers, slow ({default('hf_runs')})")
     p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps per contender")
     p.add_argument("--hf-warmup", type=nonneg_int, default=1, help="untimed steps for transformers")
-    add_names_arg(p, "--contenders", CONTENDERS, "; must include openlm_mamba, the baseline of the ratios")
+    p.add_argument(
+        "--contenders",
+        type=name_list(CONTENDERS),
+        help=f"comma-separated, from: {', '.join(CONTENDERS)}; must include openlm_mamba, the baseline of the "
+        "ratios (default: all, but openlm_mamba+seq only where the scan runs on Triton: elsewhere it would "
+        "repeat openlm_mamba)",
+    )
     p.add_argument(
         "--device",
         help="torch device (default cuda; --quick: cpu; without CUDA and without --quick the script stops "
@@ -124,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=BACKENDS,
         help="openlm_mamba op backend (default: triton on GPU, torch on CPU)",
     )
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", type=output_file, help="also write the results here (its directory must exist)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:  # --quick fills only what was not given
             setattr(args, key, value)
-    if "openlm_mamba" not in args.contenders:
+    if args.contenders is not None and "openlm_mamba" not in args.contenders:
         p.error("argument --contenders: must include openlm_mamba (the baseline every ratio is measured against)")
     try:
         cfg = MambaConfig.load(args.model).replace(seq_len=args.seq)
@@ -146,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
             )
     check_cuda_device(p, args.device)
     args.backend = args.backend or ("triton" if args.device.startswith("cuda") else "torch")
+    check_backend(p, args.backend, args.device)
+    notes = []
+    if args.contenders is None:
+        args.contenders = list(CONTENDERS)
+        scan = dispatch.resolve("selective_scan", torch.device(args.device), args.backend)[0]
+        if scan != "triton":  # +seq only changes the Triton scan's launch: here it would repeat openlm_mamba
+            args.contenders.remove("openlm_mamba+seq")
+            notes.append(
+                f"# openlm_mamba+seq left out: it changes only the Triton scan, which does not run here (scan "
+                f"backend {scan}); name it in --contenders to run it anyway"
+            )
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
@@ -154,27 +183,34 @@ def main(argv: list[str] | None = None) -> int:
         f"openlm_mamba backend {args.backend}",
         flush=True,
     )
+    for note in notes:
+        print(note, flush=True)
     results = []
     for name in args.contenders:
         try:
             r = measure(name, cfg, args)
         except Exception as exc:  # one contender failing (OOM, missing package) must not hide the others
-            print(f"  {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            print(f"  {name}: failed: {error}", flush=True)
+            results.append({"name": name, "error": error})
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             continue
         results.append(r)
         print(f"  {name}: {r['median_s'] * 1e3:.1f} ms/step, loss {r['loss']:.4f}", flush=True)
-    base = next((r for r in results if r["name"] == "openlm_mamba"), None)
+    base = next((r for r in results if r["name"] == "openlm_mamba" and "error" not in r), None)
     tokens = args.batch * args.seq
     print("\n| contender | step ms | tokens/s | peak GiB | time vs openlm_mamba |\n|---|---|---|---|---|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | failed | | | |")
+            continue
         ratio = f"{r['median_s'] / base['median_s']:.2f}x" if base else "-"
         peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"  # nan (not on a GPU) -> "-"
         print(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {tokens / r['median_s']:,.0f} | {peak} | {ratio} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": dev, "results": results}, indent=1))
-    return 0 if base else 1
+        write_json(args.json, {"args": vars(args), "device": dev, "results": results})
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 # throughput, warp stall reasons, source-level hot spots); clocks are left alone (--clock-control none).
 # Results go to $OUT (if set, else a new temp dir): ncu_scan.txt, ncu_conv_norm.txt.
 # Needs ncu (Nsight Compute) on PATH or under /opt/nvidia/nsight-compute, torch with CUDA and triton.
+# Exits 1 if a profile fails (ncu's exit code non-zero, or no kernel report in its file).
 set -uo pipefail
 usage="usage: bash benchmarks/ncu_kernels.sh [-h|--help]   (no other arguments; results go to \$OUT or a new temp dir)"
 case "${1:-}" in
@@ -33,11 +34,21 @@ echo "ncu_kernels: $NCU; results in $RESULTS"
 # bench_kernels with one repeat times a forward (warm-up, timed), then a forward + backward (warm-up, timed):
 # of the scan kernels, launches 3 and 4 are a forward and a backward; of the backward kernels matched
 # below, launches 1 and 3 are the conv's and the norm's first.
+failed=0
 profile() {  # profile OUTFILE KERNEL_REGEX SKIP COUNT OPS: launches SKIP+1 .. SKIP+COUNT of the kernels matched
     timeout 100 "$NCU" --clock-control none --set full --kernel-name "regex:$2" --launch-skip "$3" --launch-count "$4" \
         --print-summary none python3 benchmarks/bench_kernels.py --backends triton --ops "$5" --repeats 1 \
         > "$RESULTS/$1" 2>&1
-    echo "ncu_kernels: $1 rc=$? ($(grep -c '^  _' "$RESULTS/$1") kernel reports)"
+    local rc=$? reports
+    reports=$(grep -c '^  _' "$RESULTS/$1")
+    echo "ncu_kernels: $1 rc=$rc ($reports kernel reports)"
+    if [ "$rc" -ne 0 ] || [ "$reports" -eq 0 ]; then
+        failed=$((failed + 1))
+    fi
 }
 profile ncu_scan.txt "_scan_(fwd|bwd)_kernel" 2 2 selective_scan
 profile ncu_conv_norm.txt "_(conv|add_norm)_bwd_kernel" 0 3 causal_conv1d,add_norm
+if [ "$failed" -ne 0 ]; then
+    echo "ncu_kernels: $failed of 2 profiles failed (non-zero exit code or no kernel report; see $RESULTS)" >&2
+    exit 1
+fi

@@ -20,14 +20,13 @@ A shape that fails to compile or run is a row of the table, not the end of the s
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_args import HelpFormatter, needs_gpu, nonneg_int, shape_list
+from _bench_args import HelpFormatter, needs_gpu, nonneg_int, output_file, shape_list, write_json
 
 FWD = "8x16x4,16x16x4,8x32x8,seq:1x128x4,seq:2x128x4,seq:4x128x4,seq:2x64x2,seq:1x256x4"
 BWD = "4x32x4,4x16x2,2x64x4,8x32x4,seq:1x128x4,seq:2x128x4,seq:1x64x2,seq:2x64x2"
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny shapes, few launch shapes (CPU: through the interpreter); without --quick a CUDA GPU is needed",
     )
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--json", type=output_file, help="also write the rows here (its directory must exist)")
     args = p.parse_args(argv)
     fwd = args.fwd if args.fwd is not None else shape_list(QUICK_FWD if args.quick else FWD)
     bwd = args.bwd if args.bwd is not None else shape_list(QUICK_BWD if args.quick else BWD)
@@ -188,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         if mine:
             r = min(mine, key=lambda r: r["ms"])
             best[which] = ("seq:" if r["kernel"] == "seq" else "") + f"{r['tile']}x{r['block_d']}x{r['warps']}"
-    print("best launch:", ",".join(f"{k}={v}" for k, v in best.items()), f"(set ${ss_env()} to use it)")
+    if best:
+        print("best launch:", ",".join(f"{k}={v}" for k, v in best.items()), f"(set ${ss_env()} to use it)")
+        for which in ("fwd", "bwd"):
+            if which not in best:
+                print(f"no {which} launch shape ran and matched torch (see the table)")
+    else:
+        print("best launch: none: no launch shape ran and matched torch (see the table)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "rows": rows, "best": best}, indent=1))
+        write_json(args.json, {"device": name, "rows": rows, "best": best})
     measured = [r for r in rows if "ms" in r]
     return 0 if measured and len(ok) == len(measured) else 1
 

@@ -1,10 +1,12 @@
 """The benchmark scripts' command lines: bad values end in one argparse error (exit 2) before anything runs,
 GPU scripts say so on a machine without CUDA, --quick fills only the flags not given, bench_convert
-never removes what it did not write, and a failing shape in the sweep's compile workers is a row."""
+never removes what it did not write, a failing shape in the sweep's compile workers is a row, a failing
+contender or profile is a failed row and a non-zero exit code, and --json writes valid JSON to a checked path."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -83,6 +85,8 @@ BAD_FLAGS = [
     ("sweep_scan", ["--jobs", "-1"], "--jobs: expected an int >= 0"),
     ("sweep_scan", ["--fwd", "tile:8x16x4"], "--fwd: expected comma-separated shapes"),
     ("bench_convert", ["--model", "nosuch"], "--model: unknown model config 'nosuch'"),
+    ("bench_generate", ["--device", "cpu", "--backend", "cuda"], "--backend: selective_scan: backend 'cuda' is una"),
+    ("bench_eval", ["--workloads", "mmlu,foo"], "--workloads: expected comma-separated names from mmlu, hellaswag"),
 ]
 
 
@@ -161,6 +165,35 @@ def test_gpu_script_help_starts_nothing(tmp_path, script):
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
+def test_ncu_script_exits_1_when_a_profile_fails(tmp_path):
+    """A stand-in ncu, first on PATH: it profiles the scan, and fails the conv / norm run when $NCU_FAIL is set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        '    *"--ops selective_scan "*) echo "  _scan_fwd_kernel (1, 1, 1)" ;;\n'
+        '    *) [ -n "$NCU_FAIL" ] && exit 3; echo "  _conv_bwd_kernel (1, 1, 1)" ;;\n'
+        "esac\n"
+    )
+    (bin_dir / "ncu").chmod(0o755)
+
+    def run(fail: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, OUT=str(tmp_path / "out"), NCU_FAIL=fail)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+        cmd = ["bash", str(BENCH / "ncu_kernels.sh")]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+    proc = run("")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ncu_conv_norm.txt rc=0 (1 kernel reports)" in proc.stdout, proc.stdout
+    proc = run("1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "ncu_scan.txt rc=0 (1 kernel reports)" in proc.stdout, proc.stdout  # the other profile still ran
+    assert "ncu_conv_norm.txt rc=3 (0 kernel reports)" in proc.stdout, proc.stdout
+    assert "1 of 2 profiles failed" in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(shutil.which("ncu") is not None, reason="Nsight Compute is installed here")
 def test_ncu_script_says_when_ncu_is_missing(tmp_path):
     proc = subprocess.run(
@@ -212,11 +245,21 @@ def test_convert_child_failure_shows_its_stderr(load, capsys, tmp_path):
 
 
 # -- --quick fills only the flags not given ----------------------------------------------------------------
-def test_cpu_quick_keeps_given_flags_and_reports_progress(load, capsys):
+def strict_json(path: Path):
+    """The file's JSON, refusing NaN / Infinity (not JSON, though Python's json writes and reads them)."""
+
+    def refuse(token):
+        raise ValueError(f"{token} is not valid JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_cpu_quick_keeps_given_flags_and_reports_progress(load, capsys, tmp_path):
     bench = load("bench_cpu")
     grad = torch.is_grad_enabled()
     try:
-        rc = bench.main(["--quick", "--contenders", "openlm_mamba", "--d-model", "48", "--scaling", "32"])
+        argv = ["--quick", "--contenders", "openlm_mamba", "--d-model", "48", "--scaling", "32"]
+        rc = bench.main([*argv, "--json", str(tmp_path / "cpu.json")])
     finally:
         torch.set_grad_enabled(grad)
     out, err = capsys.readouterr()
@@ -225,21 +268,159 @@ def test_cpu_quick_keeps_given_flags_and_reports_progress(load, capsys):
     assert "| 32  |" in out and "| 64 " not in out, out  # --scaling 32 kept, not --quick's 64,128
     assert "# openlm_mamba train: " in err and "# openlm_mamba prefill: " in err, err  # progress on stderr
     assert "# openlm_mamba train: " not in out
+    results = strict_json(tmp_path / "cpu.json")  # in-process --quick: no memory numbers, null rather than NaN
+    assert results["train/openlm_mamba"]["peak_rss_mib"] is None and results["scaling/32"]["act_mib"] is None
 
 
-def test_train_quick_keeps_given_flags_and_prints_no_nan(load, capsys):
+def test_train_quick_keeps_given_flags_and_prints_no_nan(load, capsys, tmp_path):
     bench = load("bench_train_gpu")
     grad = torch.is_grad_enabled()
     try:
-        rc = bench.main(["--quick", "--contenders", "openlm_mamba", "--seq", "32", "--runs", "2"])
+        argv = ["--quick", "--contenders", "openlm_mamba", "--seq", "32", "--runs", "2"]
+        rc = bench.main([*argv, "--json", str(tmp_path / "train.json")])
     finally:
         torch.set_grad_enabled(grad)
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "batch 2 x 32," in out, out
     assert "nan" not in out and "| openlm_mamba | " in out, out
+    results = strict_json(tmp_path / "train.json")["results"]
+    assert [r["name"] for r in results] == ["openlm_mamba"], results
     if not torch.cuda.is_available():
         assert "| - | 1.00x |" in out, out  # no GPU memory to report on CPU
+        assert results[0]["peak_gib"] is None, results  # null, not NaN
+
+
+# -- --json: its directory is checked before the run; failures are rows and exit code 1 ---------------------
+@pytest.mark.parametrize("script", ["bench_cpu", "bench_kernels", "bench_train_gpu", "sweep_scan"])
+def test_json_path_is_checked_before_the_run(load, capsys, tmp_path, script):
+    module = load(script)
+    missing = tmp_path / "no" / "such" / "out.json"
+    assert "--json: directory" in usage_error(module, ["--json", str(missing)], capsys)
+    assert "does not exist" in usage_error(module, ["--json", str(missing)], capsys)
+    assert "(a directory)" in usage_error(module, ["--json", str(tmp_path)], capsys)
+
+
+def test_json_path_must_be_writable(load, monkeypatch, tmp_path):
+    import argparse
+
+    args = load("_bench_args")
+    assert args.output_file(str(tmp_path / "out.json")) == str(tmp_path / "out.json")
+    monkeypatch.setattr(args.os, "access", lambda path, mode: False)  # as a non-root user in a read-only dir
+    with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
+        args.output_file(str(tmp_path / "out.json"))
+
+
+def fake_measure(fail: str = ""):
+    """A stand-in for bench_train_gpu.measure: records the contenders measured; ``fail`` raises."""
+    measured = []
+
+    def measure(name, cfg, args):
+        measured.append(name)
+        if name == fail:
+            raise RuntimeError("CUDA out of memory\nmore detail")
+        return {"name": name, "times": [0.01], "median_s": 0.01, "peak_gib": float("nan"), "loss": 1.0}
+
+    return measure, measured
+
+
+def test_train_failing_contender_is_a_row_and_exit_code_1(load, capsys, monkeypatch, tmp_path):
+    bench = load("bench_train_gpu")
+    measure, measured = fake_measure(fail="openlm_mamba+ckpt")
+    monkeypatch.setattr(bench, "measure", measure)
+    argv = ["--quick", "--contenders", "openlm_mamba,openlm_mamba+ckpt,mambapy"]
+    rc = bench.main([*argv, "--json", str(tmp_path / "train.json")])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert measured == ["openlm_mamba", "openlm_mamba+ckpt", "mambapy"], measured  # the others still ran
+    assert "  openlm_mamba+ckpt: failed: RuntimeError: CUDA out of memory\n" in out, out
+    assert "| openlm_mamba+ckpt | failed |" in out and "| mambapy | 10.0 |" in out, out
+    results = strict_json(tmp_path / "train.json")["results"]
+    assert results[1] == {"name": "openlm_mamba+ckpt", "error": "RuntimeError: CUDA out of memory"}, results
+
+
+@no_cuda
+def test_train_quick_on_cpu_leaves_out_the_seq_kernels(load, capsys, monkeypatch):
+    """openlm_mamba+seq only changes the Triton scan: on CPU (torch backend) it would repeat openlm_mamba."""
+    bench = load("bench_train_gpu")
+    measure, measured = fake_measure()
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert measured == ["openlm_mamba", "openlm_mamba+ckpt", "mambapy", "transformers"], measured
+    assert "# openlm_mamba+seq left out: " in out, out
+    measured.clear()
+    assert bench.main(["--quick", "--contenders", "openlm_mamba,openlm_mamba+seq"]) == 0  # named: it runs
+    assert measured == ["openlm_mamba", "openlm_mamba+seq"], measured
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_cpu_warms_transformers_up_in_quick_mode_only(load, capsys, monkeypatch):
+    """--quick: transformers gets a warm-up run like the others; at full size (a step takes minutes) none, and
+    the header says so."""
+    bench = load("bench_cpu")
+    calls = []
+
+    def run_worker(args, name, task, runs, warmup, **over):
+        calls.append((name, task, warmup))
+        r = {"name": name, "task": task, "times": [0.01] * runs, "median_s": 0.01, "value": 1.0}
+        return {**r, "peak_rss_mib": 100.0, "act_mib": 10.0}
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    argv = ["--contenders", "openlm_mamba,transformers", "--scaling", "32"]
+    assert bench.main(["--quick", *argv]) == 0
+    assert ("transformers", "train", 1) in calls and ("transformers", "prefill", 1) in calls, calls
+    assert "no warm-up" not in capsys.readouterr().out
+    calls.clear()
+    assert bench.main(argv) == 0
+    assert ("transformers", "train", 0) in calls and ("openlm_mamba", "train", 1) in calls, calls
+    assert "# transformers: no warm-up run at this size" in capsys.readouterr().out
+
+
+# -- bench_generate: --backend is the whole model's, checked against the device up front --------------------
+def test_generate_backend_that_cannot_run_on_the_device_is_one_error(load, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = usage_error(load("bench_generate"), ["--device", "cpu", "--backend", "triton"], capsys)
+    assert "argument --backend: selective_scan: backend 'triton' is unavailable on cpu" in line, line
+    monkeypatch.setenv("OPENLM_MAMBA_BACKEND", "cuda")  # the model's backend when --backend is not given
+    line = usage_error(load("bench_generate"), ["--device", "cpu"], capsys)
+    assert "$OPENLM_MAMBA_BACKEND: selective_scan: backend 'cuda' is unavailable on cpu" in line, line
+
+
+def test_generate_backend_is_set_on_the_model(load, capsys, monkeypatch):
+    """--backend goes to model.set_backend (prompt and decoding step); generate() gets no backend= of its own."""
+    bench = load("bench_generate")
+    seen = []
+
+    def generate(model, ids, **kwargs):
+        seen.append((model.layers[0].mixer.backend, "backend" in kwargs))
+        return real(model, ids, **kwargs)
+
+    real = bench.generate
+    monkeypatch.setattr(bench, "generate", generate)
+    argv = ["--device", "cpu", "--backend", "torch", "--no-hf", "--contexts", "8", "--new-tokens", "2"]
+    grad = torch.is_grad_enabled()
+    try:
+        bench.main([*argv, "--repeats", "1", "--d-model", "16", "--n-layer", "1", "--vocab", "64"])
+    finally:
+        torch.set_grad_enabled(grad)
+    out = capsys.readouterr().out
+    assert seen and set(seen) == {("torch", False)}, seen
+    assert "backend=torch" in out and "| 8 | " in out, out
+
+
+# -- bench_eval: a workload named twice runs once ---------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_eval_runs_a_repeated_workload_once(load, capsys):
+    bench = load("bench_eval")
+    argv = ["--workloads", "mmlu,mmlu", "--questions", "1", "--no-hf", "--repeats", "1"]
+    grad = torch.is_grad_enabled()
+    try:
+        assert bench.main([*argv, "--d-model", "16", "--n-layer", "1", "--vocab", "300"]) == 0
+    finally:
+        torch.set_grad_enabled(grad)
+    out = capsys.readouterr().out
+    assert out.count("| mmlu |") == 1, out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -255,14 +436,26 @@ def test_sweep_compile_worker_failure_is_a_row(tmp_path):
     cmd += ["--jobs", "1"]
     proc = subprocess.run([*cmd, "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
-
-    rows = json.loads(out.read_text())["rows"]
+    rows = strict_json(out)["rows"]
     shapes = [(r["pass"], r["tile"], r["block_d"], r["warps"]) for r in rows]
     assert shapes == [("fwd", 3, 7, 1), ("fwd", 4, 16, 1), ("bwd", 3, 7, 1)], rows
     assert "error" in rows[0] and "error" in rows[2] and rows[1]["ms"] > 0, rows
     assert "# compiled 1/3: fwd (3, 7, 1): failed: " in proc.stdout, proc.stdout
     assert "sweep_scan: ignoring $OPENLM_MAMBA_SCAN_LAUNCH" in proc.stderr, proc.stderr
+    assert "best launch: fwd=4x16x1 (set $OPENLM_MAMBA_SCAN_LAUNCH" in proc.stdout, proc.stdout
+    assert "no bwd launch shape ran and matched torch" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_sweep_says_when_no_launch_shape_ran(tmp_path):
+    env = dict(os.environ, OPENLM_MAMBA_DISABLE_CPP="1", PYTHONPATH=str(ROOT))
+    env.pop("OPENLM_MAMBA_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(BENCH / "sweep_scan.py"), "--quick", "--fwd", "3x7x1", "--bwd", "3x7x1", "--jobs", "0"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "best launch: none: no launch shape ran and matched torch" in proc.stdout, proc.stdout
+    assert "best launch:  " not in proc.stdout and "to use it" not in proc.stdout, proc.stdout
 
 
 def _nvidia_triton() -> bool:
