@@ -91,9 +91,8 @@ def make_tiny_dataset(
     if seq_len <= 0 or train_shards <= 0:
         raise ValueError(f"make_tiny_dataset: seq_len and train_shards must be positive, got {seq_len}, {train_shards}")
     out = Path(out_dir)
-    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if created:  # a folder of generated data: keep it out of git (never touch an existing folder's .gitignore)
+    if not any(out.iterdir()):  # a new, empty folder of generated data: keep it out of git (never touch one in use)
         (out / ".gitignore").write_text("*\n")
 
     docs = source_documents()

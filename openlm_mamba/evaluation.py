@@ -158,7 +158,7 @@ def check_tasks(tasks: list[Any], manager: Any) -> None:
 
 @register_model("openlm-mamba", "openlm_mamba")
 class MambaEvalLM(TemplateLM):
-    """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and greedy generate_until.
+    """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and generate_until.
 
     ``share_contexts``: work that requests share is done once, continuing from copies of the recurrent state:
     the choices of a question read its context once, and contexts with a long common start (a few-shot task's
@@ -427,8 +427,8 @@ class MambaEvalLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Continuations cut at each request's stop strings: greedy, or sampled where the request says
-        ``do_sample: true`` (with its temperature / top_p / top_k), as lm-eval's HFLM does. Up to ``batch_size``
+        """Continuations cut at each request's stop strings: greedy, or sampled (with the request's temperature /
+        top_p / top_k) where lm-eval's own rules say so (see :func:`_sampling_settings`). Up to ``batch_size``
         requests with the same token budget and settings decode together (left-padded: each as it would alone)."""
         eos_text = self.tok_decode([self.eot_token_id])
         jobs = []  # (request index, context ids, max new tokens, stop strings, sampling settings)
@@ -436,11 +436,8 @@ class MambaEvalLM(TemplateLM):
             context, gen_kwargs = req.args
             kwargs = copy.deepcopy(dict(gen_kwargs or {}))  # the request's own args stay as they were (cache keys)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            max_new = self.max_gen_toks
-            for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):  # lm-eval's names
-                if kwargs.get(key) is not None:
-                    max_new = int(kwargs.pop(key))
-                    break
+            limits = [kwargs.pop(k, None) for k in _MAX_TOKEN_KEYS]  # lm-eval's names, in its priority order
+            max_new = int(next((v for v in limits if v is not None), self.max_gen_toks))
             sampling = _sampling_settings(kwargs)
             ctx = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
             jobs.append((i, ctx, max_new, until, sampling))
@@ -476,25 +473,28 @@ class MambaEvalLM(TemplateLM):
 
 
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+_MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 _warned_kwargs: set[str] = set()
 
 
 def _sampling_settings(kwargs: dict[str, Any]) -> tuple:
-    """A request's generation settings for :func:`generate`, as a hashable tuple of items. As lm-eval's HFLM:
-    sampling only with ``do_sample: true`` (a temperature alone, or 0, means greedy). Settings generate() has no
-    equivalent for are named once in a warning, not silently dropped."""
-    do_sample = bool(kwargs.pop("do_sample", False))
+    """A request's generation settings for :func:`generate`, as a hashable tuple of items, with lm-eval's own
+    rules (``normalize_gen_kwargs``): sampling with ``do_sample: true``, or without ``do_sample`` when the
+    temperature is above 0; greedy otherwise (a temperature of 0 with ``do_sample: true`` too). Settings generate()
+    has no equivalent for are named once in a warning, not silently dropped."""
+    do_sample = kwargs.pop("do_sample", None)
     picked = {k: kwargs.pop(k) for k in _SAMPLING_KEYS if kwargs.get(k) is not None}
-    for key in sorted(set(kwargs) - _warned_kwargs):
+    for key in sorted(k for k in set(kwargs) - _warned_kwargs if kwargs[k] is not None):
         _warned_kwargs.add(key)
         _log.warning("generate_until: generation setting %r is not supported here and is ignored", key)
-    if not do_sample:
-        penalty = picked.get("repetition_penalty")
-        return (("do_sample", False),) + ((("repetition_penalty", penalty),) if penalty is not None else ())
-    if float(picked.get("temperature", 1.0)) == 0.0:  # do_sample with temperature 0: greedy, as HF's would be
-        picked.pop("temperature")
-        return (("do_sample", False),)
-    return (("do_sample", True), *sorted(picked.items()))
+    given = picked.pop("temperature", None)
+    temperature = 1.0 if given is None else float(given)  # do_sample alone: transformers' default of 1
+    penalty = picked.pop("repetition_penalty", None)
+    common = (("repetition_penalty", penalty),) if penalty is not None else ()
+    sample = given is not None and temperature > 0.0 if do_sample is None else bool(do_sample) and temperature > 0.0
+    if sample:
+        return (("do_sample", True), *common, ("temperature", temperature), *sorted(picked.items()))
+    return (("do_sample", False), *common)
 
 
 def evaluate(

@@ -461,6 +461,15 @@ def test_a_distinct_head_under_a_tied_config_is_refused(tmp_path):
         (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
         with pytest.raises(ConversionError, match=r"lm_head\.weight differs from the embedding, but the config ties"):
             load_model(tmp_path / "hf")
+    # a stored head of another shape under a tied config: named, not dropped
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    head = tensors["lm_head.weight"]
+    tensors["lm_head.weight"] = torch.cat([head, head[:8]])
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"lm_head\.weight: expected shape .* \(tied to the embedding\), got"):
+        load_model(tmp_path / "hf")
     # a tied model's head stored explicitly (mamba_ssm writes both keys) still loads, tied
     tiny_cfg = MambaConfig.load("mamba_tiny")
     convert(_openlm_ckpt(MambaLM(tiny_cfg), tmp_path / "t.pt"), tmp_path / "ssm", to="mamba_ssm", progress=False)

@@ -415,3 +415,17 @@ def test_terminated_conversion_leaves_nothing(tmp_path, sig):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt"], proc.stderr[-2000:]
+
+
+def test_a_file_saved_without_checksums_loads(tiny, tmp_path, monkeypatch):
+    """torch.save can skip the CRC32s (serialization config compute_crc32 = False: every CRC is 0): such a file is
+    valid, just not checkable, and loads."""
+    config = pytest.importorskip("torch.utils.serialization").config
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    src = _epoch_ckpt(tiny, tmp_path / "nocrc.pt")
+    monkeypatch.undo()
+    with zipfile.ZipFile(src) as zf:
+        assert all(info.CRC == 0 for info in zf.infolist())
+    model = load_model(src)
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

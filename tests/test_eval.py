@@ -289,8 +289,9 @@ def test_generate_until_batches_give_the_single_request_answers(setup):
 
 def test_generate_until_leaves_requests_alone_and_honours_sampling_settings(setup, caplog):
     """The request's args are not changed (lm-eval's cache keys them: EOS was appended to `until` in place);
-    do_sample samples as HFLM does (a temperature alone stays greedy); lm-eval's max_tokens alias is read;
-    a setting generate() has no equivalent for is named in a warning."""
+    sampling follows lm-eval's normalize_gen_kwargs (do_sample, or a temperature above 0 without it; greedy with
+    temperature 0 or do_sample false); lm-eval's max_tokens alias is read; a setting generate() has no
+    equivalent for is named in a warning."""
     import copy
 
     from lm_eval.api.instance import Instance
@@ -306,12 +307,14 @@ def test_generate_until_leaves_requests_alone_and_honours_sampling_settings(setu
     before = copy.deepcopy(r.args)
     greedy = lm.generate_until([r], disable_tqdm=True)[0]
     assert r.args == before
-    assert lm.generate_until([req(max_gen_toks=6, temperature=0.8)], disable_tqdm=True)[0] == greedy
+    for greedy_kw in ({"temperature": 0.0}, {"do_sample": False, "temperature": 5.0}, {"max_new_tokens": None}):
+        assert lm.generate_until([req(max_gen_toks=6, **greedy_kw)], disable_tqdm=True)[0] == greedy, greedy_kw
     short = lm.generate_until([req(max_tokens=1)], disable_tqdm=True)[0]
     assert len(lm.tok_encode(short)) <= 1 < len(lm.tok_encode(greedy))
     torch.manual_seed(0)
-    sampled = [lm.generate_until([req(max_gen_toks=6, do_sample=True, temperature=5.0)], True)[0] for _ in range(4)]
-    assert len(set(sampled)) > 1, sampled  # a hot temperature: different draws
+    for hot in ({"do_sample": True, "temperature": 5.0}, {"temperature": 5.0}):  # a hot temperature: several draws
+        sampled = [lm.generate_until([req(max_gen_toks=6, **hot)], True)[0] for _ in range(4)]
+        assert len(set(sampled)) > 1, (hot, sampled)
     with caplog.at_level("WARNING"):
         lm.generate_until([req(max_gen_toks=2, num_beams_made_up=3)], disable_tqdm=True)
     assert "num_beams_made_up" in caplog.text

@@ -281,13 +281,16 @@ def tiny_recipe():
 
 
 def test_tiny_recipe_keeps_an_existing_folders_gitignore(tmp_path):
-    """make_tiny_data marks a folder it creates as generated (.gitignore "*"), but never overwrites the
-    .gitignore of a folder that already exists (e.g. ``make_tiny_data.py .`` in a user's repository)."""
+    """make_tiny_data marks a new or empty folder as generated (.gitignore "*"), but never writes into a folder
+    already in use (e.g. ``make_tiny_data.py .`` in a user's repository)."""
     recipe = tiny_recipe()
     if recipe is None:
         pytest.skip("examples/make_tiny_data.py is not present")
     recipe.make_tiny_dataset(tmp_path / "new", max_chars=20_000)
     assert (tmp_path / "new" / ".gitignore").read_text() == "*\n"
+    (tmp_path / "empty").mkdir()  # made beforehand, still empty: marked too
+    recipe.make_tiny_dataset(tmp_path / "empty", max_chars=20_000)
+    assert (tmp_path / "empty" / ".gitignore").read_text() == "*\n"
     mine = tmp_path / "repo"
     mine.mkdir()
     (mine / ".gitignore").write_text("build/\n")

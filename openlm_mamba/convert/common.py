@@ -360,9 +360,8 @@ def _zip_records(path: Path) -> tuple[list[_Record], str | None] | None:
             records, byteorder = [], None
             with zipfile.ZipFile(f) as zf:
                 for info in zf.infolist():
-                    if info.filename.endswith("/byteorder") and info.file_size < 16:
-                        byteorder = zf.read(info).decode(errors="replace")
-                    if not _DATA_RECORD.fullmatch(info.filename):
+                    is_order = info.filename.endswith("/byteorder") and info.file_size < 16
+                    if not is_order and not _DATA_RECORD.fullmatch(info.filename):
                         continue
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise ConversionError(f"{path}: record {info.filename} is compressed (not a torch.save file?)")
@@ -372,7 +371,11 @@ def _zip_records(path: Path) -> tuple[list[_Record], str | None] | None:
                         raise ConversionError(f"{path}: the zip header of record {info.filename} is corrupted")
                     name_len, extra_len = struct.unpack("<HH", head[26:30])
                     offset = info.header_offset + 30 + name_len + extra_len
-                    records.append(_Record(info.filename, offset, info.file_size, info.CRC))
+                    if is_order:  # read raw: a file saved without checksums (CRC 0) is still a valid file
+                        f.seek(offset)
+                        byteorder = f.read(info.file_size).decode(errors="replace")
+                    else:
+                        records.append(_Record(info.filename, offset, info.file_size, info.CRC))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
         raise ConversionError(f"{path}: zip directory is unreadable (truncated or corrupted?): {e}") from None
     return records, byteorder
@@ -481,7 +484,7 @@ def _verify_pickle(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
-                if info.filename.endswith("/data.pkl"):
+                if info.filename.endswith("/data.pkl") and info.CRC != 0:  # 0: saved without checksums
                     zf.read(info)  # raises BadZipFile on a CRC mismatch
     except zipfile.BadZipFile as e:
         raise ConversionError(f"{path}: the pickled structure (data.pkl record) is corrupted: {e}") from None
@@ -489,10 +492,9 @@ def _verify_pickle(path: Path) -> None:
 
 def _integrity_check(path: Path, obj: Any, mmapped: bool) -> TensorCheck:
     found = _zip_records(path)
-    if found is not None:
-        _verify_pickle(path)
-    if not found or not found[0]:
-        return _no_check  # legacy format (no checksums) or no tensor data
+    if not found or not found[0] or not any(r.crc for r in found[0] if r.size):
+        return _no_check  # legacy format, saved without checksums (every CRC 0), or no tensor data
+    _verify_pickle(path)
     records, byteorder = found
     # the mmapped bytes are the file's unless torch byteswapped them (big-endian data or machine)
     native = sys.byteorder == "little" and byteorder in (None, "little")
@@ -636,9 +638,11 @@ def check_tensors(source: TensorSource, cfg: MambaConfig) -> None:
     """Every tensor ``cfg`` needs is present with the right shape, and nothing else is (tied heads allowed)."""
     want = expected_shapes(cfg)
     have = dict(source.tensors)
-    if cfg.tie_embeddings:
-        have.pop("lm_head.weight", None)  # a tied head stored explicitly: we keep the embedding
     problems = []
+    if cfg.tie_embeddings and "lm_head.weight" in have:  # a tied head stored explicitly: we keep the embedding
+        head, emb_shape = have.pop("lm_head.weight"), want["backbone.embedding.weight"]
+        if head.shape != emb_shape:
+            problems.append(f"lm_head.weight: expected shape {emb_shape} (tied to the embedding), got {head.shape}")
     missing = [k for k in want if k not in have]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -657,9 +661,7 @@ def check_tensors(source: TensorSource, cfg: MambaConfig) -> None:
         shown = problems[:8] + ([f"... {len(problems) - 8} more problems"] if len(problems) > 8 else [])
         raise ConversionError(f"{source.description} does not match the config ({cfg.name}):\n  " + "\n  ".join(shown))
     if cfg.tie_embeddings and "lm_head.weight" in source.tensors:
-        head, emb = source.tensors["lm_head.weight"], source.tensors.get("backbone.embedding.weight")
-        same = emb is None or head.shape != emb.shape  # a wrong shape: the check above already said so
-        if not same and not torch.equal(source.get("lm_head.weight"), source.get("backbone.embedding.weight")):
+        if not _head_is_tied(source):  # same storage, or equal values: fine
             raise ConversionError(
                 f"{source.description}: lm_head.weight differs from the embedding, but the config ties them "
                 "(tie_embeddings / tie_word_embeddings true, or absent: true is the default); dropping the stored "

@@ -333,7 +333,13 @@ def hf_extras(path: Path) -> dict[str, Any]:
     bos / eos / pad_token_id) and its generation_config.json, for a conversion to HF to keep."""
     out: dict[str, Any] = {}
     config = read_json(path / "config.json", "config.json")
-    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if isinstance(config.get(k), (int, list))}
+
+    def valid(key: str, value: Any) -> bool:  # an int id (eos may be a list of them), as transformers loads them
+        if isinstance(value, list) and key == "eos_token_id":
+            return bool(value) and all(valid(key, v) for v in value)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if valid(k, config.get(k))}
     if ids:
         out["special_ids"] = ids
     if (path / "generation_config.json").is_file():

@@ -143,9 +143,10 @@ constexpr float kLog2e = 1.44269502162933349609375f;
 // 32-entry table of 2^(i/32), one permute indexed by m's low bits) * 2^f (a quadratic, |f| <= 1/64).
 // Relative error < 4e-7 for finite results (e^x with b = kLog2e and |x| <= 88; an a b prepared
 // elsewhere adds its own rounding). |a b| >= 2^17 leaves k inexact, but 2^k then over- or underflows
-// anyway, so results stay right up to |a b| ~ 1e28 (|x| ~ 7e27 for e^x): inf above, 0 below. Beyond
-// that, and for an infinite a b, f overflows the quadratic and the result is NaN: callers that can
-// see such arguments clamp first. The scan does not: its dt * A never gets near that in a model.
+// anyway, so results stay right up to |a b| ~ 6e26 (|x| ~ 4e26 for e^x): inf above, 0 below. Beyond
+// that, and for an infinite a b, f overflows the quadratic and the result is wrong (inf or NaN, whatever
+// the sign): callers that can see such arguments clamp first. The scan does not: its dt * A never gets
+// near that in a model.
 OLM_INLINE __m512 vexp2(__m512 a, __m512 b) {
   const __m512 t0 = _mm512_setr_ps(1.0f, 1.02189715f, 1.04427378f, 1.0671404f, 1.09050773f, 1.11438674f, 1.13878863f,
                                    1.16372486f, 1.18920712f, 1.21524736f, 1.24185781f, 1.26905096f, 1.29683955f,
