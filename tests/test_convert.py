@@ -687,6 +687,17 @@ def test_checkpoint_with_python_objects_is_reported_as_intact(tiny, tmp_path):
     msg = str(e.value)
     assert "intact" in msg and "argparse.Namespace" in msg and "weights_only" in msg
     assert "corrupted" not in msg
+    from torch.utils.serialization import config  # saved without checksums (every CRC 0): not called corrupted
+
+    was = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "ns0.pt")
+    finally:
+        config.save.compute_crc32 = was
+    with pytest.raises(ConversionError, match=r"argparse\.Namespace") as e:
+        convert(tmp_path / "ns0.pt", tmp_path / "hf", to="hf", progress=False)
+    assert "corrupted" not in str(e.value)
 
 
 # -- the destination: what --overwrite may replace ---------------------------------------------------------

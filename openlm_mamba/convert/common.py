@@ -294,9 +294,9 @@ def _refused_global(error: Exception) -> str | None:
 def _unsafe_objects_error(path: Path, refused: str) -> ConversionError:
     """The error for a readable checkpoint holding non-tensor Python objects (after checking its records)."""
     found = _zip_records(path)
-    if found:
-        _verify_pickle(path)
-        _verify_records(path, found[0])  # "intact" below is checked, not assumed
+    if found and _checksummed(found[0]):
+        records, _, structure = found
+        _verify_records(path, [*([structure] if structure else []), *records])  # "intact" below is checked
     return ConversionError(
         f"{path}: the file is intact but holds Python objects other than tensors ({refused}), which safe loading "
         "(torch.load(weights_only=True)) refuses to unpickle. If you trust the file, load it with weights_only=False "
@@ -351,17 +351,19 @@ class _Record:
     crc: int
 
 
-def _zip_records(path: Path) -> tuple[list[_Record], str | None] | None:
-    """The ``<archive>/data/<key>`` records and the byteorder record of a torch.save zip file; None if legacy."""
+def _zip_records(path: Path) -> tuple[list[_Record], str | None, _Record | None] | None:
+    """The ``<archive>/data/<key>`` records, the byteorder and the ``<archive>/data.pkl`` record (the pickled
+    structure: keys, shapes, strides, which storage each tensor reads) of a torch.save zip file; None if legacy."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":
                 return None
-            records, byteorder = [], None
+            records, byteorder, structure = [], None, None
             with zipfile.ZipFile(f) as zf:
                 for info in zf.infolist():
                     is_order = info.filename.endswith("/byteorder") and info.file_size < 16
-                    if not is_order and not _DATA_RECORD.fullmatch(info.filename):
+                    is_structure = info.filename.endswith("/data.pkl")
+                    if not (is_order or is_structure or _DATA_RECORD.fullmatch(info.filename)):
                         continue
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise ConversionError(f"{path}: record {info.filename} is compressed (not a torch.save file?)")
@@ -374,11 +376,18 @@ def _zip_records(path: Path) -> tuple[list[_Record], str | None] | None:
                     if is_order:  # read raw: a file saved without checksums (CRC 0) is still a valid file
                         f.seek(offset)
                         byteorder = f.read(info.file_size).decode(errors="replace")
+                    elif is_structure:
+                        structure = _Record(info.filename, offset, info.file_size, info.CRC)
                     else:
                         records.append(_Record(info.filename, offset, info.file_size, info.CRC))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
         raise ConversionError(f"{path}: zip directory is unreadable (truncated or corrupted?): {e}") from None
-    return records, byteorder
+    return records, byteorder, structure
+
+
+def _checksummed(records: list[_Record]) -> bool:
+    """Whether a torch.save file's tensor records carry CRC32s: torch can skip them (every CRC then 0)."""
+    return any(r.crc for r in records if r.size)
 
 
 def _storages(obj: Any) -> dict[int, int]:
@@ -425,6 +434,8 @@ def _map_storages(storages: dict[int, int], records: list[_Record]) -> dict[int,
 
 def _crc_error(path: Path, record: _Record, got: int, tensor: str | None = None) -> ConversionError:
     what = f"tensor {tensor!r} (record {record.name})" if tensor else f"record {record.name}"
+    if record.name.endswith("/data.pkl"):
+        what = "the pickled structure (data.pkl record)"
     return ConversionError(
         f"{path}: {what} is corrupted: CRC32 of its {record.size} bytes is {got:08x}, expected {record.crc:08x}"
     )
@@ -478,24 +489,13 @@ def _no_check(key: str, tensor: torch.Tensor) -> None:
     return None
 
 
-def _verify_pickle(path: Path) -> None:
-    """Check the CRC32 of the ``<archive>/data.pkl`` record: the checkpoint's structure (keys, shapes, strides,
-    which storage each tensor reads), small, and as able as the tensor data to load wrong weights when damaged."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith("/data.pkl") and info.CRC != 0:  # 0: saved without checksums
-                    zf.read(info)  # raises BadZipFile on a CRC mismatch
-    except zipfile.BadZipFile as e:
-        raise ConversionError(f"{path}: the pickled structure (data.pkl record) is corrupted: {e}") from None
-
-
 def _integrity_check(path: Path, obj: Any, mmapped: bool) -> TensorCheck:
     found = _zip_records(path)
-    if not found or not found[0] or not any(r.crc for r in found[0] if r.size):
-        return _no_check  # legacy format, saved without checksums (every CRC 0), or no tensor data
-    _verify_pickle(path)
-    records, byteorder = found
+    if not found or not _checksummed(found[0]):
+        return _no_check  # legacy format, saved without checksums, or no tensor data
+    records, byteorder, structure = found
+    if structure is not None:  # small, and as able as the tensor data to load wrong weights when damaged
+        _verify_records(path, [structure])
     # the mmapped bytes are the file's unless torch byteswapped them (big-endian data or machine)
     native = sys.byteorder == "little" and byteorder in (None, "little")
     mapping = _map_storages(_storages(obj), records) if mmapped and native else None
