@@ -8,13 +8,14 @@ run once through the scan (prefill), then each new token is one O(1) recurrent s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -515,6 +516,21 @@ def _check_cache(cache, model: torch.nn.Module, batch: int, device: torch.device
         )
 
 
+@contextlib.contextmanager
+def _reading_into(cache: MambaCache | None) -> Iterator[None]:
+    """Code that reads tokens into the caller's ``cache``: if it raises, the cache holds an unknown part of that
+    call, so it is marked broken (refused until ``reset()``). None: a cache of generate's own, nothing to mark."""
+    try:
+        yield
+    except BaseException as e:
+        if cache is not None:
+            cache.broken = (
+                f"this cache was left part-way by a generate() call that stopped with {type(e).__name__} "
+                f"({cache.seqlen_offset} tokens read into it)"
+            )
+        raise
+
+
 def _prompt_rows(prompts: Sequence, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of any lengths (a list of 1-D token sequences) as a left-padded (batch, longest) tensor (pads 0)
     and its attention mask."""
@@ -670,7 +686,7 @@ def generate(
 
     if max_new_tokens == 0:
         if cache is not None:  # read the prompt into the cache
-            with torch.inference_mode():
+            with torch.inference_mode(), _reading_into(cache):
                 model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)
         if on_end is not None:
             on_prompt(input_ids)
@@ -686,7 +702,7 @@ def generate(
             cache = model.allocate_cache(batch, device=device, backend=backend)
         if on_prompt is not None:
             on_prompt(input_ids)
-        try:
+        with _reading_into(cache if keep else None):
             logits = model.forward_with_cache(input_ids, cache, last_only=True, mask=mask)[0][:, -1]
             # pads count as the row's last prompt token (always real): already seen, so penalised no more
             sampler.observe(input_ids if mask is None else torch.where(mask, input_ids, input_ids[:, -1:]))
@@ -722,13 +738,6 @@ def generate(
             if keep:  # the caller's cache: take in the last new token too, so it holds the whole output
                 tok = tok.view(batch, 1)
                 model.forward_with_cache(tok, cache) if step is None else step(tok)
-        except BaseException as e:
-            if keep:  # the caller's cache holds part of this call: say so when it is used again
-                cache.broken = (
-                    f"this cache was left part-way by a generate() call that stopped with {type(e).__name__} "
-                    f"({cache.seqlen_offset} tokens read into it)"
-                )
-            raise
     if on_end is not None:
         on_end()
     return out[:, : prompt_len + n].clone()  # a normal tensor, not an inference-mode one

@@ -1189,6 +1189,20 @@ def test_a_cache_left_part_way_by_a_failed_generate_is_refused_until_reset(model
         model(ids, past_key_values=cache.clone())
     cache.reset()
     assert torch.equal(generate(model, ids, cache=cache, max_new_tokens=3), generate(model, ids, max_new_tokens=3))
+    cache.reset()  # reading a prefix only (max_new_tokens=0) is marked the same way when it stops part-way
+    real = model.forward_with_cache
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    model.forward_with_cache = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, ids, cache=cache, max_new_tokens=0)
+    finally:
+        del model.forward_with_cache
+    assert cache.broken and "KeyboardInterrupt" in cache.broken
 
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(model):
