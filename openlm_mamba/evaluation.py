@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -43,10 +44,6 @@ DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 _log = logging.getLogger(__name__)
-_INIT_ARGS = (
-    "pretrained", "model", "tokenizer", "model_config", "batch_size", "max_length", "max_gen_toks", "device",
-    "dtype", "backend", "check_checkpoint", "share_contexts", "max_batch_size",
-)  # fmt: skip
 
 # The model card's evaluation (TRI-ML/mamba-7b-rw): task -> (lm-eval task name, num_fewshot, card accuracy %)
 MODEL_CARD_TASKS = {
@@ -184,13 +181,13 @@ class MambaEvalLM(TemplateLM):
     ) -> None:
         super().__init__()
         if unknown:  # a misspelt model_args entry (share_context=, dtpye=) must not be dropped silently
-            names = ", ".join(sorted(unknown))
-            close = {k: difflib.get_close_matches(k, _INIT_ARGS, n=1) for k in sorted(unknown)}
+            known = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "unknown")]
+            close = {k: difflib.get_close_matches(k, known, n=1) for k in sorted(unknown)}
             hints = "; ".join(f"{k}: did you mean {v[0]}?" for k, v in close.items() if v)
             raise TypeError(
-                f"MambaEvalLM: unknown argument(s) {names}"
+                f"MambaEvalLM: unknown argument(s) {', '.join(sorted(unknown))}"
                 + (f" ({hints})" if hints else "")
-                + f"; known: {', '.join(_INIT_ARGS)}"
+                + f"; known: {', '.join(known)}"
             )
         if (pretrained is None) == (model is None):
             raise ValueError("MambaEvalLM: pass exactly one of pretrained= (a checkpoint path) or model= (a MambaLM)")

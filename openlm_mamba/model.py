@@ -735,8 +735,8 @@ class MambaLM(nn.Module):
         return logits, hidden, cache
 
     def forward_with_cache(self, input_ids, cache, embeds=None, last_only: bool = False, mask=None, head=True):
-        """Run new tokens from ``cache`` (no argument checks); returns (logits float32, hidden), logits None
-        without ``head`` (for a caller that needs them at a few positions only).
+        """Run new tokens from ``cache`` (no argument checks); returns (logits, hidden): logits float32 (float64
+        for a float64 model), None without ``head`` (for a caller that needs them at a few positions only).
 
         One token (seq length 1) takes the O(1) recurrent step; longer inputs run the scan from the
         cached state (prefill). ``last_only`` computes logits (and returns hidden) for the last
