@@ -160,6 +160,12 @@ class MambaEvalLM(TemplateLM):
     ``share_contexts``: work that requests share is done once, continuing from copies of the recurrent state:
     the choices of a question read its context once, and contexts with a long common start (a few-shot task's
     examples) read it once. False scores every request whole, as transformers' does.
+
+    Tokens are handled as lm-eval's transformers adapter (``HFLM``) handles them, so both give the same numbers on
+    the same weights: texts are encoded with the tokenizer's own special tokens (a BOS where it adds one) unless
+    ``add_bos_token`` says otherwise; an empty context is scored after ``prefix_token_id`` (default: the
+    tokenizer's BOS, else its EOS); generated text drops special tokens. ``max_length`` bounds context plus
+    continuation (plus generated tokens), as in ``HFLM``.
     """
 
     def __init__(
@@ -176,6 +182,8 @@ class MambaEvalLM(TemplateLM):
         backend: str | None = None,
         check_checkpoint: bool = True,
         share_contexts: bool = True,
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it with batch_size "auto"; the batch is fixed here
         **unknown: Any,
     ) -> None:
@@ -229,12 +237,33 @@ class MambaEvalLM(TemplateLM):
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.share_contexts = _flag("share_contexts", share_contexts)
+        self.add_bos_token = None if add_bos_token is None else _flag("add_bos_token", add_bos_token)
+        self.custom_prefix_token_id = None
+        if prefix_token_id is not None:
+            try:
+                custom = int(str(prefix_token_id)) if not isinstance(prefix_token_id, bool) else -1
+            except ValueError:
+                custom = -1
+            if not 0 <= custom < model.cfg.vocab_size:
+                raise ValueError(
+                    f"MambaEvalLM: prefix_token_id must be a token id in [0, {model.cfg.vocab_size}), "
+                    f"got {prefix_token_id!r}"
+                )
+            self.custom_prefix_token_id = custom
 
     # -- properties lm-eval reads --------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
         eos = self.tokenizer.eos_token_id
         return 0 if eos is None else int(eos)
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context is scored after (and rolling windows start with): as ``HFLM``'s."""
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        bos = self.tokenizer.bos_token_id
+        return self.eot_token_id if bos is None else int(bos)
 
     @property
     def max_length(self) -> int:
@@ -249,10 +278,18 @@ class MambaEvalLM(TemplateLM):
         return self._device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return list(self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)))
+        """Token ids of ``string``, with special tokens as ``HFLM.tok_encode`` adds them: as asked, else as
+        ``add_bos_token`` says, else the tokenizer's default; never a second BOS before a text that starts with one."""
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+            bos = self.tokenizer.decode([self.prefix_token_id])
+            if bos and string.startswith(bos):
+                add_special_tokens = False
+        special = {} if add_special_tokens is None else {"add_special_tokens": bool(add_special_tokens)}
+        return list(self.tokenizer.encode(string, **special))
 
-    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # -- scoring -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,10 +304,15 @@ class MambaEvalLM(TemplateLM):
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError("MambaEvalLM: a request has an empty continuation (nothing to score)")
+            if len(cont) > self.max_length:  # HFLM refuses it too; scoring only its tail would be a wrong number
+                raise ValueError(
+                    f"MambaEvalLM: a continuation of {len(cont)} tokens is longer than max_length "
+                    f"({self.max_length}); raise max_length"
+                )
             ctx = ctx or [self.prefix_token_id]  # as lm-eval's loglikelihood does for an empty context
             whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             inp = whole[:-1]
-            prepared.append((i, inp, list(cont)[-len(inp) :] if len(cont) > len(inp) else list(cont)))
+            prepared.append((i, inp, list(cont)))
         groups: dict[tuple[int, ...], list] = {}
         if self.share_contexts:
             for item in prepared:
@@ -427,7 +469,7 @@ class MambaEvalLM(TemplateLM):
         """Continuations cut at each request's stop strings: greedy, or sampled (with the request's temperature /
         top_p / top_k) where lm-eval's own rules say so (see :func:`_sampling_settings`). Up to ``batch_size``
         requests with the same token budget and settings decode together (left-padded: each as it would alone)."""
-        eos_text = self.tok_decode([self.eot_token_id])
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         jobs = []  # (request index, context ids, max new tokens, stop strings, sampling settings)
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -435,8 +477,13 @@ class MambaEvalLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             limits = [kwargs.pop(k, None) for k in _MAX_TOKEN_KEYS]  # lm-eval's names, in its priority order
             max_new = int(next((v for v in limits if v is not None), self.max_gen_toks))
+            if max_new >= self.max_length:  # as HFLM: the context keeps max_length - max_new tokens, at least one
+                raise ValueError(
+                    f"MambaEvalLM: a request asks for {max_new} new tokens, which leaves no room for its context "
+                    f"in max_length ({self.max_length}); raise max_length above {max_new}"
+                )
             sampling = _sampling_settings(kwargs)
-            ctx = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
+            ctx = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
             jobs.append((i, ctx, max_new, until, sampling))
         out: list[str] = [""] * len(jobs)
         groups: dict[tuple, list] = {}

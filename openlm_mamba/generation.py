@@ -359,13 +359,16 @@ def check_settings(
     max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float, repetition_penalty: float
 ) -> tuple[float, int, float, float]:
     """Validate decoding settings (clear errors); returns normalised (temperature, top_k, top_p, repetition_penalty)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    given_max = max_new_tokens
+    max_new_tokens = _as_index(max_new_tokens)  # numpy / 0-d tensor integers too, as for eos_token_id
+    if max_new_tokens is None or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {given_max!r}")
     if not isinstance(do_sample, bool):
         raise TypeError(f"generate: do_sample must be a bool, got {do_sample!r}")
-    top_k = 0 if top_k is None else top_k
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"generate: top_k must be an int >= 0 (0 or None disables it), got {top_k!r}")
+    given_k = top_k
+    top_k = 0 if top_k is None else _as_index(top_k)
+    if top_k is None or top_k < 0:
+        raise ValueError(f"generate: top_k must be an int >= 0 (0 or None disables it), got {given_k!r}")
     # greedy ignores temperature and top_p, but an impossible value is still a mistake (temperature 0 is the
     # usual way to ask for greedy decoding, so it passes then)
     temperature = _check_number("temperature", temperature, 0.0, math.inf, do_sample, True)
@@ -645,11 +648,14 @@ def generate(
     temperature, top_k, top_p, repetition_penalty = check_settings(
         max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty
     )
+    max_new_tokens = operator.index(max_new_tokens)  # checked above: a numpy integer becomes an int
     if seed is not None and generator is not None:
         raise ValueError("generate: pass either seed or generator, not both")
     _check_cuda_graph(cuda_graph, input_ids.device)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"generate: seed must be an int, got {seed!r}")
+    if seed is not None:
+        if _as_index(seed) is None:
+            raise ValueError(f"generate: seed must be an int, got {seed!r}")
+        seed = _as_index(seed)
     if cache is not None:
         _check_cache(cache, model, batch, input_ids.device, backend)
     mask = None
@@ -660,6 +666,11 @@ def generate(
         try:
             mask = padding_mask(attention_mask, batch, prompt_len, cached, right=False)
         except ValueError as e:
+            if listed and cached:  # the mask is ours, made from the list's lengths: say what the caller did
+                raise ValueError(
+                    "generate: prompts of different lengths continue a cache that already holds tokens; only a "
+                    "fresh cache (or none) takes left-padded prompts: pass equal-length prompts to continue"
+                ) from None
             raise ValueError(str(e).replace("MambaLM: ", "generate: ")) from None
         if mask is not None:
             mask = mask.to(input_ids.device)

@@ -320,6 +320,84 @@ def test_generate_until_leaves_requests_alone_and_honours_sampling_settings(setu
     assert "num_beams_made_up" in caplog.text
 
 
+def _bos_tokenizer():
+    """A BPE tokenizer like Llama's: BOS <s> (1) distinct from EOS </s> (0), prepended by its post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>", "<s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", pad_token="<pad>")
+    assert (wrapped.eos_token_id, wrapped.bos_token_id) == (0, 1) and wrapped.encode("The")[0] == 1
+    return wrapped
+
+
+def test_tokens_handled_as_lm_evals_transformers_adapter(setup):
+    """With a tokenizer that adds a BOS distinct from EOS, every request type gives HFLM's numbers on the same
+    weights: BOS where the tokenizer adds it, an empty context after BOS (not EOS); add_bos_token and
+    prefix_token_id as HFLM takes them; generated text without special tokens."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    _, lm, hf = setup
+    tok = _bos_tokenizer()
+    ours = MambaEvalLM(model=lm.model, tokenizer=tok, batch_size=2, max_length=64)
+    theirs = HFLM(pretrained=hf, tokenizer=tok, batch_size=2, max_length=64)
+    assert ours.prefix_token_id == theirs.prefix_token_id == 1
+    pairs = [("", " sat on"), ("The cat", " sat on the mat"), ("<s>Birds", " can fly")]
+    ll = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(ll, disable_tqdm=True), theirs.loglikelihood(ll, True)):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+    roll = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(CORPUS[1],), idx=0)]
+    assert ours.loglikelihood_rolling(roll, True)[0] == pytest.approx(
+        theirs.loglikelihood_rolling(roll, True)[0], abs=1e-3
+    )
+    gen = [
+        Instance(
+            request_type="generate_until", doc={}, arguments=("The sun", {"until": ["."], "max_gen_toks": 8}), idx=0
+        )
+    ]
+    assert ours.generate_until(gen, True) == theirs.generate_until(gen, True)
+    assert MambaEvalLM(model=lm.model, tokenizer=tok, add_bos_token="false").tok_encode("The")[0] != 1
+    assert MambaEvalLM(model=lm.model, tokenizer=tok, prefix_token_id=2).prefix_token_id == 2
+    with pytest.raises(ValueError, match=r"prefix_token_id must be a token id in \[0, 512\), got 99999"):
+        MambaEvalLM(model=lm.model, tokenizer=tok, prefix_token_id=99999)
+
+    ours._continue = lambda contexts, max_new, sampling: [[2, *tok.encode(" cat", add_special_tokens=False), 2]]
+    assert ours.generate_until(gen, True) == [" cat"]  # "<pad>" dropped, as HFLM decodes
+
+
+def test_lengths_beyond_max_length_are_refused_not_cut(setup):
+    """A continuation longer than max_length, or a token budget that leaves no room for the context, is an error
+    (as in HFLM), not a score of the continuation's tail or an answer to the context's last token alone."""
+    from lm_eval.api.instance import Instance
+
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    _, lm, _ = setup
+    short = MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, max_length=8)
+    with pytest.raises(ValueError, match=r"a continuation of \d+ tokens is longer than max_length \(8\)"):
+        short._loglikelihood_tokens([(None, [3], list(range(5, 15)))], disable_tqdm=True)
+    for budget in (8, 9):
+        req = Instance(
+            request_type="generate_until", doc={}, arguments=(CORPUS[3], {"until": [], "max_gen_toks": budget}), idx=0
+        )
+        with pytest.raises(ValueError, match=f"asks for {budget} new tokens, which leaves no room"):
+            short.generate_until([req], disable_tqdm=True)
+    req = Instance(
+        request_type="generate_until", doc={}, arguments=(CORPUS[3], {"until": [], "max_gen_toks": 7}), idx=0
+    )
+    assert isinstance(short.generate_until([req], disable_tqdm=True)[0], str)  # one context token left: allowed
+
+
 def test_adapter_argument_errors(setup):
     from openlm_mamba.evaluation import MambaEvalLM
 

@@ -1052,6 +1052,28 @@ def test_prompt_list_errors(model, prompts, kwargs, match):
         generate(model, prompts, max_new_tokens=2, **kwargs)
 
 
+def test_prompts_of_different_lengths_cannot_continue_a_cache(model):
+    """The padding mask is made here from the list's lengths: the error says so, not that an attention_mask
+    (which the caller never passed) pads tokens."""
+    cache = model.allocate_cache(2)
+    generate(model, prompt(2, 3), max_new_tokens=1, cache=cache)
+    with pytest.raises(ValueError, match="prompts of different lengths continue a cache that already holds tokens"):
+        generate(model, [[1, 2], [3]], max_new_tokens=1, cache=cache)
+
+
+def test_numpy_integers_are_accepted_as_counts_and_seeds(model):
+    """max_new_tokens, top_k and seed take numpy integers (and 0-d integer tensors), as eos_token_id does."""
+    np = pytest.importorskip("numpy")
+    ids = prompt(2, 3)
+    want = generate(model, ids, max_new_tokens=3, do_sample=True, top_k=5, seed=7)
+    got = generate(model, ids, max_new_tokens=np.int64(3), do_sample=True, top_k=np.int32(5), seed=np.int64(7))
+    assert torch.equal(got, want)
+    assert torch.equal(generate(model, ids, max_new_tokens=torch.tensor(3)), generate(model, ids, max_new_tokens=3))
+    for bad in (np.float64(3.0), np.bool_(True)):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+            generate(model, ids, max_new_tokens=bad)
+
+
 def test_mask_edge_cases(model):
     """One-column masks, masks wider than the input, 1-D prompt + 1-D mask, a mask of the wrong type."""
     ids = prompt(2, 1)
