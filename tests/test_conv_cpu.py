@@ -101,6 +101,23 @@ def test_bf16_takes_the_pytorch_conv():
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_are_computed_in_float32_like_the_reference(dtype):
+    """16-bit x with float32 weight, bias and initial states: the F.conv1d path computes in float32 and rounds
+    once at the end, as the reference does (it used to round the weight and bias to x's dtype first: twice
+    the error)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 200, generator=g).to(dtype)
+    w, b = torch.randn(64, 4, generator=g), torch.randn(64, generator=g)
+    init = torch.randn(2, 64, 3, generator=g)
+    exact = causal_conv1d_ref(x.double(), w.double(), b.double(), init.double(), activation="silu")
+    ref = causal_conv1d_ref(x, w, b, init, activation="silu")
+    out = causal_conv1d(x, w, b, init, activation="silu", backend="torch")
+    assert out.dtype == dtype
+    ref_err, err = ((t.double() - exact).abs().mean().item() for t in (ref, out))
+    assert err <= 1.05 * ref_err, (err, ref_err)
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 5), (0, 4, 0), (2, 0, 5)], ids=str)
 @pytest.mark.parametrize("init", [False, True], ids=["", "init"])
 @pytest.mark.parametrize("cpp_kernels", [True, False], ids=["cpp", "fallback"])

@@ -139,11 +139,27 @@ def test_state_counts(N):
     assert_close(run(selective_scan_cpu, inputs, to=torch.float32), run(selective_scan_ref, inputs), RTOL)
 
 
-@pytest.mark.parametrize("A_scale", [1e2, 1e5, 1e7])
+@pytest.mark.parametrize("A_scale", [1e2, 1e5, 1e7, 1e27, 1e38])
 def test_extreme_decay(A_scale):
     """dt * A far below exp's range (past 2^17 for 1e7, where the fast exp's rounding trick
-    no longer yields an integer): the decay underflows to exactly 0, never NaN or garbage."""
+    no longer yields an integer; past 6e26, where its polynomial overflows): the decay underflows
+    to exactly 0, never inf, NaN or garbage, forward and backward."""
     inputs = make_inputs(2, 32, 40, 16, A_scale=A_scale, seed=3)
+    ref = run(selective_scan_ref, inputs)
+    fast = run(selective_scan_cpu, inputs, to=torch.float32)
+    assert_close(fast, ref, RTOL)
+
+
+@pytest.mark.parametrize("where", ["A", "delta"])
+def test_huge_dt_a_beside_ordinary_channels(where):
+    """One channel's |dt A| past float's range (a huge A, or a huge delta through softplus) in the same
+    16-channel block and time chunk as ordinary ones: that channel decays to 0, and the others keep the
+    accuracy of the ordinary path (the checked exp those steps take is exact elsewhere)."""
+    inputs = make_inputs(2, 32, 40, 16, seed=4)
+    if where == "A":
+        inputs["A"][5] = -1e30
+    else:
+        inputs["delta"][:, 5, 10:30] = 1e30
     ref = run(selective_scan_ref, inputs)
     fast = run(selective_scan_cpu, inputs, to=torch.float32)
     assert_close(fast, ref, RTOL)

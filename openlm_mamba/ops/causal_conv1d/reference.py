@@ -74,13 +74,15 @@ def causal_conv1d_torch(
         return causal_conv1d_cpu(x, weight, bias, initial_states, return_final_states, silu)
     dim = x.shape[1]
     width = weight.shape[1]
+    dt = compute_dtype(x, weight, bias, initial_states)  # as the reference: 16-bit inputs computed in float32
     if initial_states is None:
         xs = F.pad(x, (width - 1, 0))
     else:
         xs = torch.cat([initial_states.to(x.dtype), x], dim=-1)
-    out = F.conv1d(xs, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=dim)
+    out = F.conv1d(xs.to(dt), weight.to(dt).unsqueeze(1), None if bias is None else bias.to(dt), groups=dim)
     if activation in ("silu", "swish"):
         out = F.silu(out)
+    out = out.to(x.dtype)
     if return_final_states:
         return out, xs[:, :, xs.shape[-1] - (width - 1) :]
     return out

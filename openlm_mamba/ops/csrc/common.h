@@ -133,6 +133,9 @@ OLM_INLINE T vsigmoid(T v) {
   return T(1) / (T(1) + vexp(-v));
 }
 
+// |dt A| from which the scan's AVX-512 steps take vexp2_wide: well below the ~6e26 where vexp2 goes wrong.
+constexpr float kWideExp = 1e25f;
+
 #ifdef OLM_AVX512
 // log2(e) in float: exp(x) = 2^(x * kLog2e).
 constexpr float kLog2e = 1.44269502162933349609375f;
@@ -145,8 +148,8 @@ constexpr float kLog2e = 1.44269502162933349609375f;
 // elsewhere adds its own rounding). |a b| >= 2^17 leaves k inexact, but 2^k then over- or underflows
 // anyway, so results stay right up to |a b| ~ 6e26 (|x| ~ 4e26 for e^x): inf above, 0 below. Beyond
 // that, and for an infinite a b, f overflows the quadratic and the result is wrong (inf or NaN, whatever
-// the sign): callers that can see such arguments clamp first. The scan does not: its dt * A never gets
-// near that in a model.
+// the sign): callers that can see such arguments use vexp2_wide (the scan, for the steps where
+// max |dt| x max |A| reaches kWideExp) or clamp first (vexp16).
 OLM_INLINE __m512 vexp2(__m512 a, __m512 b) {
   const __m512 t0 = _mm512_setr_ps(1.0f, 1.02189715f, 1.04427378f, 1.0671404f, 1.09050773f, 1.11438674f, 1.13878863f,
                                    1.16372486f, 1.18920712f, 1.21524736f, 1.24185781f, 1.26905096f, 1.29683955f,
@@ -163,6 +166,16 @@ OLM_INLINE __m512 vexp2(__m512 a, __m512 b) {
   const __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.24022650718688965f), f, _mm512_set1_ps(0.69314718246459961f));
   const __m512 p = _mm512_fmadd_ps(q, _mm512_mul_ps(f, tv), tv);
   return _mm512_scalef_ps(p, k);  // scalef: * 2^floor(k)
+}
+
+// vexp2 for any a b: where |a b| > 2^17, where vexp2 may go wrong, 2^(a b) is 0 or inf and is set so (NaN
+// stays NaN). Costs 5 more instructions: the scan uses it only for the steps that need it (kWideExp).
+OLM_INLINE __m512 vexp2_wide(__m512 a, __m512 b) {
+  const __m512 ab = _mm512_mul_ps(a, b);
+  const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(ab), _mm512_set1_ps(131072.0f), _CMP_GT_OQ);
+  const __mmask16 neg = _mm512_cmp_ps_mask(ab, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 limit = _mm512_mask_blend_ps(neg, _mm512_set1_ps(INFINITY), _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(big, vexp2(a, b), limit);
 }
 
 // e^x for 16 floats, x clamped to [-87, 88] (so e^-inf = 1.6e-38, not NaN). The constant goes first

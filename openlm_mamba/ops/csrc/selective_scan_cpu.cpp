@@ -81,6 +81,15 @@ StateMajor<T> state_major(const at::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
+// max |v[i]| over n values (NaN ignored: a NaN step propagates through the plain exp anyway).
+template <typename T>
+OLM_INLINE T max_abs(const T* __restrict__ v, int64_t n) {
+  T m = T(0);
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(v[i]));
+  return m;
+}
+
 // Load one time step of a channel block: dt = softplus(delta + bias) (or delta + bias), raw =
 // delta + bias, u and dt * u; lanes >= wn are zero. bb: the block's bias (zeros without one).
 template <typename T>
@@ -127,9 +136,11 @@ OLM_INLINE void fwd_states(int64_t N, const T* __restrict__ dt, const T* __restr
 }
 
 // The same step keeping the states before (xp) and after (xn) it and the decays e[n] = exp(dt A[n]).
+// `wide`: some |dt A| may reach kWideExp (only the AVX-512 exp needs telling; vexp clamps, double is std::exp).
 template <typename T>
 OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restrict__ du, const T* __restrict__ Ae,
-                           const T* __restrict__ Bv, const T* __restrict__ xp, T* __restrict__ xn, T* __restrict__ e) {
+                           const T* __restrict__ Bv, const T* __restrict__ xp, T* __restrict__ xn, T* __restrict__ e,
+                           bool /*wide*/) {
   for (int64_t n = 0; n < N; ++n) {
     const T Bn = Bv[n];
 #pragma omp simd
@@ -143,11 +154,11 @@ OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restr
 
 // The state recurrence over one chunk of len steps: y[i] = sum_n C[i][n] x[n] after step i (y
 // (len, W), overwritten); x (N, W) carried in and out. Bv, Cv: step 0's rows of B and C, bst and
-// cst their time strides. dtc, duc: the steps' dt and dt * u (len, W).
+// cst their time strides. dtc, duc: the steps' dt and dt * u (len, W). `wide`: as for bwd_states.
 template <typename T>
 OLM_INLINE void fwd_chunk(int64_t len, int64_t N, const T* __restrict__ dtc, const T* __restrict__ duc,
                           const T* __restrict__ Ae, const T* Bv, const T* Cv, int64_t bst, int64_t cst, T* __restrict__ x,
-                          T* __restrict__ y) {
+                          T* __restrict__ y, bool /*wide*/) {
   for (int64_t i = 0; i < len; ++i) {
     for (int64_t w = 0; w < W; ++w) y[i * W + w] = T(0);
     fwd_states<T>(N, dtc + i * W, duc + i * W, Ae, Bv + i * bst, Cv + i * cst, x, y + i * W);
@@ -165,10 +176,12 @@ OLM_INLINE float exp_arg_scale<float>() {
 template <>
 OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const float* __restrict__ du,
                                   const float* __restrict__ Ae, const float* __restrict__ Bv,
-                                  const float* __restrict__ xp, float* __restrict__ xn, float* __restrict__ e) {
+                                  const float* __restrict__ xp, float* __restrict__ xn, float* __restrict__ e,
+                                  bool wide) {
   const __m512 dtv = _mm512_loadu_ps(dt), duv = _mm512_loadu_ps(du);
   for (int64_t n = 0; n < N; ++n) {
-    const __m512 ev = olm::vexp2(dtv, _mm512_loadu_ps(Ae + n * W));
+    const __m512 av = _mm512_loadu_ps(Ae + n * W);
+    const __m512 ev = wide ? olm::vexp2_wide(dtv, av) : olm::vexp2(dtv, av);
     _mm512_storeu_ps(e + n * W, ev);
     _mm512_storeu_ps(xn + n * W,
                     _mm512_fmadd_ps(ev, _mm512_loadu_ps(xp + n * W), _mm512_mul_ps(duv, _mm512_set1_ps(Bv[n]))));
@@ -178,7 +191,7 @@ OLM_INLINE void bwd_states<float>(int64_t N, const float* __restrict__ dt, const
 // NG states of a channel block through all len steps of a chunk, states and their A held in
 // registers (the recurrence never goes through memory); y[i] += (or = when `first`) their
 // contribution to step i's output.
-template <int NG>
+template <int NG, bool Wide>
 OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const float* __restrict__ duc,
                           const float* __restrict__ Ae, const float* Bv, const float* Cv, int64_t bst, int64_t cst,
                           float* __restrict__ x, float* __restrict__ y, bool first) {
@@ -194,7 +207,8 @@ OLM_INLINE void fwd_group(int64_t len, const float* __restrict__ dtc, const floa
     __m512 ya = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * W), yb = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int n = 0; n < NG; ++n) {  // two accumulators: a shorter dependency chain
-      xs[n] = _mm512_fmadd_ps(olm::vexp2(dtv, as[n]), xs[n], _mm512_mul_ps(duv, _mm512_set1_ps(Bi[n])));
+      const __m512 ev = Wide ? olm::vexp2_wide(dtv, as[n]) : olm::vexp2(dtv, as[n]);
+      xs[n] = _mm512_fmadd_ps(ev, xs[n], _mm512_mul_ps(duv, _mm512_set1_ps(Bi[n])));
       if (n & 1)
         yb = _mm512_fmadd_ps(xs[n], _mm512_set1_ps(Ci[n]), yb);
       else
@@ -210,10 +224,14 @@ template <>
 OLM_INLINE void fwd_chunk<float>(int64_t len, int64_t N, const float* __restrict__ dtc,
                                  const float* __restrict__ duc, const float* __restrict__ Ae, const float* Bv,
                                  const float* Cv, int64_t bst, int64_t cst, float* __restrict__ x,
-                                 float* __restrict__ y) {
+                                 float* __restrict__ y, bool wide) {
   int64_t n = 0;
-  for (; n + 8 <= N; n += 8) fwd_group<8>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
-  for (; n < N; ++n) fwd_group<1>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
+  if (wide) {  // rare (only for |dt A| near float's range): the checked exp, without the register-group variant
+    for (; n < N; ++n) fwd_group<1, true>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
+  }
+  for (; n + 8 <= N; n += 8)
+    fwd_group<8, false>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
+  for (; n < N; ++n) fwd_group<1, false>(len, dtc, duc, Ae + n * W, Bv + n, Cv + n, bst, cst, x + n * W, y, n == 0);
   if (N == 0)
     for (int64_t i = 0; i < len * W; ++i) y[i] = 0.0f;
 }
@@ -255,6 +273,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
         load_lanes<W>(x0p ? x0p + (b * N + n) * dim + d0 : nullptr, wn, x + n * W);
       }
       for (int64_t i = 0; i < N * W; ++i) Ae[i] *= exp_arg_scale<T>();
+      const T amax = max_abs(Ae, N * W);
       load_lanes<W>(Dp ? Dp + d0 : nullptr, wn, Dv);
       load_lanes<W>(bp ? bp + d0 : nullptr, wn, bb);
       for (int64_t t0 = 0; t0 < L; t0 += K) {
@@ -272,7 +291,8 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
           }
           load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dtc + i * W, uc + i * W, duc + i * W, raw);
         }
-        fwd_chunk<T>(len, N, dtc, duc, Ae, BB.row(b, g, t0), CC.row(b, g, t0), BB.st, CC.st, x, yc);
+        const bool wide = max_abs(dtc, len * W) * amax >= T(olm::kWideExp);
+        fwd_chunk<T>(len, N, dtc, duc, Ae, BB.row(b, g, t0), CC.row(b, g, t0), BB.st, CC.st, x, yc, wide);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = t0 + i;
           if (t + kAhead < L) {
@@ -349,6 +369,7 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
       T* dCg = dCp + task * L * N;
       // per block: h, dA accumulator, A, A for exp (N x W each); D, bias, dD and dbias accumulators (W each)
       auto blk = [&](int64_t j) { return blk_buf.data() + j * (4 * NW + 4 * W); };
+      std::vector<T> amax(std::max<int64_t>(nk, 1));  // per block: max |A| (exp-scaled), for bwd_states' `wide`
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t d0 = g * s.dpg + (k0 + j) * W, wn = std::min(W, g * s.dpg + s.dpg - d0);
         T* h = blk(j);
@@ -364,6 +385,7 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
           dAacc[i] = T(0);
           Ae[i] = Ab[i] * exp_arg_scale<T>();
         }
+        amax[j] = max_abs(Ae, NW);
         load_lanes<W>(Dp ? Dp + d0 : nullptr, wn, Dv);
         load_lanes<W>(bp ? bp + d0 : nullptr, wn, Dv + W);
         for (int64_t w = 0; w < 2 * W; ++w) Dv[2 * W + w] = T(0);
@@ -392,7 +414,8 @@ void bwd_kernel(const at::Tensor& gout, const std::optional<at::Tensor>& glast, 
               olm::prefetch(uu.row(b, t + kAhead) + d0, W);
             }
             load_step<T>(dd.row(b, t) + d0, uu.row(b, t) + d0, bb, sp, wn, dti, uc + i * W, dui, rawc + i * W);
-            bwd_states<T>(N, dti, dui, Ae, BB.row(b, g, t), xs + i * NW, xs + (i + 1) * NW, e + i * NW);
+            const bool wide = max_abs(dti, W) * amax[j] >= T(olm::kWideExp);
+            bwd_states<T>(N, dti, dui, Ae, BB.row(b, g, t), xs + i * NW, xs + (i + 1) * NW, e + i * NW, wide);
           }
           for (int64_t i = len - 1; i >= 0; --i) {  // adjoint recurrence, backwards in time
             const int64_t t = t0 + i, orow = (b * L + t) * dim + d0;
