@@ -233,3 +233,16 @@ def test_cli_starts_without_importing_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ctrl_c_while_the_commands_load_is_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C during start-up (building the parser imports every command module): exit 130 with one line, as
+    during a command, not a KeyboardInterrupt traceback."""
+    from openlm_mamba import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

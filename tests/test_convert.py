@@ -602,7 +602,7 @@ def test_hf_shards_without_index_name_the_missing_shard(tiny, tmp_path):
 
 def test_dtype_must_be_one_of_the_named_ones(tiny, tmp_path):
     src = _openlm_ckpt(tiny, tmp_path / "e.pt")
-    for bad in (torch.int8, torch.float8_e4m3fn, torch.float64, "float64", 16):
+    for bad in (torch.int8, torch.float8_e4m3fn, torch.complex64, "double", 16):
         with pytest.raises(ConversionError, match="dtype must be one of float32, fp32, bfloat16"):
             convert(src, tmp_path / "x", to="hf", dtype=bad, progress=False)
         with pytest.raises(ConversionError, match="dtype must be one of"):
@@ -610,6 +610,12 @@ def test_dtype_must_be_one_of_the_named_ones(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
     convert(src, tmp_path / "bf16", to="hf", dtype=torch.bfloat16, progress=False)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # float64, as to_transformers and float64 models support it: exact both ways
+    convert(src, tmp_path / "f64", to="hf", dtype="float64", progress=False)
+    wide = load_model(tmp_path / "f64", dtype=torch.float64)
+    assert next(wide.parameters()).dtype == torch.float64
+    for key, value in load_model(src).state_dict().items():
+        assert torch.equal(wide.state_dict()[key], value.double()), key
 
 
 def test_hf_config_errors_name_hf_keys(tiny, tmp_path):
@@ -762,3 +768,103 @@ def test_in_place_conversion_still_works(tiny, tmp_path):
     assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
     convert(src, src, to="openlm", model="mamba_tiny", overwrite=True, progress=False)
     assert torch.load(src, weights_only=True)["model_config"]["d_model"] == 64 and not _no_leftovers(tmp_path)
+
+
+# -- malformed sources and lossy casts (each a clear ConversionError, nothing written) ---------------------
+def test_malformed_weight_index_values_are_named(tiny, tmp_path):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    hf = tmp_path / "hf"
+    convert(src, hf, to="hf", model="mamba_tiny", shard_size="100KB", progress=False)
+    index_path = hf / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    for bad in (5, None, ["a"], "../hf/model-00001-of-00002.safetensors", ""):
+        broken = {**index, "weight_map": {**index["weight_map"], key: bad}}
+        index_path.write_text(json.dumps(broken))
+        with pytest.raises(ConversionError, match=rf"weight_map value for {key!r} must be a shard file name in"):
+            convert(hf, tmp_path / "out.pt", to="openlm", progress=False)
+    index_path.write_text(json.dumps({**index, "weight_map": list(index["weight_map"])}))
+    with pytest.raises(ConversionError, match="'weight_map' must be an object of tensor name -> shard file, got list"):
+        convert(hf, tmp_path / "out.pt", to="openlm", progress=False)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_json_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
+    src = _openlm_ckpt(tiny, tmp_path / "e.pt")
+    hf = tmp_path / "hf"
+    convert(src, hf, to="hf", model="mamba_tiny", progress=False)
+    (hf / "generation_config.json").write_bytes(b'{"x": "\xff\xfe"}')
+    with pytest.raises(ConversionError, match=r"generation_config.json: not a UTF-8 JSON file \(byte 7 is b'\\xff'\)"):
+        convert(hf, tmp_path / "hf2", to="hf", progress=False)
+    (hf / "config.json").write_bytes(b'{"hidden_size": 16, "x": "\xff"}')
+    with pytest.raises(ConversionError, match=r"config.json: not a UTF-8 JSON file"):
+        convert(hf, tmp_path / "out.pt", to="openlm", progress=False)
+    assert cli_main(["info", str(hf)]) == 2
+    assert "config.json: not a UTF-8 JSON file" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_padded_vocabulary_survives_hf_and_mamba_ssm(tmp_path):
+    """A vocabulary of 50 padded to 56 rows: HF's vocab_size counts rows, so the true size travels as
+    unpadded_vocab_size and comes back through HF and mamba_ssm (padding rows are never sampled)."""
+    torch.manual_seed(0)
+    cfg = {"d_model": 32, "n_layer": 1, "vocab_size": 50, "pad_vocab_size_multiple": 8}
+    model = MambaLM(cfg)
+    src = _openlm_ckpt(model, tmp_path / "e.pt")
+    convert(src, tmp_path / "hf", to="hf", model=model.cfg, progress=False)
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["vocab_size"], written["unpadded_vocab_size"]) == (56, 50)
+    convert(tmp_path / "hf", tmp_path / "ssm", to="mamba_ssm", progress=False)
+    convert(tmp_path / "ssm", tmp_path / "back.pt", to="openlm", progress=False)
+    for path in ("hf", "ssm", "back.pt"):
+        assert load_model(tmp_path / path).cfg.vocab_size == 50, path
+    from transformers import MambaForCausalLM
+
+    assert MambaForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size == 56  # transformers reads rows
+    written["unpadded_vocab_size"] = 40  # pads to 40, not 56
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(written))
+    with pytest.raises(ConversionError, match=r"unpadded_vocab_size must be an int that pads \(multiple 8\) to"):
+        load_model(tmp_path / "hf")
+
+
+def test_float16_cast_that_would_overflow_is_refused(tiny, tmp_path):
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    state["model.backbone.layers.0.mixer.D"][0] = 1e6
+    src = tmp_path / "big.pt"
+    torch.save({"state_dict": state}, src)
+    with pytest.raises(ConversionError, match=r"mixer.D: holds values up to 1e\+06, beyond float16's range"):
+        convert(src, tmp_path / "o", to="hf", model="mamba_tiny", dtype="float16", progress=False)
+    assert not (tmp_path / "o").exists() and _no_leftovers(tmp_path) == []
+    convert(src, tmp_path / "o", to="hf", model="mamba_tiny", dtype="bfloat16", progress=False)  # in range
+
+
+def test_hf_to_hf_keeps_an_explicit_null_token_id(tiny, tmp_path):
+    hf = tmp_path / "hf"
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), hf, to="hf", model="mamba_tiny", progress=False)
+    config = json.loads((hf / "config.json").read_text())
+    config.update(bos_token_id=None, eos_token_id=[0, 1])
+    (hf / "config.json").write_text(json.dumps(config))
+    convert(hf, tmp_path / "out", to="hf", progress=False)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"]) == (None, [0, 1])
+
+
+def test_dangling_weights_symlink_and_wrong_argument_types(tiny, tmp_path):
+    from openlm_mamba.convert import to_transformers
+
+    hf = tmp_path / "hf"
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), hf, to="hf", model="mamba_tiny", progress=False)
+    (hf / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    (hf / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(ConversionError, match=r"model.safetensors: a symlink to .*gone.safetensors, which does not"):
+        load_model(hf)
+    with pytest.raises(TypeError, match="to_transformers: model must be a MambaLM, got dict"):
+        to_transformers({})
+    with pytest.raises(TypeError, match="hf_config: cfg must be a MambaConfig"):
+        hf_config({"d_model": 16})
+
+
+def test_cli_info_of_a_missing_checkpoint_path(capsys):
+    for arg in ("nonexist.pt", "some/dir/"):
+        assert cli_main(["info", arg]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {arg}: no such file or directory"

@@ -429,3 +429,79 @@ def test_a_file_saved_without_checksums_loads(tiny, tmp_path, monkeypatch):
     model = load_model(src)
     for k, v in tiny.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+# -- destinations that change while converting; side-file names ------------------------------------------
+def test_overwrite_keeps_what_appears_in_the_destination_while_converting(tiny, tmp_path, monkeypatch):
+    """--overwrite replaces what the destination held when the conversion started: a file or folder someone puts
+    there mid-run is not deleted (the conversion fails instead, the destination left as it is), and a destination
+    that appears mid-run is not replaced wholesale."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    out = tmp_path / "out"
+    convert(src, out, to="hf", model="mamba_tiny", progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    real = hf.write_safetensors
+
+    def meanwhile(path, *args, **kwargs):  # someone writes into the destination while the output is written
+        real(path, *args, **kwargs)
+        (out / "notes.txt").write_text("precious")
+        (out / "eval_results").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(hf, "write_safetensors", meanwhile)
+    with pytest.raises(ConversionError, match=r"eval_results/, notes.txt appeared in it while converting; left as it"):
+        convert(src, out, to="hf", model="mamba_tiny", overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "precious" and (out / "eval_results").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval_results", "notes.txt"])
+    assert _leftovers(tmp_path) == []
+
+    fresh = tmp_path / "fresh"
+
+    def appears(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        fresh.mkdir(exist_ok=True)
+        (fresh / "mine").write_text("x")
+
+    monkeypatch.setattr(hf, "write_safetensors", appears)
+    with pytest.raises(ConversionError, match="appeared while converting"):
+        convert(src, fresh, to="hf", model="mamba_tiny", overwrite=True, progress=False)
+    assert [p.name for p in fresh.iterdir()] == ["mine"] and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("to,name", [("hf", "a" * 245), ("openlm", "b" * 240 + ".pt")])
+def test_a_destination_name_near_the_length_limit(tiny, tmp_path, to, name):
+    """A destination whose own name fits the 255-byte limit but whose partial-output name would not: converted
+    (the side files get a shortened, hashed name), not a raw 'File name too long' traceback."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    dst = tmp_path / name
+    convert(src, dst, to=to, model="mamba_tiny", progress=False)
+    assert dst.exists() and _leftovers(tmp_path) == []
+    convert(src, dst, to=to, model="mamba_tiny", overwrite=True, progress=False)
+    got = load_model(dst).state_dict()
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(got[key], value), key
+
+
+def test_output_moved_aside_by_a_killed_overwrite_is_restored(tiny, tmp_path):
+    """SIGKILL between moving the old output aside and moving the new one in leaves the old one under
+    .<name>.old-<host>-<pid>: the next conversion to that destination puts it back first (or removes it when the
+    new output did land)."""
+    src = _epoch_ckpt(tiny, tmp_path / "e.pt")
+    out = tmp_path / "out"
+    convert(src, out, to="hf", model="mamba_tiny", progress=False)
+    aside = tmp_path / common._side_name(out, "old", _dead_pid())
+    os.replace(out, aside)
+    assert common.remove_stale_partials(out) == [] and out.is_dir() and not aside.exists()
+    convert(src, tmp_path / "copy", to="hf", model="mamba_tiny", progress=False)
+    os.replace(tmp_path / "copy", aside)  # both there: the new output had landed
+    assert common.remove_stale_partials(out) == [aside] and out.is_dir() and _leftovers(tmp_path) == []
+
+
+def test_short_write_message_names_the_file_size_limit(tmp_path, monkeypatch):
+    """torch.save's writer does not say why a write fell short: with a file-size limit set (ulimit -f), the error
+    names it beside a full disk."""
+    err = RuntimeError("[enforce fail at inline_container.cc:1] . unexpected pos 64 vs 32")
+    monkeypatch.setattr(common, "_file_size_limit", lambda: 1_000_000)
+    msg = str(common.write_error(tmp_path / "x.pt", err))
+    assert "no space left on device while writing, or past this process's file size limit of 1,000,000 bytes" in msg
+    monkeypatch.setattr(common, "_file_size_limit", lambda: None)
+    assert "file size limit" not in str(common.write_error(tmp_path / "x.pt", err))

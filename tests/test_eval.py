@@ -153,8 +153,8 @@ def test_lm_eval_multiple_choice_offline_matches_transformers(setup, task_dir, m
 def test_shared_contexts_score_as_whole_requests_with_fewer_tokens(setup):
     """Requests sharing a context (choices of one question) read it once and continue from copies of its state:
     the same log-likelihoods and greedy flags as scoring each request whole (and as transformers), with fewer
-    tokens through the model. Covers 1-token and longer continuations, singletons, a continuation longer
-    than max_length and contexts cut at max_length."""
+    tokens through the model. Covers 1-token and longer continuations, singletons, a continuation as long
+    as max_length and contexts cut at max_length."""
     from openlm_mamba.evaluation import MambaEvalLM
 
     _, lm, hf = setup
@@ -165,7 +165,7 @@ def test_shared_contexts_score_as_whole_requests_with_fewer_tokens(setup):
 
     ctxs = [toks(n) for n in (30, 7, 1, 120)]  # the last is cut at max_length with its longer continuations
     reqs = [(None, ctx, toks(n)) for ctx in ctxs for n in (1, 3, 1, 6, 2)]
-    reqs += [(None, toks(12), toks(4)), (None, toks(5), toks(140)), (None, ctxs[1], toks(1))]  # alone, too long
+    reqs += [(None, toks(12), toks(4)), (None, toks(5), toks(128)), (None, ctxs[1], toks(1))]  # alone, max_length
     assert lm.share_contexts and lm.batch_size == 4
     shared = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     kw = {"model": lm.model, "tokenizer": lm.tokenizer, "max_length": 128}

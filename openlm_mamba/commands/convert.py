@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "float64"],
         help="cast floating tensors to this dtype (default: keep the source's dtypes)",
     )
     parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --to hf (default 5GB)")

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "float64"],
         help="weights and compute dtype (default: the checkpoint's weights in float32, on any device)",
     )
     parser.add_argument(

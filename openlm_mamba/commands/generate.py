@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU"
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="default: bf16 on GPU, fp32 on CPU",
     )
     parser.add_argument(
         "--backend",

@@ -117,6 +117,9 @@ def _params(n: int) -> str:
     return str(n)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json")
+
+
 def _is_checkpoint_path(arg: str, names: list[str]) -> bool:
     """MODEL names a checkpoint (a file that is not JSON, or a directory) rather than a config; a shipped
     config's name wins over a directory of that name in the working directory (say ./NAME for the directory)."""
@@ -247,7 +250,11 @@ def run(args: argparse.Namespace) -> int:
     info: dict = {}
     unrecorded: dict[str, str] | None = None
     try:
-        if _is_checkpoint_path(args.model, available_configs()):
+        path = Path(args.model)
+        names = available_configs()
+        if args.model not in names and not path.exists() and (path.suffix in _CHECKPOINT_SUFFIXES or "/" in args.model):
+            raise ValueError(f"{args.model}: no such file or directory")
+        if _is_checkpoint_path(args.model, names):
             cfg, info = checkpoint_info(args.model)
             unrecorded = info.pop("not_recorded")
         else:

@@ -223,7 +223,18 @@ def _caster(source: TensorSource, dtype: torch.dtype | None):
     def fetch(key: str) -> torch.Tensor:  # integrity checked by the caller once the bytes are written
         t = source.get(key, check=False)
         want = dtype_of(key)
-        return t if t.dtype == want else t.to(want)
+        if t.dtype == want:
+            return t
+        out = t.to(want)
+        if want.is_floating_point and torch.finfo(want).max < torch.finfo(t.dtype).max:
+            lost = torch.isinf(out) & torch.isfinite(t)  # finite weights past the new dtype's range
+            if bool(lost.any()):
+                big = float(t[lost].abs().max())
+                raise ConversionError(
+                    f"{key}: holds values up to {big:.4g}, beyond {str(want).replace('torch.', '')}'s range "
+                    f"(max {torch.finfo(want).max:.4g}); they would become inf: convert to bfloat16 or float32"
+                )
+        return out
 
     return fetch, dtype_of
 
@@ -235,6 +246,8 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 
 
@@ -247,7 +260,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ConversionError(
-        f"dtype must be one of {', '.join(_DTYPES)} or torch.float32 / torch.bfloat16 / torch.float16, got {dtype!r}"
+        f"dtype must be one of {', '.join(_DTYPES)} or the torch dtype one of them names, got {dtype!r}"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -813,8 +814,9 @@ def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ())
     if _exists(dst) and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     parent = dst.parent if str(dst.parent) else Path(".")
-    tmp = parent / f".{dst.name}.partial-{_HOST}-{os.getpid()}"
+    tmp = parent / _side_name(dst, "partial", os.getpid())
     created = _missing_parents(dst, parent)
+    before = _entries(dst)  # what --overwrite was checked against: replaced only while it still holds no more
     try:
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -825,17 +827,27 @@ def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ())
         yield tmp
         if not tmp.exists():
             raise ConversionError(f"internal: nothing was written for {dst}")
-        if not _exists(dst):
+        now = _entries(dst)
+        if now is None:
             os.replace(tmp, dst)
-        elif not overwrite:
+        elif before is None or not overwrite:
             raise ConversionError(
-                f"{dst}: appeared while converting (another conversion to it?); left as it is "
-                "(pass overwrite=True / --overwrite to replace it)"
+                f"{dst}: appeared while converting (another conversion to it?); left as it is"
+                + ("" if overwrite else " (pass overwrite=True / --overwrite to replace it)")
+            )
+        elif now - before:
+            new = ", ".join(sorted(now - before)[:5])
+            raise ConversionError(
+                f"{dst}: {new} appeared in it while converting; left as it is, and the new output is not written "
+                "(--overwrite replaces only what the destination held when the conversion started)"
             )
         else:
-            _replace(tmp, dst, parent / f".{dst.name}.old-{os.getpid()}", carry)
+            _replace(tmp, dst, parent / _side_name(dst, "old", os.getpid()), carry)
     except BaseException as e:
-        _remove(tmp)
+        try:
+            _remove(tmp)
+        except OSError as cleanup:  # never hide the error that stopped the conversion
+            _log.warning("could not remove the partial output %s: %s", tmp, cleanup)
         for folder in created:  # deepest first; stops at the first one something else has put files in
             try:
                 folder.rmdir()
@@ -849,6 +861,34 @@ def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ())
 
 def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
+
+
+def _entries(path: Path) -> frozenset[str] | None:
+    """The names in directory ``path`` ({""} for a file), None when nothing is there."""
+    if not _exists(path):
+        return None
+    if not path.is_dir():
+        return frozenset({""})
+    try:
+        return frozenset(e.name + ("/" if e.is_dir() else "") for e in path.iterdir())
+    except OSError:
+        return frozenset()
+
+
+_NAME_MAX = 255
+
+
+def _side_stem(dst: Path) -> str:
+    """``dst``'s name as the side files (partial output, replaced output) carry it: shortened with a hash when
+    the side name would pass the filesystem's 255-byte limit."""
+    name = dst.name
+    if len(f".{name}.partial-{_HOST}-{2**22}".encode()) <= _NAME_MAX:
+        return name
+    return f"{name.encode()[:96].decode(errors='ignore')}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+def _side_name(dst: Path, kind: str, pid: int) -> str:
+    return f".{_side_stem(dst)}.{kind}-{_HOST}-{pid}"
 
 
 def _missing_parents(dst: Path, parent: Path) -> list[Path]:
@@ -894,9 +934,23 @@ def write_error(dst: Path, error: Exception) -> ConversionError | None:
         return None
     detail = text.split("] . ", 1)[-1].strip()
     if "unexpected pos" in text or "file write failed" in text:  # the writer got fewer bytes out than it asked
-        return ConversionError(f"{dst}: {_NO_SPACE[errno.ENOSPC]} (torch.save wrote short: {detail})")
+        cause = _NO_SPACE[errno.ENOSPC]
+        limit = _file_size_limit()
+        if limit is not None:  # the writer does not say which: name both
+            cause = f"{cause}, or past this process's file size limit of {limit:,} bytes (ulimit -f)"
+        return ConversionError(f"{dst}: {cause} (torch.save wrote short: {detail})")
     m = re.search(r"(?:strerror|fopen): ([^,\n]+)", text)
     return ConversionError(f"{dst}: cannot write: {m.group(1).strip() if m else detail}")
+
+
+def _file_size_limit() -> int | None:
+    """RLIMIT_FSIZE in bytes, None when unlimited (or not POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 # partial outputs are named ``.<dst name>.partial-<host>-<pid>``; older versions wrote ``.<dst name>.partial-<pid>``
@@ -911,7 +965,8 @@ def remove_stale_partials(dst: Path) -> list[Path]:
     """
     dst = Path(dst)
     parent = dst.parent if str(dst.parent) else Path(".")
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.partial-(?:(?P<host>[A-Za-z0-9._-]+)-)?(?P<pid>\d+)")
+    stem = re.escape(_side_stem(dst))
+    pattern = re.compile(rf"\.{stem}\.(?P<kind>partial|old)-(?:(?P<host>[A-Za-z0-9._-]+)-)?(?P<pid>\d+)")
     removed = []
     try:
         entries = list(parent.iterdir())
@@ -921,6 +976,13 @@ def remove_stale_partials(dst: Path) -> list[Path]:
         m = pattern.fullmatch(path.name)
         if m is None or m.group("host") not in (None, _HOST) or _pid_alive(int(m.group("pid"))):
             continue
+        if m.group("kind") == "old":  # the output an --overwrite moved aside; the process died before the swap
+            if m.group("host") is None:
+                continue  # older versions' name without a host: it may be another machine's
+            if not _exists(dst):
+                os.replace(path, dst)
+                _log.warning("restored %s from %s, left by an interrupted conversion", dst, path)
+                continue
         try:
             _remove(path)
         except OSError as e:
@@ -958,6 +1020,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ConversionError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConversionError(
+            f"{path}: not a UTF-8 JSON file (byte {e.start} is {e.object[e.start : e.start + 1]!r})"
+        ) from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read {what}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -970,7 +1038,7 @@ def dir_config(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
 

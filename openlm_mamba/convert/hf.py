@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,8 @@ NEOX_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 def hf_config(cfg: MambaConfig, dtype: torch.dtype | str = torch.float32) -> dict[str, Any]:
     """The HF ``MambaForCausalLM`` config.json (a dict) describing a model of ``cfg``."""
+    if not isinstance(cfg, MambaConfig):
+        raise TypeError(f"hf_config: cfg must be a MambaConfig (MambaConfig.from_dict(...)), got {type(cfg).__name__}")
     dtype_name = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
     if not cfg.rms_norm:
         raise ConversionError(f"{cfg.name}: HF MambaForCausalLM only has RMSNorm; rms_norm=False cannot be exported")
@@ -79,6 +82,8 @@ def hf_config(cfg: MambaConfig, dtype: torch.dtype | str = torch.float32) -> dic
         **NEOX_SPECIAL_IDS,
         "torch_dtype": dtype_name,
     }
+    if cfg.vocab_size != cfg.padded_vocab_size:  # HF's vocab_size counts embedding rows: the tokenizer's size
+        out["unpadded_vocab_size"] = cfg.vocab_size  # kept so that the padding rows stay unsampled on the way back
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         out["transformers_version"] = importlib.metadata.version("transformers")
     return out
@@ -141,6 +146,15 @@ def config_from_hf(data: dict[str, Any], source: str, seq_len: int = 2048) -> Ma
     pad = data.get("pad_vocab_size_multiple", 8)
     if not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0 or fields["vocab_size"] % pad:
         pad = 1  # HF's vocab_size is the embedding's row count: keep it exactly
+    real = data.get("unpadded_vocab_size")  # written by hf_config when padding added rows
+    if real is not None:
+        rows = fields["vocab_size"]
+        if not isinstance(real, int) or isinstance(real, bool) or not 0 < real <= rows or -(-real // pad) * pad != rows:
+            raise ConversionError(
+                f"{source}: unpadded_vocab_size must be an int that pads (multiple {pad}) to vocab_size {rows}, "
+                f"got {real!r}"
+            )
+        fields["vocab_size"] = real
     fields.update(seq_len=seq_len, pad_vocab_size_multiple=pad, name=Path(source).parent.name or "hf")
     # rescale_prenorm_residual: an init-only flag HF configs must hold False (see hf_config): says nothing here
     try:
@@ -208,6 +222,8 @@ _SHARD_NAMES = (
 def _add_weights(source: TensorSource, path: Path, rename: Callable[[str], str | None]) -> None:
     for name, loader, indexed in _WEIGHT_FILES:
         file = path / name
+        if file.is_symlink() and not file.exists():
+            raise ConversionError(f"{file}: a symlink to {os.readlink(file)}, which does not exist")
         if not file.is_file():
             continue
         if indexed:
@@ -229,11 +245,19 @@ def _add_weights(source: TensorSource, path: Path, rename: Callable[[str], str |
 def _add_indexed(source: TensorSource, index: Path, loader: str, rename: Callable[[str], str | None]) -> None:
     """Add the shards an index json lists, each with only the tensors the index maps to it."""
     weight_map = read_json(index, "weight index").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    if weight_map is not None and not isinstance(weight_map, dict):
+        raise ConversionError(
+            f"{index}: 'weight_map' must be an object of tensor name -> shard file, got {type(weight_map).__name__}"
+        )
+    if not weight_map:
         raise ConversionError(f"{index}: missing or empty 'weight_map'")
     source.files.append(index)
     files: dict[str, set[str]] = {}
     for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+            raise ConversionError(
+                f"{index}: weight_map value for {key!r} must be a shard file name in {index.parent}, got {fname!r}"
+            )
         files.setdefault(fname, set()).add(key)
     for fname, keys in sorted(files.items()):
         shard = index.parent / fname
@@ -339,7 +363,7 @@ def hf_extras(path: Path) -> dict[str, Any]:
             return bool(value) and all(valid(key, v) for v in value)
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if valid(k, config.get(k))}
+    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if k in config and (config[k] is None or valid(k, config[k]))}
     if ids:
         out["special_ids"] = ids
     if (path / "generation_config.json").is_file():
@@ -356,6 +380,10 @@ def to_transformers(model: MambaLM) -> MambaForCausalLM:
     from transformers import MambaConfig as HFConfig
     from transformers import MambaForCausalLM
 
+    from ..model import MambaLM
+
+    if not isinstance(model, MambaLM):
+        raise TypeError(f"to_transformers: model must be a MambaLM, got {type(model).__name__}")
     config = {k: v for k, v in hf_config(model.cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' "falling back to the PyTorch path" notices
