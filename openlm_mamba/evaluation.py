@@ -288,6 +288,16 @@ class MambaEvalLM(TemplateLM):
         special = {} if add_special_tokens is None else {"add_special_tokens": bool(add_special_tokens)}
         return list(self.tokenizer.encode(string, **special))
 
+    def _encode_context(self, text: str) -> list[int]:
+        """A generate_until context's ids as ``HFLM.tok_batch_encode`` makes them: no special tokens for a text
+        that starts with the tokenizer's BOS, else as ``add_bos_token`` says, else the tokenizer's default."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if isinstance(bos, str) and bos and text.startswith(bos):
+            special = {"add_special_tokens": False}
+        else:
+            special = {} if self.add_bos_token is None else {"add_special_tokens": self.add_bos_token}
+        return list(self.tokenizer.encode(text, **special))
+
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
@@ -483,7 +493,7 @@ class MambaEvalLM(TemplateLM):
                     f"in max_length ({self.max_length}); raise max_length above {max_new}"
                 )
             sampling = _sampling_settings(kwargs)
-            ctx = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
+            ctx = self._encode_context(context)[-(self.max_length - max_new) :] or [self.prefix_token_id]
             jobs.append((i, ctx, max_new, until, sampling))
         out: list[str] = [""] * len(jobs)
         groups: dict[tuple, list] = {}

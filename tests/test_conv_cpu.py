@@ -116,6 +116,11 @@ def test_16_bit_inputs_are_computed_in_float32_like_the_reference(dtype):
     assert out.dtype == dtype
     ref_err, err = ((t.double() - exact).abs().mean().item() for t in (ref, out))
     assert err <= 1.05 * ref_err, (err, ref_err)
+    # rounded once, as the reference: the same 16-bit values but for rare summation-order ties, and none in
+    # the first steps, which read the float32 initial states (rounding those first changed a third of them)
+    assert (out != ref).float().mean() < 0.005 and torch.equal(out[..., :3], ref[..., :3])
+    _, final = causal_conv1d(x, w, b, init, return_final_states=True, backend="torch")
+    assert final.dtype == dtype and torch.equal(final, x[..., -3:])
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 5), (0, 4, 0), (2, 0, 5)], ids=str)

@@ -454,6 +454,24 @@ def test_overwrite_keeps_what_appears_in_the_destination_while_converting(tiny, 
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval_results", "notes.txt"])
     assert _leftovers(tmp_path) == []
 
+    from openlm_mamba import convert as convert_module
+
+    real_check = convert_module.check_destination
+
+    def checked_then_written(dst, **kwargs):  # right after the destination was checked
+        carry = real_check(dst, **kwargs)
+        (dst / "late.txt").write_text("precious")
+        return carry
+
+    monkeypatch.setattr(hf, "write_safetensors", real)
+    (out / "notes.txt").unlink()
+    (out / "eval_results").rmdir()
+    monkeypatch.setattr(convert_module, "check_destination", checked_then_written)
+    with pytest.raises(ConversionError, match=r"late\.txt appeared in it while converting"):
+        convert(src, out, to="hf", model="mamba_tiny", overwrite=True, progress=False)
+    assert (out / "late.txt").read_text() == "precious"
+    monkeypatch.setattr(convert_module, "check_destination", real_check)
+
     fresh = tmp_path / "fresh"
 
     def appears(path, *args, **kwargs):
@@ -491,6 +509,16 @@ def test_output_moved_aside_by_a_killed_overwrite_is_restored(tiny, tmp_path):
     aside = tmp_path / common._side_name(out, "old", _dead_pid())
     os.replace(out, aside)
     assert common.remove_stale_partials(out) == [] and out.is_dir() and not aside.exists()
+    for overwrite in (True, False):  # a real conversion: restored before the destination is checked
+        (out / "tokenizer.json").write_text("{}")
+        os.replace(out, aside)
+        if overwrite:
+            convert(src, out, to="hf", model="mamba_tiny", overwrite=True, progress=False)
+            assert (out / "tokenizer.json").is_file()  # carried over from the restored output
+        else:
+            with pytest.raises(ConversionError, match="already exists"):
+                convert(src, out, to="hf", model="mamba_tiny", progress=False)
+        assert out.is_dir() and not aside.exists()
     convert(src, tmp_path / "copy", to="hf", model="mamba_tiny", progress=False)
     os.replace(tmp_path / "copy", aside)  # both there: the new output had landed
     assert common.remove_stale_partials(out) == [aside] and out.is_dir() and _leftovers(tmp_path) == []

@@ -367,7 +367,18 @@ def test_tokens_handled_as_lm_evals_transformers_adapter(setup):
     ]
     assert ours.generate_until(gen, True) == theirs.generate_until(gen, True)
     assert MambaEvalLM(model=lm.model, tokenizer=tok, add_bos_token="false").tok_encode("The")[0] != 1
-    assert MambaEvalLM(model=lm.model, tokenizer=tok, prefix_token_id=2).prefix_token_id == 2
+    custom = MambaEvalLM(model=lm.model, tokenizer=tok, prefix_token_id=2, max_length=64)
+    assert custom.prefix_token_id == 2
+    theirs_custom = HFLM(pretrained=hf, tokenizer=tok, prefix_token_id=2, max_length=64)
+    bos_gen = [
+        Instance(request_type="generate_until", doc={}, arguments=(t, {"until": ["."], "max_gen_toks": 8}), idx=0)
+        for t in ("<s>The cat", "The cat")
+    ]
+    seen = []  # the context ids generate_until decodes from, against HFLM's for the same request
+    custom._continue = lambda contexts, max_new, sampling: seen.extend(contexts) or [[] for _ in contexts]
+    for req in bos_gen:  # a context starting with the BOS text gets no second BOS, whatever prefix_token_id is
+        custom.generate_until([req], True)
+        assert seen.pop() == theirs_custom.tok_batch_encode([req.args[0]])[0][0].tolist(), req.args
     with pytest.raises(ValueError, match=r"prefix_token_id must be a token id in \[0, 512\), got 99999"):
         MambaEvalLM(model=lm.model, tokenizer=tok, prefix_token_id=99999)
 

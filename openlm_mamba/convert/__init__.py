@@ -27,9 +27,11 @@ from .common import (
     check_tensors,
     compare_configs,
     describe_file,
+    entries,
     expected_shapes,
     parse_size,
     read_json,
+    remove_stale_partials,
 )
 from .hf import config_from_hf, hf_config, hf_extras, is_hf_dir, read_hf, to_transformers, write_hf, writes_hf_file
 from .mamba_ssm import (
@@ -310,6 +312,8 @@ def convert(
         source, cfg = ckpt.source, ckpt.config
         if output_config is not None:
             output_config(cfg)  # a model the format cannot represent: refused before anything is written
+        remove_stale_partials(dst)  # a killed --overwrite's old output goes back first, to be checked as the rest
+        before = entries(dst)  # what --overwrite may replace: anything that appears after this is kept
         carry = check_destination(
             dst, to=to, writes=writes, source=ckpt.path, source_files=source.files, overwrite=overwrite
         )
@@ -318,7 +322,7 @@ def convert(
         fetch, dtype_of = _caster(source, cast)
         total = sum(math.prod(source.tensors[k].shape) * dtype_of(k).itemsize for k in order)  # bytes out
         with (
-            atomic_output(dst, overwrite, carry) as tmp,
+            atomic_output(dst, overwrite, carry, before) as tmp,
             _progress(total, f"convert -> {to}", progress) as bar,
             BackgroundChecks(source) as checks,
         ):

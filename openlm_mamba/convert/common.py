@@ -801,14 +801,21 @@ def check_destination(
     return tuple(carry)
 
 
+_NOW: Any = object()  # atomic_output's `before` default: list the destination on entry
+
+
 @contextlib.contextmanager
-def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ()) -> Iterator[Path]:
+def atomic_output(
+    dst: Path, overwrite: bool = False, carry: Iterable[str] = (), before: frozenset[str] | None = _NOW
+) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; on success move it to ``dst``, on any failure remove it.
 
     ``carry`` names files of an existing ``dst`` directory copied into the new output (tokenizer files).
     Without ``overwrite``, a ``dst`` that appears while writing (another conversion) is not replaced. Parent
     directories created here are removed again on failure. Write failures (a read-only or full filesystem,
-    an unwritable location) raise ConversionError naming ``dst`` and the cause.
+    an unwritable location) raise ConversionError naming ``dst`` and the cause. ``before``: the destination's
+    entries (:func:`entries`) when the caller checked it; with ``overwrite`` it is replaced only if it holds
+    nothing more at the end (default: its entries on entry here).
     """
     dst = Path(dst)
     if _exists(dst) and not overwrite:
@@ -816,7 +823,8 @@ def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ())
     parent = dst.parent if str(dst.parent) else Path(".")
     tmp = parent / _side_name(dst, "partial", os.getpid())
     created = _missing_parents(dst, parent)
-    before = _entries(dst)  # what --overwrite was checked against: replaced only while it still holds no more
+    if before is _NOW:
+        before = entries(dst)  # what --overwrite was checked against: replaced only while it still holds no more
     try:
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -827,7 +835,7 @@ def atomic_output(dst: Path, overwrite: bool = False, carry: Iterable[str] = ())
         yield tmp
         if not tmp.exists():
             raise ConversionError(f"internal: nothing was written for {dst}")
-        now = _entries(dst)
+        now = entries(dst)
         if now is None:
             os.replace(tmp, dst)
         elif before is None or not overwrite:
@@ -863,7 +871,7 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _entries(path: Path) -> frozenset[str] | None:
+def entries(path: Path) -> frozenset[str] | None:
     """The names in directory ``path`` ({""} for a file), None when nothing is there."""
     if not _exists(path):
         return None
@@ -980,8 +988,16 @@ def remove_stale_partials(dst: Path) -> list[Path]:
             if m.group("host") is None:
                 continue  # older versions' name without a host: it may be another machine's
             if not _exists(dst):
-                os.replace(path, dst)
-                _log.warning("restored %s from %s, left by an interrupted conversion", dst, path)
+                try:  # never over something that appeared meanwhile: link (files) or rename into an absent name
+                    if path.is_dir():
+                        os.rename(path, dst)
+                    else:
+                        os.link(path, dst)
+                        path.unlink()
+                except OSError as e:
+                    _log.warning("could not restore %s from %s: %s", dst, path, e)
+                else:
+                    _log.warning("restored %s from %s, left by an interrupted conversion", dst, path)
                 continue
         try:
             _remove(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from .common import (
     torch_load,
     write_safetensors,
 )
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import MambaForCausalLM
@@ -150,11 +153,18 @@ def config_from_hf(data: dict[str, Any], source: str, seq_len: int = 2048) -> Ma
     if real is not None:
         rows = fields["vocab_size"]
         if not isinstance(real, int) or isinstance(real, bool) or not 0 < real <= rows or -(-real // pad) * pad != rows:
-            raise ConversionError(
-                f"{source}: unpadded_vocab_size must be an int that pads (multiple {pad}) to vocab_size {rows}, "
-                f"got {real!r}"
+            # e.g. left behind by transformers' resize_token_embeddings, which does not know the key: the rows win
+            _log.warning(
+                "%s: unpadded_vocab_size %r does not pad (multiple %d) to vocab_size %d; ignored, the vocabulary "
+                "is the %d rows",
+                source,
+                real,
+                pad,
+                rows,
+                rows,
             )
-        fields["vocab_size"] = real
+        else:
+            fields["vocab_size"] = real
     fields.update(seq_len=seq_len, pad_vocab_size_multiple=pad, name=Path(source).parent.name or "hf")
     # rescale_prenorm_residual: an init-only flag HF configs must hold False (see hf_config): says nothing here
     try:

@@ -76,13 +76,13 @@ def causal_conv1d_torch(
     width = weight.shape[1]
     dt = compute_dtype(x, weight, bias, initial_states)  # as the reference: 16-bit inputs computed in float32
     if initial_states is None:
-        xs = F.pad(x, (width - 1, 0))
+        xs = F.pad(x.to(dt), (width - 1, 0))
     else:
-        xs = torch.cat([initial_states.to(x.dtype), x], dim=-1)
-    out = F.conv1d(xs.to(dt), weight.to(dt).unsqueeze(1), None if bias is None else bias.to(dt), groups=dim)
+        xs = torch.cat([initial_states.to(dt), x.to(dt)], dim=-1)
+    out = F.conv1d(xs, weight.to(dt).unsqueeze(1), None if bias is None else bias.to(dt), groups=dim)
     if activation in ("silu", "swish"):
         out = F.silu(out)
     out = out.to(x.dtype)
     if return_final_states:
-        return out, xs[:, :, xs.shape[-1] - (width - 1) :]
+        return out, xs[:, :, xs.shape[-1] - (width - 1) :].to(x.dtype)
     return out
