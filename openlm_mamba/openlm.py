@@ -15,9 +15,13 @@ What :func:`register` changes, all in memory (OpenLM's files stay untouched):
   OpenLM's unmodified FSDP wrap policy makes every layer its own FSDP unit.
 * Compatibility shims, in memory: FSDP full-state-dict saving, DDP and a clean gloo exit on
   CPU-only machines (:func:`_patch_cpu_distributed`), webdataset's end-of-shard marker in OpenLM's tar reader
-  (:func:`_patch_wds_eof_marker`), and numpy scalars in OpenLM's optimizer checkpoints under torch's
-  ``weights_only`` loading (:func:`_allow_numpy_scalars_in_checkpoints`). Each docstring says what fails
-  without it.
+  (:func:`_patch_wds_eof_marker`), numpy scalars in OpenLM's optimizer checkpoints under torch's
+  ``weights_only`` loading (:func:`_allow_numpy_scalars_in_checkpoints`), and tied weights averaged once per
+  step by ``--averagers`` (:func:`_average_tied_weights_once`). Each docstring says what fails without it.
+* Clear errors instead of OpenLM's or torch's raw ones, for a Mamba model: checkpoints of another size or
+  layer count (:func:`_check_shapes_hook`), ``--pretrained`` / ``--resume`` given a directory or an HF /
+  mamba_ssm checkpoint (:func:`_check_checkpoint_arg`), and MoE or other Transformer-only options
+  (:func:`_check_transformer_options`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from open_lm.model import Block as _OpenLMBlock
 from .config import PARAMS_CONFIG_KEY, MambaConfig, config_dir, is_mamba_config
 from .model import MambaLM, ResidualBlock
 
-__all__ = ["OpenLMMambaBlock", "build_model", "create_model", "register", "resolve_config"]
+__all__ = ["OpenLMMambaBlock", "OpenLMMambaLM", "build_model", "create_model", "register", "resolve_config"]
 
 _log = logging.getLogger(__name__)
 _STATE_PREFIXES = ("module.", "_orig_mod.")
@@ -100,8 +104,9 @@ def _strip_prefixes_hook(module, state_dict, prefix, *args) -> None:
 def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a Mamba checkpoint of another size (``--pretrained`` / ``--resume``) gets one
     error saying what the checkpoint holds and what the model is, instead of torch's list of every mismatched
-    tensor (a size mismatch fails in torch with ``strict=False`` too); so does one sharing no tensor name with
-    the model (another model type), which would load nothing."""
+    tensor (a size mismatch fails in torch with ``strict=False`` too) or every missing and unexpected key (another
+    layer count, in a strict load: see :class:`OpenLMMambaLM`); so does one sharing no tensor name with the model
+    (another model type), which would load nothing."""
     from .convert.common import expected_shapes, strip_wrappers
 
     cfg = module.cfg
@@ -122,22 +127,83 @@ def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
     emb = have.get("backbone.embedding.weight")
     if emb is None or len(emb) != 2:  # torch names the missing and unexpected keys
         return
+    layers = sorted({int(m.group(1)) for k in have if (m := re.match(r"backbone\.layers\.(\d+)\.", k))})
+    n_held = max(layers) + 1 if layers else 0
+    held = f"d_model {emb[1]}, {_layers(n_held)}, vocabulary {emb[0]}"
     bad = [(k, have[k], shape) for k, shape in want.items() if k in have and have[k] != shape]
-    if not bad:
+    if bad:
+        diffs = "; ".join(f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(
+            f"the checkpoint does not fit {model}: it holds {held} (from its tensor shapes). "
+            f"{_fitting_model_hint(emb[1], n_held, emb[0])} Differing tensors: {diffs}{more}"
+        )
+    if not getattr(module, "_openlm_mamba_strict", True) or layers == list(range(cfg.n_layer)):
         return
-    layers = {int(m.group(1)) for k in have if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
-    held = f"d_model {emb[1]}, {max(layers) + 1 if layers else 0} layers, vocabulary {emb[0]}"
-    diffs = "; ".join(f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in bad[:3])
-    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    if layers != list(range(n_held)):  # a gap: layers were dropped from the state dict
+        raise ValueError(
+            f"the checkpoint does not fit {model}: it holds {_layers(len(layers))}, numbered "
+            f"{', '.join(map(str, layers))}: layers are missing (an incomplete or edited checkpoint?)"
+        )
     raise ValueError(
-        f"the checkpoint does not fit {model}: it holds {held} (from its tensor shapes). Build the model it was "
-        f"trained with (--model). Differing tensors: {diffs}{more}"
+        f"the checkpoint does not fit {model}: it holds {_layers(n_held)}, the model {cfg.n_layer} (with the "
+        f"same d_model {emb[1]} and vocabulary {emb[0]}). {_fitting_model_hint(emb[1], n_held, emb[0])}"
     )
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
+
+
+def _fitting_model_hint(d_model: int, n_layer: int, vocab: int) -> str:
+    """What to pass as --model for a checkpoint with these sizes: registered Mamba configs that have them, and
+    a note when upstream OpenLM's own entry of a name we replace has them (its mamba_130m has 12 layers)."""
+    fits = []
+    for name, data in getattr(_olm, "_MODEL_CONFIGS", {}).items():
+        if not is_mamba_config(data):
+            continue
+        try:
+            other = MambaConfig.from_dict(data, source=f"{name}.json")
+        except Exception:
+            continue
+        if (other.d_model, other.n_layer, other.padded_vocab_size) == (d_model, n_layer, vocab):
+            fits.append(name)
+    hint = f"--model {' or '.join(fits)} has those sizes." if fits else ""
+    shipped = our_configs()
+    for name, upstream in _UPSTREAM_REPLACED.items():
+        ours = shipped.get(name, {})
+        if (upstream.get("d_model"), upstream.get("n_layer")) != (d_model, n_layer) or ours.get("n_layer") == n_layer:
+            continue
+        hint += (
+            f" Upstream OpenLM's own {name} config has d_model {d_model} and {n_layer} layers; this package's "
+            f"{name}, which replaces it, follows the state-spaces model ({ours.get('n_layer')} layers): for a "
+            f"checkpoint of upstream's {name}, pass --model a JSON copy of openlm-mamba's {name}.json with "
+            f'"n_layer": {n_layer}.'
+        )
+    if not hint:
+        hint = (
+            f"Build the model it was trained with: --model a JSON config with d_model {d_model} and n_layer "
+            f"{n_layer} (or a registered name with those sizes: openlm-mamba info lists the shipped ones)."
+        )
+    return hint.strip()
+
+
+class OpenLMMambaLM(MambaLM):
+    """The MambaLM that OpenLM builds. ``load_state_dict`` tells the shape check whether it was asked for a strict
+    load: torch's pre-hooks always see ``strict=True``, and a partial load (``strict=False``, say the first
+    layers of a deeper model) must stay possible. Loading through a wrapper (FSDP) counts as strict."""
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._openlm_mamba_strict = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._openlm_mamba_strict
 
 
 def build_model(cfg: MambaConfig, backend: str | None = None) -> MambaLM:
     """A MambaLM whose layers are OpenLM Blocks, loading upstream-OpenLM Mamba checkpoints with or without prefixes."""
-    model = MambaLM(cfg, block_cls=OpenLMMambaBlock, backend=backend)
+    model = OpenLMMambaLM(cfg, block_cls=OpenLMMambaBlock, backend=backend)
     model.register_load_state_dict_pre_hook(_strip_prefixes_hook)
     model.register_load_state_dict_pre_hook(_check_shapes_hook)
     return model
@@ -199,11 +265,49 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     # OpenLM writes every argument to the run's params.txt: the full config there lets the converter and
     # loaders rebuild this exact model, even when a custom JSON shares a shipped config's name
     setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
+    _check_transformer_options(args, cfg)
     for flag in ("pretrained", "resume"):
-        _refuse_converter_formats(getattr(args, flag, None), f"--{flag}", cfg)
-        _warn_if_config_differs(getattr(args, flag, None), f"--{flag}", cfg)
+        _check_checkpoint_arg(getattr(args, flag, None), f"--{flag}", cfg)
     _avoid_inductor_cpu_half_transposes(args)
     return build_model(cfg)
+
+
+def _check_transformer_options(args: argparse.Namespace, cfg: MambaConfig) -> None:
+    """OpenLM's architecture options (``open_lm.params.add_model_args``) shape its Transformer only. MoE
+    (``--moe-freq`` > 0) is refused: OpenLM would build the Mamba model without experts and then fail at the
+    first step (``'MambaLM' object has no attribute 'dim'``, in its MoE loss setup). Any other such option set
+    to a value other than its default gets one warning naming it as ignored."""
+    try:
+        from open_lm.params import add_model_args
+    except ImportError:  # another OpenLM version: nothing to compare with
+        add_model_args = None
+    defaults = {}
+    if add_model_args is not None:
+        parser = argparse.ArgumentParser(add_help=False)
+        add_model_args(parser)
+        defaults = vars(parser.parse_args([]))
+    moe_freq = getattr(args, "moe_freq", 0) or 0
+    if moe_freq > 0:
+        experts = getattr(args, "moe_num_experts", None)
+        raise ValueError(
+            f"--moe-freq {moe_freq}"
+            + (f" --moe-num-experts {experts}" if experts is not None else "")
+            + f": OpenLM's mixture-of-experts layers exist only in its Transformer; the Mamba model {cfg.name!r} "
+            "has none (OpenLM would fail at the first step). Leave out the --moe-* options"
+        )
+    ignored = []
+    for dest, default in defaults.items():
+        value = getattr(args, dest, default)
+        if value != default:
+            flag = "--" + dest.replace("_", "-")
+            ignored.append(flag if isinstance(value, bool) else f"{flag} {value}")
+    if ignored:
+        _log.warning(
+            "%s: OpenLM Transformer options, ignored for the Mamba model %s (its architecture comes from its "
+            "config only)",
+            ", ".join(ignored),
+            cfg.name,
+        )
 
 
 def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
@@ -228,38 +332,124 @@ def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
     )
 
 
-def _refuse_converter_formats(path: Any, flag: str, cfg: MambaConfig) -> None:
-    """An HF or mamba_ssm checkpoint directory given to --pretrained / --resume: OpenLM would fail on it with a
-    bare IsADirectoryError; say what it is and how to convert it."""
-    if not isinstance(path, str) or not Path(path).is_dir():
+def _check_checkpoint_arg(path: Any, flag: str, cfg: MambaConfig) -> None:
+    """Clear errors for a --pretrained / --resume value that OpenLM's ``pt_load`` cannot read (a directory, an HF
+    or mamba_ssm checkpoint), then the config warning of :func:`_warn_if_config_differs`. Remote (s3://) and
+    missing paths are left to OpenLM."""
+    if not isinstance(path, str):
         return
+    if Path(path).is_dir():
+        _refuse_directory(path, flag, cfg)
+    elif Path(path).is_file():
+        ckpt = _refuse_converter_file(path, flag, cfg)
+        _warn_if_config_differs(path, flag, cfg, ckpt)
+
+
+def _convert_first(path: str | Path, flag: str, what: str, source: Path | None, cfg: MambaConfig) -> ValueError:
+    """The error for an HF or mamba_ssm checkpoint: the convert command for ``source`` (None: no command fits)."""
+    if source is None:
+        how = (
+            "convert it first, from its checkpoint directory (the weights with their config.json): openlm-mamba "
+            f"convert --to openlm DIR out.pt --model {cfg.name}, and pass that file"
+        )
+    else:
+        out = (source.stem if source.is_file() else source.name) + ".pt"
+        how = (
+            f"convert it first, openlm-mamba convert --to openlm {source} {out} --model {cfg.name}, and pass that file"
+        )
+    return ValueError(f"{flag} {path}: {what}; OpenLM loads its own .pt checkpoints: {how}")
+
+
+def _refuse_directory(path: str, flag: str, cfg: MambaConfig) -> None:
+    """A directory given to --pretrained / --resume (OpenLM would fail on it with a bare IsADirectoryError): an
+    HF or mamba_ssm checkpoint gets the convert command, an OpenLM run (or its checkpoints/) the newest
+    epoch_N.pt in it to pass instead."""
     from .convert import ConversionError, detect_format
+    from .convert.openlm import find_checkpoint_file
 
     try:
         kind = detect_format(path)
     except ConversionError:
-        return
+        kind = None
     if kind in ("hf", "mamba_ssm"):
         name = {"hf": "an HF transformers", "mamba_ssm": "a mamba_ssm"}[kind]
+        raise _convert_first(path, flag, f"{name} checkpoint directory", Path(path), cfg)
+    try:
+        newest = find_checkpoint_file(Path(path))
+    except ConversionError as e:
+        raise ValueError(f"{flag} {path}: a directory, and OpenLM loads one checkpoint file; {e}") from None
+    also = ""
+    run = newest.parent.parent
+    if flag == "--resume" and newest.parent.name == "checkpoints" and (run / "params.txt").is_file():
+        also = f" (or continue that run: --resume latest --name {run.name} --logs {run.parent})"
+    raise ValueError(
+        f"{flag} {path}: a directory, and OpenLM loads one checkpoint file: pass the newest in it, {flag} {newest}"
+        f"{also}"
+    )
+
+
+def _refuse_converter_file(path: str, flag: str, cfg: MambaConfig) -> Any:
+    """A file given to --pretrained / --resume that OpenLM's ``torch.load`` would fail on with a raw error: a
+    safetensors (or JSON, text) file, or a ``torch.save`` file whose state dict has the HF or mamba_ssm key
+    layout (``backbone.*``, no ``model.``). Returns the checkpoint loaded with mmap (only its pickled structure
+    is read), for the config check, or None when torch cannot load it that way (OpenLM reports why)."""
+    from .convert.common import describe_file
+    from .convert.hf import is_hf_dir
+    from .convert.mamba_ssm import is_mamba_ssm_dir
+
+    file = Path(path)
+    folder = file.parent
+    in_dir = "HF" if is_hf_dir(folder) else "mamba_ssm" if is_mamba_ssm_dir(folder) else None
+    kind = describe_file(file)
+    if kind is not None:
+        if in_dir is not None:
+            raise _convert_first(path, flag, f"{kind} of the {in_dir} checkpoint {folder}", folder, cfg)
+        if "safetensors" in kind:
+            raise _convert_first(path, flag, f"{kind} (an HF or mamba_ssm checkpoint's)", None, cfg)
         raise ValueError(
-            f"{flag} {path}: {name} checkpoint directory; OpenLM loads its own .pt checkpoints: convert it first, "
-            f"openlm-mamba convert --to openlm {path} {Path(path).name}.pt --model {cfg.name}, and pass that file"
+            f"{flag} {path}: {kind}, not a checkpoint: OpenLM loads the .pt files that it saves (epoch_N.pt) or "
+            "that openlm-mamba convert --to openlm writes"
         )
+    try:  # mmap: only the pickled structure is read, not the tensors
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not loadable this way: OpenLM's own loading reports what is wrong
+        return None
+    layout = _foreign_layout(ckpt)
+    if layout is not None:
+        what = f"a state dict in {layout} layout (backbone.* keys, where OpenLM's have model.backbone.*)"
+        if in_dir is not None:
+            raise _convert_first(path, flag, f"{what}, of the {in_dir} checkpoint {folder}", folder, cfg)
+        raise _convert_first(path, flag, what, file if layout == "mamba_ssm" else None, cfg)
+    return ckpt
 
 
-def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:
+def _foreign_layout(ckpt: Any) -> str | None:
+    """ "HF" or "mamba_ssm" when a loaded checkpoint's tensors have those key layouts, else None."""
+    from .convert.common import strip_wrappers
+
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) else ckpt
+    if not isinstance(sd, dict):
+        return None
+    keys = [strip_wrappers(k) for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    if not keys or any(k.startswith("model.") for k in keys):
+        return None
+    if any(k.startswith("backbone.embeddings.") for k in keys):
+        return "HF"
+    if any(k.startswith("backbone.") for k in keys):
+        return "mamba_ssm"
+    return None
+
+
+def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any) -> None:
     """Warn when a checkpoint was made from a model that differs from ``cfg`` in a field its tensor shapes
     do not show (norm_epsilon, residual_in_fp32, ...): OpenLM loads the weights into ``cfg``'s model,
-    silently. The checkpoint's config: the ``model_config`` our converter embeds, else the full config our
-    hook records in its training run's params.txt."""
-    if not isinstance(path, str) or not Path(path).is_file():
-        return
+    silently. The checkpoint's config: the ``model_config`` our converter embeds (``ckpt`` is the checkpoint,
+    loaded; None when it could not be), else the full config our hook records in its training run's
+    params.txt."""
     from .convert.common import config_differences
     from .convert.openlm import _config_from_params
 
-    try:  # mmap: only the pickled structure is read, not the tensors
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # unreadable: OpenLM's own loading reports what is wrong
+    if ckpt is None:  # unreadable: OpenLM's own loading reports what is wrong
         return
     embedded = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     try:
@@ -287,10 +477,15 @@ def _warn_if_config_differs(path: Any, flag: str, cfg: MambaConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 _ORIGINAL: dict[str, Callable] = {}
+_UPSTREAM_REPLACED: dict[str, dict[str, Any]] = {}  # upstream OpenLM's entries that ours replace, by name
 
 
 def _add_configs(registry: dict) -> None:
-    registry.update(our_configs())
+    ours = our_configs()
+    for name in ours:
+        if name in registry and not is_mamba_config(registry[name]):
+            _UPSTREAM_REPLACED[name] = dict(registry[name])
+    registry.update(ours)
 
 
 def register(module: Any = None) -> None:
@@ -329,6 +524,7 @@ def register(module: Any = None) -> None:
         _patch_cpu_distributed(entry)
     _when_imported("open_lm.data", _patch_wds_eof_marker)
     _when_imported("open_lm.file_utils", _allow_numpy_scalars_in_checkpoints)
+    _when_imported("open_lm.utils.averaging_utils", _average_tied_weights_once)
 
 
 def _allow_numpy_scalars_in_checkpoints(file_utils: Any = None) -> None:
@@ -346,6 +542,69 @@ def _allow_numpy_scalars_in_checkpoints(file_utils: Any = None) -> None:
     skip = ("ObjectDType", "VoidDType", "StringDType", "StrDType", "BytesDType")  # numbers and bools only
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n not in skip]
     torch.serialization.add_safe_globals([core.multiarray.scalar, np.dtype, *dtypes])
+
+
+class _StateDictView:
+    """Stands in for ``Averager.model`` during one update: ``state_dict()`` returns the given dict."""
+
+    def __init__(self, state_dict: dict[str, Any]) -> None:
+        self._state_dict = state_dict
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._state_dict
+
+
+def _tensor_identity(t: Any) -> tuple | None:
+    """What makes two state-dict entries the same tensor (``state_dict()`` detaches, so not ``is``); None for
+    tensors without storage of their own (empty, meta), which are never treated as aliases."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta" or t.data_ptr() == 0:
+        return None
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _average_tied_weights_once(averaging_utils: Any) -> None:
+    """Make ``--averagers`` update each distinct tensor once per step.
+
+    OpenLM's ``Averager.update`` walks ``model.state_dict()`` and updates the averaged model's entry of
+    every key in place. A tied weight (our configs tie the embedding and the LM head:
+    ``model.backbone.embedding.weight`` and ``model.lm_head.weight`` are one tensor, in the deepcopied
+    averaged model too) has two keys, so it was updated twice per step: EMA decayed by gamma^2 instead of
+    gamma, poly took a double step. Each update now sees the model's state dict without the keys whose
+    averaged tensor an earlier key already holds; the state dicts themselves, hence the averager's
+    checkpoints, are unchanged. OpenLM Transformers with tied weights get the same fix.
+    """
+    averager = getattr(averaging_utils, "Averager", None)
+    original = getattr(averager, "update", None)
+    if original is None or getattr(original, "_openlm_mamba", False):
+        return
+
+    def update(self, *args, **kwargs):
+        if getattr(self, "method", None) == "none":
+            return original(self, *args, **kwargs)
+        model = self.model
+        model_sd = model.state_dict()
+        av_sd = self.av_model.state_dict()
+        first = next(iter(av_sd), "")
+        seen: set[tuple] = set()
+        once = {}
+        for key, value in model_sd.items():
+            av_key = key[len("module.") :] if key.startswith("module") and not first.startswith("module") else key
+            ident = _tensor_identity(av_sd.get(av_key))  # OpenLM's own mapping of the keys
+            if ident is not None:
+                if ident in seen:
+                    continue  # an alias of a tensor updated under an earlier key
+                seen.add(ident)
+            once[key] = value
+        self.model = _StateDictView(once)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.model = model
+
+    update.__wrapped__ = original
+    update.__doc__ = original.__doc__
+    update._openlm_mamba = True
+    averager.update = update
 
 
 def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
@@ -380,16 +639,17 @@ def _patch_cpu_distributed(main: Any) -> None:
     if getattr(main, "_openlm_mamba_cpu_patch", False) or torch.cuda.is_available():
         return
     original = getattr(main, "FullStateDictConfig", None)
-    if original is not None:
+    if original is not None and not getattr(original, "_openlm_mamba", False):
 
         def full_state_dict_config(*args, **kwargs):
             kwargs["offload_to_cpu"] = False
             return original(*args, **kwargs)
 
         full_state_dict_config.__wrapped__ = original
+        full_state_dict_config._openlm_mamba = True
         main.FullStateDictConfig = full_state_dict_config
     cleanup = getattr(main, "cleanup", None)
-    if cleanup is not None:
+    if cleanup is not None and not getattr(cleanup, "_openlm_mamba", False):
 
         def quiet_cleanup(sync_process, distributed=False, *args, **kwargs):
             dist = torch.distributed
@@ -399,9 +659,43 @@ def _patch_cpu_distributed(main: Any) -> None:
             return cleanup(sync_process, distributed, *args, **kwargs)
 
         quiet_cleanup.__wrapped__ = cleanup
+        quiet_cleanup._openlm_mamba = True
         main.cleanup = quiet_cleanup
     _patch_cpu_ddp()
-    main._openlm_mamba_cpu_patch = True
+    if all(getattr(getattr(main, n, None), "_openlm_mamba", False) for n in ("FullStateDictConfig", "cleanup")):
+        main._openlm_mamba_cpu_patch = True
+        _PENDING_CPU_PATCH[:] = [m for m in _PENDING_CPU_PATCH if m is not main]
+    elif not any(m is main for m in _PENDING_CPU_PATCH):
+        # open_lm.main is still being imported (its own ``from open_lm.model import ...`` ran register()), so
+        # ``cleanup`` is not defined yet: finish when its main() starts (before it registers cleanup at exit)
+        _PENDING_CPU_PATCH.append(main)
+        _when_imported("open_lm.distributed", _finish_cpu_patches_at_distributed_init)
+
+
+_PENDING_CPU_PATCH: list[Any] = []  # open_lm.main modules (or ``python -m open_lm.main``'s __main__) half patched
+
+
+def _finish_cpu_patches_at_distributed_init(distributed: Any) -> None:
+    """Wrap ``open_lm.distributed.init_distributed_device``, the first thing ``open_lm.main.main()`` calls after
+    parsing its arguments, to finish :func:`_patch_cpu_distributed` on the modules it left pending. This runs
+    while ``open_lm.main`` is still importing, before its ``from open_lm.distributed import ...`` line, so
+    main's name is the wrapper."""
+    original = getattr(distributed, "init_distributed_device", None)
+    if original is None or getattr(original, "_openlm_mamba", False):
+        return
+
+    def init_distributed_device(*args, **kwargs):
+        for main in list(_PENDING_CPU_PATCH):
+            _patch_cpu_distributed(main)
+        return original(*args, **kwargs)
+
+    init_distributed_device.__wrapped__ = original
+    init_distributed_device.__doc__ = original.__doc__
+    init_distributed_device._openlm_mamba = True
+    distributed.init_distributed_device = init_distributed_device
+    for main in _PENDING_CPU_PATCH:  # should main have bound the name already
+        if getattr(main, "init_distributed_device", None) is original:
+            main.init_distributed_device = init_distributed_device
 
 
 def _patch_cpu_ddp() -> None:

@@ -118,6 +118,35 @@ def test_unknown_model_name_is_a_clear_error(olm, tmp_path):
 
 
 @needs_open_lm
+def test_transformer_only_options_refused_or_warned(olm, caplog):
+    """--moe-freq > 0 is refused (OpenLM built the Mamba model without experts, then failed at step 1 with
+    "'MambaLM' object has no attribute 'dim'"); other Transformer options set away from their defaults get one
+    warning naming them as ignored; defaults get none."""
+    from open_lm.params import parse_args
+
+    args = _args("mamba_tiny")  # what parse_args gives with megablocks installed (without, it refuses MoE)
+    args.moe_freq, args.moe_num_experts = 2, 4
+    with pytest.raises(
+        ValueError, match=r"^--moe-freq 2 --moe-num-experts 4: OpenLM's mixture-of-experts .*'mamba_tiny'"
+    ):
+        olm.create_model(args)
+    flags = ["--qk-norm", "--attn-name", "torch_attn", "--positional-embedding-type", "none"]
+    args = parse_args(["--model", "mamba_tiny", *flags, "--model-norm", "rms_norm", "--moe-top-k", "1"])
+    caplog.clear()
+    olm.create_model(args)
+    hits = [r.getMessage() for r in caplog.records if "ignored for the Mamba model" in r.getMessage()]
+    assert len(hits) == 1, caplog.text
+    assert hits[0].startswith(
+        "--model-norm rms_norm, --qk-norm, --positional-embedding-type none, --moe-top-k 1, "
+        "--attn-name torch_attn: OpenLM Transformer options, ignored for the Mamba model mamba_tiny"
+    ), hits[0]
+    caplog.clear()
+    olm.create_model(_args("mamba_tiny"))
+    assert "ignored for the Mamba model" not in caplog.text
+    assert type(olm.create_model(parse_args(["--model", "open_lm_test_tiny", "--qk-norm"]))) is olm.Transformer
+
+
+@needs_open_lm
 def test_custom_json_mamba_config(olm, tmp_path):
     from openlm_mamba import MambaConfig, MambaLM
 
@@ -190,10 +219,13 @@ def test_pretrained_keys_with_prefixes_load(olm):
     assert dst.model.lm_head.weight is dst.model.backbone.embedding.weight
     with pytest.raises(ValueError, match=r"holds none of the tensors of model 'mamba_tiny'.*start with other\.model"):
         dst.load_state_dict({"other." + k: v for k, v in sd.items()})
-    partial = {k: v for k, v in sd.items() if "layers.1." not in k}
-    with pytest.raises(RuntimeError, match="Missing key"):  # a partial Mamba dict: torch's own message
+    partial = {k: v for k, v in sd.items() if "layers.1." not in k}  # a layer removed: one clear error
+    with pytest.raises(ValueError, match=r"does not fit model 'mamba_tiny' .*: it holds 1 layer, the model 2"):
         dst.load_state_dict(partial)
-    dst.load_state_dict(partial, strict=False)
+    dst.load_state_dict(partial, strict=False)  # asked for: loads what is there
+    partial = {k: v for k, v in sd.items() if k != "model.backbone.layers.1.mixer.D"}
+    with pytest.raises(RuntimeError, match=r"Missing key.*layers\.1\.mixer\.D"):  # one tensor: torch's message
+        dst.load_state_dict(partial)
 
 
 def test_pretrained_of_another_size_names_both_architectures(olm):
@@ -223,6 +255,45 @@ def test_pretrained_of_another_size_names_both_architectures(olm):
 
 
 @needs_open_lm
+def test_pretrained_with_another_layer_count_is_one_error(olm, tmp_path):
+    """A checkpoint whose layer count differs from --model (same d_model): one error naming both layer counts
+    and the --model that fits, not torch's wall of missing / unexpected keys; for upstream OpenLM's own
+    mamba_130m (12 layers, ours has 24), the error says that upstream's config differs from ours."""
+    from openlm_mamba import MambaConfig
+
+    tiny = olm.create_model(_args("mamba_tiny")).state_dict()  # 2 layers
+    four = tmp_path / "tiny4.json"
+    MambaConfig.load("mamba_tiny").replace(n_layer=4).save(four)
+    deeper = olm.create_model(_args(str(four)))
+    with pytest.raises(ValueError) as e:
+        deeper.load_state_dict(tiny)
+    msg = str(e.value)
+    assert "does not fit model 'tiny4' (d_model 64, 4 layers, vocabulary 512): it holds 2 layers, the model 4" in msg
+    assert "--model mamba_tiny has those sizes" in msg and "Missing key" not in msg
+    with pytest.raises(ValueError, match=r"model 'mamba_tiny' .*: it holds 4 layers, the model 2\b"):
+        olm.create_model(_args("mamba_tiny")).load_state_dict(deeper.state_dict())
+    gap = {k: v for k, v in deeper.state_dict().items() if ".layers.2." not in k}
+    with pytest.raises(ValueError, match=r"it holds 3 layers, numbered 0, 1, 3: layers are missing"):
+        deeper.load_state_dict(gap)
+    with torch.device("meta"):  # upstream OpenLM's mamba_130m: 12 layers of d_model 768
+        upstream = olm.create_model(_args(str(_write(tmp_path / "up.json", "mamba_130m", n_layer=12))))
+        ours = olm.create_model(_args("mamba_130m"))
+    with pytest.raises(ValueError) as e:
+        ours.load_state_dict(upstream.state_dict())
+    msg = str(e.value)
+    assert "it holds 12 layers, the model 24" in msg
+    assert "Upstream OpenLM's own mamba_130m config has d_model 768 and 12 layers" in msg
+    assert '"n_layer": 12' in msg
+
+
+def _write(path: Path, name: str, **changes) -> Path:
+    from openlm_mamba import MambaConfig
+
+    MambaConfig.load(name).replace(**changes).save(path)
+    return path
+
+
+@needs_open_lm
 def test_pretrained_hf_directory_says_convert_first(olm, tmp_path):
     """--pretrained / --resume given an HF or mamba_ssm directory (how one would try to fine-tune the released
     weights): a clear error naming the convert command, not OpenLM's IsADirectoryError from inside fsspec."""
@@ -241,9 +312,91 @@ def test_pretrained_hf_directory_says_convert_first(olm, tmp_path):
             setattr(args, flag, str(out))
             with pytest.raises(ValueError, match=rf"--{flag} {out}: an? .*checkpoint directory.*openlm-mamba convert"):
                 olm.create_model(args)
+    for flag in ("pretrained", "resume"):  # the weights files inside them: the same advice
+        for file in (tmp_path / "hf" / "model.safetensors", tmp_path / "mamba_ssm" / "pytorch_model.bin"):
+            args = _args("mamba_tiny")
+            setattr(args, flag, str(file))
+            with pytest.raises(ValueError) as e:
+                olm.create_model(args)
+            msg = str(e.value)
+            assert msg.startswith(f"--{flag} {file}: "), msg
+            assert f"openlm-mamba convert --to openlm {file.parent} {file.parent.name}.pt --model mamba_tiny" in msg
+
+
+@needs_open_lm
+def test_pretrained_hf_or_mamba_ssm_file_says_convert_first(olm, tmp_path):
+    """--pretrained / --resume given an HF / mamba_ssm weights *file* (a lone .safetensors; a .bin whose keys are
+    backbone.*, without OpenLM's model. prefix): the convert command, not torch's UnpicklingError or its wall of
+    missing keys. OpenLM's own files still load."""
+    from safetensors.torch import save_file
+
+    from openlm_mamba import MambaConfig, MambaLM
+
+    sd = MambaLM(MambaConfig.load("mamba_tiny")).model.state_dict()  # backbone.*: mamba_ssm's layout
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, lone / "model.safetensors")
+    torch.save(sd, lone / "pytorch_model.bin")
+    hf = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
+    torch.save({"epoch": 1, "state_dict": hf}, lone / "hf.pt")
+    (lone / "notes.json").write_text("{}")
+    cases = {
+        "model.safetensors": r"a safetensors weights file \(an HF or mamba_ssm checkpoint's\); OpenLM loads its own "
+        r"\.pt checkpoints: convert it first, from its checkpoint directory .*--model mamba_tiny",
+        "pytorch_model.bin": r"a state dict in mamba_ssm layout .*: convert it first, openlm-mamba convert --to "
+        rf"openlm {lone / 'pytorch_model.bin'} pytorch_model\.pt --model mamba_tiny, and pass that file",
+        "hf.pt": r"a state dict in HF layout .*convert it first, from its checkpoint directory",
+        "notes.json": r"a JSON file, not a checkpoint",
+    }
+    for flag in ("pretrained", "resume"):
+        for name, pattern in cases.items():
+            args = _args("mamba_tiny")
+            setattr(args, flag, str(lone / name))
+            with pytest.raises(ValueError, match=rf"^--{flag} {lone / name}: {pattern}"):
+                olm.create_model(args)
+    ours = tmp_path / "ours.pt"  # OpenLM's layout, bare or in a training checkpoint: no error
+    model = olm.create_model(_args("mamba_tiny"))
+    for obj in (
+        model.state_dict(),
+        {"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+    ):
+        torch.save(obj, ours)
+        args = _args("mamba_tiny")
+        args.pretrained = str(ours)
+        olm.create_model(args)
+
+
+@needs_open_lm
+def test_pretrained_run_directory_names_newest_checkpoint(olm, tmp_path):
+    """--pretrained / --resume given an OpenLM run's directory or its checkpoints/: the newest epoch_N.pt to pass
+    (by number: epoch_10 after epoch_9), not OpenLM's bare IsADirectoryError."""
+    run = tmp_path / "logs" / "myrun"
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (run / "params.txt").write_text("model: mamba_tiny\n")
+    for name in ("epoch_9.pt", "epoch_10.pt", "optimizer_10.pt", "stats_10.pt"):
+        (ckpts / name).write_bytes(b"")
+    for path in (run, ckpts):
+        args = _args("mamba_tiny")
+        args.pretrained = str(path)
+        with pytest.raises(
+            ValueError,
+            match=rf"--pretrained {path}: a directory, .*pass the newest in it, "
+            rf"--pretrained {ckpts / 'epoch_10.pt'}$",
+        ):
+            olm.create_model(args)
     args = _args("mamba_tiny")
-    args.pretrained = str(tmp_path)  # another directory: left to OpenLM
-    olm.create_model(args)
+    args.resume = str(ckpts)
+    with pytest.raises(
+        ValueError,
+        match=rf"--resume {ckpts / 'epoch_10.pt'} \(or continue that run: --resume latest "
+        rf"--name myrun --logs {tmp_path / 'logs'}\)",
+    ):
+        olm.create_model(args)
+    args = _args("mamba_tiny")
+    args.pretrained = str(tmp_path / "logs")  # nothing in it: what was expected
+    with pytest.raises(ValueError, match=r"a directory, and OpenLM loads one checkpoint file; .*no OpenLM checkpoint"):
+        olm.create_model(args)
 
 
 def test_pretrained_converted_checkpoint_with_another_config_warns(olm, tmp_path, caplog):
@@ -322,6 +475,42 @@ def test_wds_eof_marker_patch(olm):
     assert [s["__key__"] for s in samples] == ["a", "b"]
 
 
+@needs_open_lm
+def test_averagers_update_a_tied_weight_once_per_step(olm):
+    """--averagers: the tied embedding / LM head (two state-dict keys, one tensor) moves like an untied weight:
+    EMA by (1 - gamma) x the change per step (OpenLM alone: 1 - gamma^2), poly by its own step size (OpenLM
+    alone: twice). The averager's saved state dict keeps both keys."""
+    from open_lm.utils.averaging_utils import ModelAverager
+
+    torch.manual_seed(0)
+    model = olm.create_model(_args("mamba_tiny"))
+    inner = model.model
+    assert inner.lm_head.weight is inner.backbone.embedding.weight
+    tied, untied = "model.backbone.embedding.weight", "model.backbone.norm_f.weight"
+    averagers = ModelAverager(model, "ema_0.9,poly_0")
+    start = {k: model.state_dict()[k].clone() for k in (tied, untied)}
+    deltas = []
+    for _ in range(2):
+        delta = {k: torch.randn_like(v) for k, v in start.items()}
+        with torch.no_grad():
+            inner.backbone.embedding.weight.add_(delta[tied])
+            inner.backbone.norm_f.weight.add_(delta[untied])
+        averagers.step()
+        deltas.append(delta)
+        if len(deltas) == 1:  # EMA after one step: moved by (1 - gamma) x the change
+            ema = averagers.avgs_dict["ema_0.9"].av_model.state_dict()
+            for k in (tied, untied):
+                torch.testing.assert_close(ema[k] - start[k], 0.1 * delta[k], rtol=1e-5, atol=1e-6)
+    # poly with eta 0: step 1 copies the model, step 2 averages the two models (weight 1/2 each)
+    poly = averagers.avgs_dict["poly_0"]
+    for k in (tied, untied):
+        want = start[k] + deltas[0][k] + deltas[1][k] / 2
+        torch.testing.assert_close(poly.av_model.state_dict()[k], want, rtol=1e-5, atol=1e-6)
+    saved = poly.get_state_dict_avg()["av_model_sd"]
+    assert list(saved) == list(model.state_dict())
+    assert poly.av_model.model.lm_head.weight is poly.av_model.model.backbone.embedding.weight
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")
 def test_cpu_cleanup_shim_waits_for_gloo_then_calls_openlm(olm, monkeypatch):
     """open_lm.main.cleanup is wrapped: a barrier and a GIL-free pause before OpenLM's own cleanup
@@ -337,6 +526,38 @@ def test_cpu_cleanup_shim_waits_for_gloo_then_calls_openlm(olm, monkeypatch):
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
     main.cleanup(None, True)
     assert calls == ["barrier", "sleep", "destroy"]
+
+
+@needs_open_lm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")
+@pytest.mark.parametrize("how", ["import", "run_module"])
+def test_cpu_cleanup_shim_when_open_lm_main_imports_open_lm_model(how, tmp_path):
+    """open_lm.main is what first imports open_lm.model (``import open_lm.main``, ``python -m open_lm.main``):
+    registration runs while open_lm.main is half imported, before ``cleanup`` exists. The shim must still be in
+    place by the time main() registers ``cleanup`` to run at exit (it was skipped for good before)."""
+    start = {
+        "import": "import open_lm.main as M; M.main(ARGS)",
+        # as `python -m open_lm.main ARGS`: the module runs as __main__ under the spec name open_lm.main
+        "run_module": "sys.argv = ['open_lm.main', *ARGS]; runpy.run_module('open_lm.main', run_name='__main__', alter_sys=True)",
+    }[how]
+    code = f"""
+        import atexit, runpy, sys
+        register = atexit.register
+        def stop_at_cleanup(fn, *args, **kwargs):  # main() registers cleanup early: report it and stop there
+            module = getattr(getattr(fn, "__wrapped__", fn), "__module__", None)
+            if getattr(fn, "__name__", "") in ("cleanup", "quiet_cleanup") and module in ("open_lm.main", "__main__"):
+                print("AT_EXIT", fn.__name__, module, flush=True)
+                raise SystemExit(0)
+            return register(fn, *args, **kwargs)
+        atexit.register = stop_at_cleanup
+        ARGS = ["--model", "mamba_tiny", "--dataset-type", "synthetic", "--train-num-samples", "64",
+                "--global-batch-size", "1", "--precision", "fp32", "--logs", {str(tmp_path)!r}, "--name", "x"]
+        {start}
+    """
+    out = _python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    module = "open_lm.main" if how == "import" else "__main__"
+    assert f"AT_EXIT quiet_cleanup {module}" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------
