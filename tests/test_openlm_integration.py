@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -376,27 +377,26 @@ def test_pretrained_run_directory_names_newest_checkpoint(olm, tmp_path):
     (run / "params.txt").write_text("model: mamba_tiny\n")
     for name in ("epoch_9.pt", "epoch_10.pt", "optimizer_10.pt", "stats_10.pt"):
         (ckpts / name).write_bytes(b"")
-    for path in (run, ckpts):
+
+    def refused(flag: str, path: Path, match: str) -> None:
         args = _args("mamba_tiny")
-        args.pretrained = str(path)
-        with pytest.raises(
-            ValueError,
-            match=rf"--pretrained {path}: a directory, .*pass the newest in it, "
-            rf"--pretrained {ckpts / 'epoch_10.pt'}$",
-        ):
+        setattr(args, flag, str(path))
+        with pytest.raises(ValueError, match=match):
             olm.create_model(args)
-    args = _args("mamba_tiny")
-    args.resume = str(ckpts)
-    with pytest.raises(
-        ValueError,
-        match=rf"--resume {ckpts / 'epoch_10.pt'} \(or continue that run: --resume latest "
-        rf"--name myrun --logs {tmp_path / 'logs'}\)",
-    ):
-        olm.create_model(args)
-    args = _args("mamba_tiny")
-    args.pretrained = str(tmp_path / "logs")  # nothing in it: what was expected
-    with pytest.raises(ValueError, match=r"a directory, and OpenLM loads one checkpoint file; .*no OpenLM checkpoint"):
-        olm.create_model(args)
+
+    newest = re.escape(str(ckpts / "epoch_10.pt"))
+    for path in (run, ckpts):
+        refused(
+            "pretrained", path, rf"--pretrained {path}: a directory, .*pass the newest in it, --pretrained {newest}$"
+        )
+    refused(
+        "resume",
+        ckpts,
+        rf"--resume {newest} \(or continue that run: --resume latest --name myrun --logs {tmp_path / 'logs'}\)",
+    )
+    refused(
+        "pretrained", tmp_path / "logs", r"a directory, and OpenLM loads one checkpoint file; .*no OpenLM checkpoint"
+    )
 
 
 def test_pretrained_converted_checkpoint_with_another_config_warns(olm, tmp_path, caplog):
