@@ -140,14 +140,17 @@ def _check_shapes_hook(module, state_dict, prefix, *args) -> None:
         )
     if not getattr(module, "_openlm_mamba_strict", True) or layers == list(range(cfg.n_layer)):
         return
+    partial = (  # a wrapper's load_state_dict (DDP, FSDP) does not say strict=False to this model
+        " (for a deliberate partial load, call load_state_dict(..., strict=False) on the unwrapped model)"
+    )
     if layers != list(range(n_held)):  # a gap: layers were dropped from the state dict
         raise ValueError(
             f"the checkpoint does not fit {model}: it holds {_layers(len(layers))}, numbered "
-            f"{', '.join(map(str, layers))}: layers are missing (an incomplete or edited checkpoint?)"
+            f"{', '.join(map(str, layers))}: layers are missing (an incomplete or edited checkpoint?){partial}"
         )
     raise ValueError(
         f"the checkpoint does not fit {model}: it holds {_layers(n_held)}, the model {cfg.n_layer} (with the "
-        f"same d_model {emb[1]} and vocabulary {emb[0]}). {_fitting_model_hint(emb[1], n_held, emb[0])}"
+        f"same d_model {emb[1]} and vocabulary {emb[0]}). {_fitting_model_hint(emb[1], n_held, emb[0])}{partial}"
     )
 
 
@@ -653,7 +656,10 @@ def _patch_cpu_distributed(main: Any) -> None:
 
         def quiet_cleanup(sync_process, distributed=False, *args, **kwargs):
             dist = torch.distributed
-            if distributed and dist.is_initialized() and dist.get_backend() == "gloo":
+            # the barrier only where every rank gets here: OpenLM's own calls at the end of a run. At exit after an
+            # exception (atexit calls it with no Python frame below) the other ranks never would: one rank's crash
+            # would hang the job instead of ending it
+            if distributed and _called_from_python() and dist.is_initialized() and dist.get_backend() == "gloo":
                 dist.barrier()
                 time.sleep(0.5)  # GIL released: gloo's workers finish dropping completed work
             return cleanup(sync_process, distributed, *args, **kwargs)
@@ -670,6 +676,15 @@ def _patch_cpu_distributed(main: Any) -> None:
         # ``cleanup`` is not defined yet: finish when its main() starts (before it registers cleanup at exit)
         _PENDING_CPU_PATCH.append(main)
         _when_imported("open_lm.distributed", _finish_cpu_patches_at_distributed_init)
+
+
+def _called_from_python() -> bool:
+    """Whether the caller's caller is Python code (OpenLM's main()), not the interpreter's atexit handling."""
+    try:
+        sys._getframe(2)  # 0: here, 1: quiet_cleanup, 2: its caller, absent when atexit called it
+    except ValueError:
+        return False
+    return True
 
 
 _PENDING_CPU_PATCH: list[Any] = []  # open_lm.main modules (or ``python -m open_lm.main``'s __main__) half patched

@@ -528,6 +528,34 @@ def test_cpu_cleanup_shim_waits_for_gloo_then_calls_openlm(olm, monkeypatch):
     assert calls == ["barrier", "sleep", "destroy"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")
+def test_cpu_cleanup_shim_skips_the_barrier_at_exit_after_a_crash():
+    """At exit after an exception (OpenLM registers cleanup with atexit; only the rank that crashed gets there)
+    the barrier would wait for ranks that never come: a one-rank crash hung the whole torchrun job. There it
+    goes straight to OpenLM's cleanup; OpenLM's own calls at the end of a run still get the barrier."""
+    code = """
+        import atexit, sys, types
+        import torch.distributed as dist
+        from openlm_mamba import openlm as olm
+        calls = []
+        dist.is_initialized = lambda: True
+        dist.get_backend = lambda *a: "gloo"
+        dist.barrier = lambda *a, **k: calls.append("barrier")
+        olm.time.sleep = lambda s: None
+        main = types.ModuleType("fake_main")
+        main.FullStateDictConfig = lambda *a, **k: None
+        main.cleanup = lambda sync, distributed=False: print("CLEANUP", calls, flush=True)
+        olm._patch_cpu_distributed(main)
+        main.cleanup(None, True)
+        calls.clear()
+        atexit.register(main.cleanup, sync_process=None, distributed=True)
+        raise RuntimeError("this rank crashed")
+    """
+    out = _python(code)
+    assert "RuntimeError: this rank crashed" in out.stderr and out.returncode == 1, out.stderr[-3000:]
+    assert out.stdout.split() == ["CLEANUP", "['barrier']", "CLEANUP", "[]"], out.stdout
+
+
 @needs_open_lm
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")
 @pytest.mark.parametrize("how", ["import", "run_module"])
