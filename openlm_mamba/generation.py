@@ -81,6 +81,8 @@ class MambaCache:
         cfg = model.cfg
         weight = model.model.backbone.embedding.weight
         dtype = dtype or weight.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"MambaCache: dtype (of the conv states) must be a floating-point dtype, got {dtype!r}")
         device = torch.device(device) if device is not None else weight.device
         check_prompt_backend(model, device)
         explicit = backend is not None
@@ -205,14 +207,17 @@ def model_step_args(model: torch.nn.Module, params: list[tuple]) -> tuple | None
     ``model_prefill``: every layer in one call, no Python between ops) after the states, or None
     where they do not apply: they cover CPU float32 models with RMSNorm and the C++ kernels built;
     the others take ``MambaMixer.step`` and the per-layer prefill."""
-    from .model import RMSNorm
+    from .model import RMSNorm, _hooked
     from .ops.cpp import use_cpp
 
     backbone = model.model.backbone
     norms = [layer.norm for layer in backbone.layers] + [backbone.norm_f]
     tensors = [t for p in params for t in p if isinstance(t, torch.Tensor)] + [n.weight for n in norms]
     if (
-        not all(type(n) is RMSNorm for n in norms)
+        # one C++ call computes what the modules would only for plain layers and without hooks to run
+        any(isinstance(t, torch.nn.Module) for p in params for t in p)
+        or any(_hooked(m) for m in model.modules())
+        or not all(type(n) is RMSNorm for n in norms)
         or len({n.eps for n in norms}) != 1
         or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
         or not use_cpp(norms[-1].weight)

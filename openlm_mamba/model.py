@@ -28,6 +28,24 @@ if TYPE_CHECKING:
     from .generation import MambaCache
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks of its own. (Global module hooks are left out: tools such
+    as FlopCounterMode install them to observe, and they would turn every fast path off.)"""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``F.linear(x, module.weight, module.bias)`` is what calling ``module`` computes: a plain
+    ``nn.Linear`` without hooks (not a LoRA wrapper, a quantized layer or a hooked one). The inference fast
+    paths read such layers' weights directly; any other layer is called as a module."""
+    return type(module) in _PLAIN_LINEARS and not _hooked(module)
+
+
+def _project(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
+    """A projection from :meth:`MambaMixer.step_params`: its weight and bias, or the layer itself."""
+    return w(x) if isinstance(w, nn.Module) else F.linear(x, w, b)
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or float64 as it is: 16-bit parameters do float32 math, float64 ones lose nothing."""
     return t if t.dtype == torch.float64 else t.float()
@@ -110,6 +128,9 @@ class ZeroBiasLinear(nn.Linear):
         super().reset_parameters()
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+
+_PLAIN_LINEARS = (nn.Linear, OutProj, ZeroBiasLinear, DtProj)  # the init-only subclasses compute F.linear
 
 
 class MambaMixer(nn.Module):
@@ -199,10 +220,13 @@ class MambaMixer(nn.Module):
         dtypes are returned and the given ones are left as they were, since writing a graph's tensors in
         place would break (or silently corrupt) its backward. The caller stores what is returned.
         """
-        if last_only:
+        if last_only and plain_linear(self.in_proj):
             di, w, b = self.cfg.d_inner, self.in_proj.weight, self.in_proj.bias
             x = F.linear(hidden, w[:di], None if b is None else b[:di]).transpose(1, 2)
             z = F.linear(hidden[:, -1:], w[di:], None if b is None else b[di:]).transpose(1, 2)
+        elif last_only:  # a wrapped / hooked in_proj is called as a module (z needed at the last position only)
+            x, z = self.in_proj(hidden).chunk(2, dim=-1)
+            x, z = x.transpose(1, 2), z[:, -1:].transpose(1, 2)
         else:
             x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
         conv_w = self.conv1d.weight.squeeze(1)
@@ -248,23 +272,27 @@ class MambaMixer(nn.Module):
     def step_params(self, detach: bool = True) -> tuple:
         """Tensors one decoding step needs, gathered once per cache (weights by reference; A = -exp(A_log),
         D and dt_bias as float32 copies). ``detach=False``: the derived ones computed under the current
-        autograd mode, so gradients reach A_log, D and dt_proj.bias (the differentiable step)."""
+        autograd mode, so gradients reach A_log, D and dt_proj.bias (the differentiable step). An in_proj,
+        x_proj or out_proj that is not a plain ``nn.Linear`` (a LoRA wrapper, a quantized or hooked layer)
+        comes as the layer itself, with None for its bias, and the step calls it."""
+
+        def proj(layer: nn.Module) -> tuple:
+            return (layer.weight, layer.bias) if plain_linear(layer) else (layer, None)
+
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             A = -torch.exp(self.A_log.float())
             r, n = self.cfg.dt_rank_value, self.cfg.d_state
             return (
-                self.in_proj.weight,
-                self.in_proj.bias,
+                *proj(self.in_proj),
                 self.conv1d.weight.squeeze(1),
                 self.conv1d.bias,
-                self.x_proj.weight,
+                proj(self.x_proj)[0],
                 [r, n, n],
                 self.dt_proj.weight,
                 A,
                 self.D.float(),
                 self.dt_proj.bias.float(),
-                self.out_proj.weight,
-                self.out_proj.bias,
+                *proj(self.out_proj),
             )
 
     @staticmethod
@@ -275,11 +303,11 @@ class MambaMixer(nn.Module):
         ``selective_state_update`` backend (no per-step argument checks).
         """
         in_w, in_b, conv_w, conv_b, x_w, split, dt_w, A, D, dt_bias, out_w, out_b = params
-        x, z = F.linear(hidden, in_w, in_b).chunk(2, dim=-1)  # (batch, d_inner) each
+        x, z = _project(hidden, in_w, in_b).chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(x, conv_state, conv_w, conv_b, "silu")
-        dt, B, C = torch.split(F.linear(x, x_w), split, dim=-1)
+        dt, B, C = torch.split(_project(x, x_w, None), split, dim=-1)
         y = state_update(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
-        return F.linear(y, out_w, out_b)
+        return _project(y, out_w, out_b)
 
     @staticmethod
     def step_autograd(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, params):
@@ -289,11 +317,11 @@ class MambaMixer(nn.Module):
         ``params`` from ``step_params(detach=False)``, so gradients reach every parameter.
         """
         in_w, in_b, conv_w, conv_b, x_w, split, dt_w, A, D, dt_bias, out_w, out_b = params
-        x, z = F.linear(hidden, in_w, in_b).chunk(2, dim=-1)
+        x, z = _project(hidden, in_w, in_b).chunk(2, dim=-1)
         x, new_conv = causal_conv1d_step_ref(x, conv_state, conv_w, conv_b, "silu")
-        dt, B, C = torch.split(F.linear(x, x_w), split, dim=-1)
+        dt, B, C = torch.split(_project(x, x_w, None), split, dim=-1)
         y, new_ssm = selective_state_step_ref(ssm_state, x, F.linear(dt, dt_w), A, B, C, D, z, dt_bias, True)
-        return F.linear(y, out_w, out_b), new_conv.contiguous(), new_ssm.to(ssm_state.dtype).contiguous()
+        return _project(y, out_w, out_b), new_conv.contiguous(), new_ssm.to(ssm_state.dtype).contiguous()
 
 
 def step_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool):
@@ -377,6 +405,17 @@ _INTEGER_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int8, torch.int1
 _INTEGER_DTYPES += tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
+def _symbolic(t: torch.Tensor) -> bool:
+    """A tensor without values to read (meta, or a FakeTensor of shape inference)."""
+    if t.is_meta:
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor)
+
+
 def _index_ids(input_ids: torch.Tensor) -> torch.Tensor:
     """Token ids as the embedding takes them: int32 / int64 unchanged, other integer dtypes as int64."""
     return input_ids if input_ids.dtype in (torch.int64, torch.int32) else input_ids.long()
@@ -393,6 +432,49 @@ def _fused_cpu_inference(hidden: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
+
+
+_EMB_KEY, _HEAD_KEY = "model.backbone.embedding.weight", "model.lm_head.weight"
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()) or bool(torch.equal(a, b))
+
+
+def _refuse_distinct_head_when_tied(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: into a model that ties its LM head to the embedding, a state dict whose two
+    differ (an untied checkpoint) would load one over the other silently; say so instead."""
+    emb, head = state_dict.get(prefix + _EMB_KEY), state_dict.get(prefix + _HEAD_KEY)
+    if not module.cfg.tie_embeddings or not isinstance(emb, torch.Tensor) or not isinstance(head, torch.Tensor):
+        return
+    if emb.is_meta or head.is_meta or _same_values(emb, head):
+        return
+    raise ValueError(
+        f"MambaLM: the state dict holds a {_HEAD_KEY} that differs from its {_EMB_KEY}, but this model ties "
+        "them (tie_embeddings): one would overwrite the other. Build the model with tie_embeddings=False for "
+        "an untied checkpoint"
+    )
+
+
+def _retie_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: ``assign=True`` (and loading after ``to_empty()`` without
+    ``reset_parameters()``) leaves the embedding and the LM head two parameters; tie them again, and restore
+    the parameters' optimizer markers (``_no_weight_decay``, ``_no_reinit``), which new parameters lack."""
+    if _fsdp_managed_layers(module):
+        return
+    for m in module.modules():
+        if isinstance(m, MambaMixer):
+            for p in (m.A_log, m.D):
+                p._no_weight_decay = True
+            if m.dt_proj.bias is not None:
+                m.dt_proj.bias._no_reinit = True
+    emb, head = module.model.backbone.embedding, module.model.lm_head
+    if not module.cfg.tie_embeddings or head.weight is emb.weight or not isinstance(emb.weight, nn.Parameter):
+        return
+    if not emb.weight.is_meta and _same_values(emb.weight, head.weight):
+        head.weight = emb.weight
 
 
 def _fsdp_managed_layers(model: nn.Module) -> bool:
@@ -586,6 +668,8 @@ class MambaLM(nn.Module):
         self.grad_checkpointing = False
         self.model = MambaLMHeadModel(cfg, block_cls, device=device, dtype=dtype)
         self.set_backend(backend)
+        self.register_load_state_dict_pre_hook(_refuse_distinct_head_when_tied)
+        self.register_load_state_dict_post_hook(_retie_after_load)
 
     # -- OpenLM contract ---------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -622,7 +706,7 @@ class MambaLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"MambaLM: input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         input_ids = _index_ids(input_ids)
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() and not torch.compiler.is_compiling() and not _symbolic(input_ids):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi

@@ -1262,3 +1262,87 @@ def test_left_padded_greedy_equals_transformers(hf_pair):
         theirs = hf.generate(ids, attention_mask=mask, pad_token_id=0, max_new_tokens=24, do_sample=False)
     ours = generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=hf.config.eos_token_id)
     assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+
+
+# -- wrapped and hooked projections (LoRA, quantized layers, forward hooks) ------------------------------
+class _LoRA(torch.nn.Module):
+    """A peft-style low-rank adapter around an nn.Linear: exposes its weight / bias, adds x A B."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        g = torch.Generator().manual_seed(base.in_features)
+        self.a = torch.nn.Parameter(torch.randn(base.in_features, rank, generator=g) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(rank, base.out_features, generator=g) * 0.3)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.a @ self.b
+
+
+def _greedy_by_full_forward(model: MambaLM, ids: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.enable_grad():  # the plain module path, token by token
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapped_projections_are_called_by_every_inference_path(dtype):
+    """A LoRA-style wrapper on in_proj / x_proj / out_proj (it keeps .weight and .bias, as peft's do): the no-grad
+    forward, the cached prefill and the decoding steps call it, as the training forward does, instead of reading
+    the base weights (which silently dropped the adapter: logits 0.1 off, other tokens)."""
+    model = tiny_model().to(dtype)
+    ids = prompt(2, 7)
+    plain_cache = model.allocate_cache(2)
+    for layer in model.layers:
+        mixer = layer.mixer
+        mixer.in_proj, mixer.x_proj, mixer.out_proj = (
+            _LoRA(mixer.in_proj).to(dtype),
+            _LoRA(mixer.x_proj).to(dtype),
+            _LoRA(mixer.out_proj).to(dtype),
+        )
+    with torch.no_grad():
+        fast = model(ids)[0]
+    with torch.enable_grad():
+        slow = model(ids)[0]
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(generate(model, ids, max_new_tokens=6), _greedy_by_full_forward(model, ids, 6))
+    if plain_cache.fused is not None:  # the fused C++ paths read raw weights: not for wrapped layers
+        assert model.allocate_cache(2).fused is None
+
+
+def test_forward_hooks_on_projections_run_in_inference():
+    """A forward hook on a projection runs in the no-grad forward and while generating, as with autograd on."""
+    model = tiny_model()
+    ids = prompt(1, 5)
+    calls = []
+
+    def halve(module, args, out):
+        calls.append(out.shape[1])
+        return out * 0.5
+
+    handle = model.layers[1].mixer.out_proj.register_forward_hook(halve)
+    try:
+        with torch.no_grad():
+            fast = model(ids)[0]
+        with torch.enable_grad():
+            slow = model(ids)[0]
+        torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-5)
+        calls.clear()
+        out = generate(model, ids, max_new_tokens=4)
+        assert len(calls) == 4  # the prefill's last position, then 3 steps
+        assert torch.equal(out, _greedy_by_full_forward(model, ids, 4))
+    finally:
+        handle.remove()
+    from openlm_mamba.ops.cpp import use_cpp
+
+    if use_cpp(ids.float()):  # the fused C++ paths again once the hook is gone
+        assert model.allocate_cache(1).fused is not None

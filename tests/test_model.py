@@ -286,3 +286,45 @@ def test_float64_model_is_float64_throughout():
         assert p.dtype == torch.float64, name
     torch.testing.assert_close(hf.backbone.layers[0].mixer.in_proj.weight, mixer.in_proj.weight, rtol=0, atol=0)
     torch.testing.assert_close(hf(ids).logits.double(), logits, rtol=1e-6, atol=1e-6)  # HF returns float32 logits
+
+
+# -- loading into a model built on the meta device, tied heads ---------------------------------------------
+def test_assign_load_and_to_empty_keep_the_head_tied_and_the_markers():
+    """The README's meta-device build, then load_state_dict(assign=True) (or to_empty() then a plain load):
+    the LM head is the embedding again, not a second parameter (one AdamW state, the right count), and A_log /
+    D keep their _no_weight_decay markers."""
+    src = MambaLM("mamba_tiny")
+    for load in ("assign", "to_empty"):
+        with torch.device("meta"):
+            model = MambaLM("mamba_tiny")
+        if load == "assign":
+            model.load_state_dict(src.state_dict(), assign=True)
+        else:
+            model.to_empty(device="cpu")
+            model.load_state_dict(src.state_dict())
+        assert model.model.lm_head.weight is model.model.backbone.embedding.weight, load
+        assert sum(p.numel() for p in model.parameters()) == src.cfg.num_parameters(), load
+        mixer = model.layers[0].mixer
+        assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay and mixer.dt_proj.bias._no_reinit, load
+        ids = torch.randint(0, 512, (1, 6))
+        torch.testing.assert_close(model(ids)[0], src(ids)[0], rtol=0, atol=0)
+
+
+def test_untied_state_dict_into_a_tied_model_is_refused():
+    src = MambaLM("mamba_tiny")
+    state = src.state_dict()
+    state["model.lm_head.weight"] = state["model.lm_head.weight"] + 1.0  # an untied checkpoint's head
+    with pytest.raises(ValueError, match=r"model.lm_head.weight that differs from its model.backbone.embedding"):
+        MambaLM("mamba_tiny").load_state_dict(state)
+    MambaLM("mamba_tiny").load_state_dict(src.state_dict())  # tied: both keys, one tensor
+
+
+def test_meta_forward_gives_shapes_and_integer_cache_dtypes_are_refused():
+    with torch.device("meta"):
+        model = MambaLM("mamba_tiny")
+        logits = model(torch.zeros(2, 8, dtype=torch.long))[0]
+    assert logits.shape == (2, 8, 512) and logits.is_meta
+    with pytest.raises(
+        ValueError, match=r"dtype \(of the conv states\) must be a floating-point dtype, got torch\.int64"
+    ):
+        MambaLM("mamba_tiny").allocate_cache(1, dtype=torch.int64)
