@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 EOS = "<|endoftext|>"
@@ -91,9 +92,23 @@ def make_tiny_dataset(
     if seq_len <= 0 or train_shards <= 0:
         raise ValueError(f"make_tiny_dataset: seq_len and train_shards must be positive, got {seq_len}, {train_shards}")
     out = Path(out_dir)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not any(out.iterdir()):  # a new, empty folder of generated data: keep it out of git (never touch one in use)
+    fresh = not any(out.iterdir())
+    if fresh:  # a new, empty folder of generated data: keep it out of git (never touch one in use)
         (out / ".gitignore").write_text("*\n")
+    try:
+        return _make(out, vocab_size, seq_len, train_shards, val_fraction, seed, max_chars)
+    except BaseException:
+        if fresh:  # nothing half-built left behind in a folder this run started (an empty one it found stays)
+            for child in out.iterdir() if existed else ():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _make(out: Path, vocab_size: int, seq_len: int, train_shards: int, val_fraction: float, seed: int, max_chars):
 
     docs = source_documents()
     if max_chars is not None:
@@ -142,7 +157,11 @@ def make_tiny_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="examples/tiny_cpu.yaml reads the defaults (examples/tiny_data, 4 shards, vocab 512, mamba_tiny): "
+        "with another folder, --vocab-size or --seq-len, edit its data paths, train-num-samples and model to match.",
+    )
     parser.add_argument("out_dir", nargs="?", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
     parser.add_argument(
         "--vocab-size",
@@ -159,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         "targets (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    info = make_tiny_dataset(args.out_dir, vocab_size=args.vocab_size, seq_len=args.seq_len)
+    try:
+        info = make_tiny_dataset(args.out_dir, vocab_size=args.vocab_size, seq_len=args.seq_len)
+    except ValueError as e:
+        parser.error(str(e))
     print(json.dumps(info, indent=2))
 
 

@@ -299,6 +299,22 @@ def test_tiny_recipe_keeps_an_existing_folders_gitignore(tmp_path):
     assert (mine / "tokenizer.json").is_file()
 
 
+def test_tiny_recipe_failure_leaves_no_half_built_folder(tmp_path, capsys):
+    """Settings the text cannot fill (a sequence longer than the corpus): one error line, and no tokenizer or
+    .gitignore left in the folder the run started (an empty folder found there stays, empty)."""
+    recipe = tiny_recipe()
+    if recipe is None:
+        pytest.skip("examples/make_tiny_data.py is not present")
+    found = tmp_path / "found"
+    found.mkdir()
+    for out in (tmp_path / "new", found):
+        with pytest.raises(SystemExit) as exit_info:
+            recipe.main([str(out), "--seq-len", "100000"])
+        assert exit_info.value.code == 2
+        assert "error: make_tiny_dataset: only 1 training sequences for 4 shards" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and list(found.iterdir()) == []
+
+
 def test_tiny_recipe_help_explains_every_flag(capsys, monkeypatch):
     """examples/make_tiny_data.py --help: every flag has a help text (--vocab-size and --seq-len had none)."""
     recipe = tiny_recipe()
