@@ -207,16 +207,16 @@ def model_step_args(model: torch.nn.Module, params: list[tuple]) -> tuple | None
     ``model_prefill``: every layer in one call, no Python between ops) after the states, or None
     where they do not apply: they cover CPU float32 models with RMSNorm and the C++ kernels built;
     the others take ``MambaMixer.step`` and the per-layer prefill."""
-    from .model import RMSNorm, _hooked
+    from .model import RMSNorm
     from .ops.cpp import use_cpp
 
     backbone = model.model.backbone
     norms = [layer.norm for layer in backbone.layers] + [backbone.norm_f]
     tensors = [t for p in params for t in p if isinstance(t, torch.Tensor)] + [n.weight for n in norms]
     if (
-        # one C++ call computes what the modules would only for plain layers and without hooks to run
+        # one C++ call computes what the projections would only for plain ones (wrapped / hooked ones come as
+        # modules in params, for the Python step to call)
         any(isinstance(t, torch.nn.Module) for p in params for t in p)
-        or any(_hooked(m) for m in model.modules())
         or not all(type(n) is RMSNorm for n in norms)
         or len({n.eps for n in norms}) != 1
         or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)

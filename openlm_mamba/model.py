@@ -37,8 +37,9 @@ def _hooked(module: nn.Module) -> bool:
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``F.linear(x, module.weight, module.bias)`` is what calling ``module`` computes: a plain
     ``nn.Linear`` without hooks (not a LoRA wrapper, a quantized layer or a hooked one). The inference fast
-    paths read such layers' weights directly; any other layer is called as a module."""
-    return type(module) in _PLAIN_LINEARS and not _hooked(module)
+    paths read such layers' weights directly; any other layer is called as a module. (A ``forward`` set on the
+    instance, as accelerate's hooks do, counts as a wrapper too.)"""
+    return type(module) in _PLAIN_LINEARS and not _hooked(module) and "forward" not in module.__dict__
 
 
 def _project(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
@@ -406,7 +407,8 @@ _INTEGER_DTYPES += tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64
 
 
 def _symbolic(t: torch.Tensor) -> bool:
-    """A tensor without values to read (meta, or a FakeTensor of shape inference)."""
+    """A tensor without values to read (meta, or a FakeTensor of shape inference): no range check, no fused
+    C++ kernel."""
     if t.is_meta:
         return True
     try:
@@ -427,6 +429,7 @@ def _fused_cpu_inference(hidden: torch.Tensor) -> bool:
     too (``MambaCache.fused``: RMSNorm, float32 weights, the C++ kernels built)."""
     return (
         hidden.device.type == "cpu"
+        and not _symbolic(hidden)
         and hidden.dtype == torch.float32
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
@@ -440,14 +443,33 @@ _EMB_KEY, _HEAD_KEY = "model.backbone.embedding.weight", "model.lm_head.weight"
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    return (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()) or bool(torch.equal(a, b))
+    ptr = a.data_ptr()  # 0 for tensors without local storage (DTensor, FSDP2): compare the values then
+    if ptr != 0 and ptr == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+
+
+def _state_entry(state_dict, key: str):
+    """``state_dict[key]``, also under ``module.`` / ``_orig_mod.`` wrapper prefixes (OpenLM strips those in a
+    hook that runs after this model's own)."""
+    if key in state_dict:
+        return state_dict[key]
+    for k, v in state_dict.items():
+        if k.endswith(key) and k.replace("module.", "").replace("_orig_mod.", "") == key:
+            return v
+    return None
 
 
 def _refuse_distinct_head_when_tied(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: into a model that ties its LM head to the embedding, a state dict whose two
-    differ (an untied checkpoint) would load one over the other silently; say so instead."""
-    emb, head = state_dict.get(prefix + _EMB_KEY), state_dict.get(prefix + _HEAD_KEY)
-    if not module.cfg.tie_embeddings or not isinstance(emb, torch.Tensor) or not isinstance(head, torch.Tensor):
+    differ (an untied checkpoint) would load one over the other silently; say so instead. (A checkpoint of
+    another size is left to torch, or OpenLM's shape check, to name.)"""
+    if not module.cfg.tie_embeddings:
+        return
+    emb, head = _state_entry(state_dict, prefix + _EMB_KEY), _state_entry(state_dict, prefix + _HEAD_KEY)
+    if not isinstance(emb, torch.Tensor) or not isinstance(head, torch.Tensor):
+        return
+    if emb.shape != module.model.backbone.embedding.weight.shape or emb.shape != head.shape:
         return
     if emb.is_meta or head.is_meta or _same_values(emb, head):
         return
@@ -741,7 +763,12 @@ class MambaLM(nn.Module):
         """Every layer over embeddings ``hidden`` (batch, L, d_model) from zero states: (logits, hidden, None).
         ``mask``: from :func:`padding_mask` (None: no padding)."""
         backbone = self.model.backbone
-        if hidden.numel() > 0 and _fused_cpu_inference(hidden) and not _fsdp_managed_layers(self):
+        if (
+            hidden.numel() > 0
+            and _fused_cpu_inference(hidden)
+            and not _fsdp_managed_layers(self)
+            and not any(_hooked(m) for m in backbone.modules() if m is not backbone.embedding)
+        ):  # (hooks: the module path below runs them; the fused call would not)
             # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
             cache = self.allocate_cache(hidden.shape[0])
             if cache.fused is not None:

@@ -1346,3 +1346,27 @@ def test_forward_hooks_on_projections_run_in_inference():
 
     if use_cpp(ids.float()):  # the fused C++ paths again once the hook is gone
         assert model.allocate_cache(1).fused is not None
+
+
+def test_instance_forward_and_block_hooks():
+    """An instance-level ``forward`` on a projection (accelerate's hooks) counts as a wrapper; a hook on a mixer
+    runs in the plain no-grad forward (which then skips the fused call) as with autograd on."""
+    model = tiny_model()
+    ids = prompt(1, 5)
+    out_proj = model.layers[0].mixer.out_proj
+    original = out_proj.forward
+    out_proj.forward = lambda x: original(x) * 0.5
+    try:
+        with torch.no_grad():
+            fast = model(ids)[0]
+        torch.testing.assert_close(fast, model(ids)[0].detach(), rtol=0, atol=1e-5)
+        assert torch.equal(generate(model, ids, max_new_tokens=4), _greedy_by_full_forward(model, ids, 4))
+    finally:
+        del out_proj.forward
+    handle = model.layers[1].mixer.register_forward_hook(lambda m, a, o: o * 0.5)
+    try:
+        with torch.no_grad():
+            fast = model(ids)[0]
+        torch.testing.assert_close(fast, model(ids)[0].detach(), rtol=0, atol=1e-5)
+    finally:
+        handle.remove()

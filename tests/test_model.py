@@ -319,6 +319,19 @@ def test_untied_state_dict_into_a_tied_model_is_refused():
     MambaLM("mamba_tiny").load_state_dict(src.state_dict())  # tied: both keys, one tensor
 
 
+@pytest.mark.skipif(not has_module("open_lm"), reason="OpenLM's model build needs open_lm")
+def test_untied_state_dict_with_wrapper_prefixes_is_refused_too():
+    """OpenLM's build strips module. / _orig_mod. prefixes in a hook that runs after the model's own."""
+    from openlm_mamba.openlm import build_model
+
+    state = MambaLM("mamba_tiny").state_dict()
+    state["model.lm_head.weight"] = state["model.lm_head.weight"] + 1.0
+    for wrapper in ("module.", "_orig_mod."):
+        prefixed = {wrapper + k: v for k, v in state.items()}
+        with pytest.raises(ValueError, match="differs from its"):
+            build_model(MambaLM("mamba_tiny").cfg).load_state_dict(prefixed)
+
+
 def test_meta_forward_gives_shapes_and_integer_cache_dtypes_are_refused():
     with torch.device("meta"):
         model = MambaLM("mamba_tiny")
