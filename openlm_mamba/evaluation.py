@@ -566,7 +566,9 @@ def evaluate(
 
     ``include_path`` adds a folder of task YAMLs; ``include_defaults=False`` skips indexing lm-eval's
     built-in tasks (seconds saved when only local tasks run). A ready ``task_manager`` (see ``make_task_manager``)
-    replaces both. ``limit``: examples per task, a count >= 1 or a fraction in (0, 1). Unknown task names and a
+    replaces both. ``limit``: examples per task, a count >= 1 or a fraction in (0, 1). Other keyword arguments go
+    to ``simple_evaluate``; ``bootstrap_iters`` defaults to 0 here (no standard errors, which cost minutes on
+    large tasks): pass e.g. ``bootstrap_iters=1000`` for them. Unknown task names and a
     bad ``limit`` raise ValueError before anything runs.
     """
     from lm_eval import simple_evaluate
@@ -584,8 +586,7 @@ def evaluate(
         task_manager=manager,
         limit=limit,
         log_samples=log_samples,
-        bootstrap_iters=0,
-        **kwargs,
+        **{"bootstrap_iters": 0, **kwargs},  # no standard errors unless asked for (lm-eval's default: 100000)
     )
     if results is None:
         raise RuntimeError("lm-eval returned no results")

@@ -417,6 +417,12 @@ def _refuse_converter_file(path: str, flag: str, cfg: MambaConfig) -> Any:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # not loadable this way: OpenLM's own loading reports what is wrong
         return None
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("av_model_sd"), dict):
+        raise ValueError(
+            f"{flag} {path}: an --averagers file (its averaged weights are under 'av_model_sd'), which OpenLM's "
+            f"loading does not read: openlm-mamba convert --to openlm {path} {file.stem}_weights.pt --model "
+            f"{cfg.name}, and pass that file"
+        )
     layout = _foreign_layout(ckpt)
     if layout is not None:
         what = f"a state dict in {layout} layout (backbone.* keys, where OpenLM's have model.backbone.*)"

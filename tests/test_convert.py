@@ -870,3 +870,32 @@ def test_cli_info_of_a_missing_checkpoint_path(capsys):
     for arg in ("nonexist.pt", "some/dir/"):
         assert cli_main(["info", arg]) == 2
         assert capsys.readouterr().err.strip() == f"error: {arg}: no such file or directory"
+
+
+def test_averager_file_converts_and_tokenizer_files_follow_a_directory(tiny, tmp_path):
+    """An --averagers file (ema_0.99_N.pt: the averaged weights under 'av_model_sd') reads as a checkpoint; a
+    directory converted into a new directory takes its tokenizer files along."""
+    ema = tmp_path / "ema_0.99_1.pt"
+    sd = {k: v + 0.5 for k, v in tiny.state_dict().items()}
+    torch.save({"av_model_sd": sd, "method": "ema", "gamma": 0.99, "update_counter": 3}, ema)
+    hf = convert(ema, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    got = load_model(hf).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    (hf / "tokenizer.json").write_text("{}")
+    (hf / "tokenizer_config.json").write_text("{}")
+    ssm = convert(hf, tmp_path / "ssm", to="mamba_ssm", progress=False)
+    again = convert(ssm, tmp_path / "hf2", to="hf", progress=False)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in again.iterdir()}
+
+
+def test_lone_checkpoint_without_a_config_warns_about_defaults(tiny, tmp_path, caplog):
+    """An epoch_N.pt copied out of its run (no params.txt, no embedded config): the fields its shapes cannot
+    show come from the defaults, which is said once, with the fix."""
+    lone = _openlm_ckpt(tiny, tmp_path / "epoch_1.pt")
+    with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
+        load_model(lone)
+    assert "no config recorded with it" in caplog.text and "pass --model with the config it was trained" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
+        load_model(lone, model="mamba_tiny")  # --model given: nothing to say
+    assert "no config recorded" not in caplog.text

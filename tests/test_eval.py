@@ -810,3 +810,18 @@ def test_bench_eval_quick_runs(capsys):
     assert "| mmlu | 8 |" in out and "| hellaswag | 8 |" in out, out
     if with_hf:
         assert "x** |" in out, out
+
+
+def test_evaluate_passes_bootstrap_iters_through(setup, monkeypatch):
+    """evaluate() computes no standard errors by default (bootstrap_iters 0), but a caller can ask for them."""
+    import lm_eval
+
+    from openlm_mamba import evaluation
+
+    seen = []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: seen.append(kw["bootstrap_iters"]) or {"results": {}})
+    monkeypatch.setattr(evaluation, "check_tasks", lambda tasks, manager: None)
+    _, lm, _ = setup
+    evaluation.evaluate(lm, ["x"], task_manager=object())
+    evaluation.evaluate(lm, ["x"], task_manager=object(), bootstrap_iters=1000)
+    assert seen == [0, 1000]

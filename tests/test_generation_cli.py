@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,19 @@ def test_cli_on_checkpoint_trained_by_open_lm(monkeypatch, tmp_path, tokenizer_d
     argv = ["--model", "mamba_tiny", "--checkpoint", str(ckpt), "--tokenizer", tokenizer]
     rc, out = run_cli(monkeypatch, [*argv, "--prompt", "The Toyota Supra", "--seed", "0", "--max-new-tokens", "8"])
     assert rc == 0 and out.getvalue().startswith("The Toyota Supra") and len(out.writes) >= 2
+
+
+def test_bare_tokenizer_json_copied_into_a_checkpoint_dir(tmp_path, tokenizer_dir, openlm_style_checkpoint):
+    """A lone tokenizer.json (what make_tiny_data writes) copied into a converted HF dir: read as that file, not
+    by AutoTokenizer, which builds the class the dir's config.json suggests (GPT-NeoX's for a Mamba) and adds
+    its own <|padding|> token past the model's vocabulary."""
+    from openlm_mamba.commands.generate import load_tokenizer
+    from openlm_mamba.convert import convert
+
+    path, _ = openlm_style_checkpoint
+    hf_dir = convert(path, tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    shutil.copy(tokenizer_dir / "tokenizer.json", hf_dir / "tokenizer.json")
+    bare = load_tokenizer(tokenizer_dir / "tokenizer.json")
+    tok = load_tokenizer(hf_dir)
+    assert len(tok) == len(bare) == 300 and tok.eos_token == "<|endoftext|>"
+    assert tok.encode("Mamba state") == bare.encode("Mamba state")

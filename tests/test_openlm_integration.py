@@ -341,7 +341,10 @@ def test_pretrained_hf_or_mamba_ssm_file_says_convert_first(olm, tmp_path):
     hf = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
     torch.save({"epoch": 1, "state_dict": hf}, lone / "hf.pt")
     (lone / "notes.json").write_text("{}")
+    torch.save({"av_model_sd": MambaLM(MambaConfig.load("mamba_tiny")).state_dict(), "method": "ema"}, lone / "ema.pt")
     cases = {
+        "ema.pt": rf"an --averagers file .*: openlm-mamba convert --to openlm {lone / 'ema.pt'} ema_weights\.pt "
+        r"--model mamba_tiny, and pass that file",
         "model.safetensors": r"a safetensors weights file \(an HF or mamba_ssm checkpoint's\); OpenLM loads its own "
         r"\.pt checkpoints: convert it first, from its checkpoint directory .*--model mamba_tiny",
         "pytorch_model.bin": r"a state dict in mamba_ssm layout .*: convert it first, openlm-mamba convert --to "

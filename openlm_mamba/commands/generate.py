@@ -101,8 +101,13 @@ def load_tokenizer(name: str | os.PathLike):
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         tok = None
+        bare = path / "tokenizer.json" if path.is_dir() else None
         if path.is_file():  # a bare tokenizers file
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif bare is not None and bare.is_file() and not (path / "tokenizer_config.json").is_file():
+            # a bare tokenizers file copied into a checkpoint dir: read as that file (AutoTokenizer would build the
+            # class the dir's config.json suggests, e.g. GPT-NeoX's for model_type mamba, adding its own tokens)
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(bare))
         elif path.is_dir():
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..config import ConfigError, MambaConfig
 from ..model import LMHead, MambaLM
 from .common import (
     ARCH_FIELDS,
+    TOKENIZER_FILES,
     BackgroundChecks,
     ConversionError,
     TensorSource,
@@ -350,6 +352,10 @@ def convert(
                 del state
                 for key in order:
                     source.check(key)
+            if writes is not None and Path(ckpt.path).is_dir():  # directory to directory: the tokenizer goes along
+                for name in sorted(TOKENIZER_FILES):
+                    if (Path(ckpt.path) / name).is_file() and not (tmp / name).exists():
+                        shutil.copy2(Path(ckpt.path) / name, tmp / name)
     return dst
 
 

@@ -114,6 +114,14 @@ def openlm_config(
     if found is not None and found.exact:
         return found.config, found.origin, ARCH_FIELDS
     shapes = f"{file} (its tensor shapes{'; ' + found.origin if found else ''})"
+    if found is None and wanted is None:
+        _log.warning(
+            "%s: no config recorded with it (no embedded model_config, no params.txt beside its run): the "
+            "architecture comes from its tensor shapes, and the fields shapes cannot show (norm_epsilon, "
+            "residual_in_fp32, ...) take MambaConfig's defaults: pass --model with the config it was trained with "
+            "if it used others",
+            file,
+        )
     if found is None or wanted is not None:
         return infer_config(source, base=wanted), shapes, SHAPE_FIELDS
     inferred = infer_config(source, base=found.config)
@@ -134,7 +142,8 @@ def openlm_config(
 
 def read_openlm(path: Path) -> tuple[FoundConfig | None, TensorSource, Path]:
     """The config found with the OpenLM checkpoint at ``path`` (embedded by our converter or from its run's
-    params.txt; None if neither), its tensors and the file read (``path``, or a directory's latest epoch_N.pt)."""
+    params.txt; None if neither), its tensors and the file read (``path``, or a directory's latest epoch_N.pt).
+    ``path`` may also be an ``--averagers`` file (``ema_0.99_N.pt``, ``poly_*.pt``): its averaged weights."""
     file = find_checkpoint_file(path)
     obj, check = torch_load(file)
     found = None
@@ -149,6 +158,8 @@ def read_openlm(path: Path) -> tuple[FoundConfig | None, TensorSource, Path]:
                 raise ConversionError(str(e)) from None
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
+    elif isinstance(obj, dict) and isinstance(obj.get("av_model_sd"), dict):  # an --averagers file (ema_*.pt)
+        sd = obj["av_model_sd"]
     else:
         what = f"a dict with keys {sorted(obj)[:6]}" if isinstance(obj, dict) else type(obj).__name__
         raise ConversionError(
