@@ -475,7 +475,8 @@ def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any) -
     if diffs:
         _log.warning(
             "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "
-            "--model's; pass the checkpoint's own config as --model (openlm-mamba info %s shows it)",
+            "--model's; to use the checkpoint's own config, write it with openlm-mamba info %s --save-config "
+            "config.json and pass --model config.json",
             flag,
             path,
             cfg.name,

@@ -246,3 +246,25 @@ def test_ctrl_c_while_the_commands_load_is_an_interrupt(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load", interrupted)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_save_config_writes_a_config_model_accepts(capsys, tmp_path):
+    """info CHECKPOINT --save-config PATH: the checkpoint's config as a JSON that --model takes (the --json output
+    also carries derived fields, which a config file refuses)."""
+    import torch
+
+    from openlm_mamba import MambaConfig, MambaLM
+
+    cfg = MambaConfig.load("mamba_tiny")
+    model = MambaLM(MambaConfig(**{**cfg.__dict__, "norm_epsilon": 0.1, "name": "eps"}))
+    from openlm_mamba.convert import convert
+
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    pt = convert(tmp_path / "epoch_1.pt", tmp_path / "eps.pt", to="openlm", model=model.cfg, progress=False)
+    out = tmp_path / "cfg.json"
+    assert cli_main(["info", str(pt), "--save-config", str(out)]) == 0
+    saved = MambaConfig.load(out)
+    assert saved.norm_epsilon == 0.1 and (saved.d_model, saved.n_layer) == (cfg.d_model, cfg.n_layer)
+    capsys.readouterr()
+    assert cli_main(["info", "--list", "--save-config", str(out)]) == 2
+    assert "--save-config needs MODEL" in capsys.readouterr().err

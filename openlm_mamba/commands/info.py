@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--list", action="store_true", help="list the shipped configs")
     parser.add_argument(
+        "--save-config",
+        metavar="PATH",
+        default=None,
+        help="also write MODEL's config as a JSON file that --model (OpenLM, convert, generate, eval) accepts",
+    )
+    parser.add_argument(
         "--env",
         action="store_true",
         help="show the environment instead: versions, optional packages (open_lm, triton, mamba_ssm, ...), "
@@ -226,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
     if sum(map(bool, (args.env, args.list, args.model is not None))) > 1:
         print("error: give one of MODEL, --list and --env", file=sys.stderr)
         return 2
+    if args.save_config and args.model is None:
+        print("error: --save-config needs MODEL (a config name, JSON or checkpoint)", file=sys.stderr)
+        return 2
     if args.env:
         env = environment()
         if args.json:
@@ -262,6 +271,12 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.save_config:
+        try:
+            Path(args.save_config).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            print(f"error: --save-config {args.save_config}: {e.strerror or e}", file=sys.stderr)
+            return 2
     info.update(cfg.to_dict())
     info.update(
         d_inner=cfg.d_inner,
