@@ -36,12 +36,11 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 from tqdm.auto import tqdm
 
+from .commands.generate import DEFAULT_TOKENIZER
+from .commands.generate import TOKENIZER_FILES as _TOKENIZER_FILES
 from .device import check_device, check_tokenizer
 from .generation import check_prompt_backend
 from .model import MambaLM
-
-DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's tokenizer
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 _log = logging.getLogger(__name__)
 

@@ -392,3 +392,25 @@ def test_bare_tokenizer_json_copied_into_a_checkpoint_dir(tmp_path, tokenizer_di
     tok = load_tokenizer(hf_dir)
     assert len(tok) == len(bare) == 300 and tok.eos_token == "<|endoftext|>"
     assert tok.encode("Mamba state") == bare.encode("Mamba state")
+
+
+def test_cli_tokenizer_defaults_to_the_checkpoint_directorys(monkeypatch, capsys, tmp_path, tokenizer_dir):
+    """Without --tokenizer, generate takes the checkpoint directory's own tokenizer (as eval does), else
+    Mamba-7B's from the hub, and says why when that cannot be had offline."""
+    from openlm_mamba.convert import convert
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.load("mamba_tiny"))
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    hf_dir = convert(tmp_path / "epoch_1.pt", tmp_path / "hf", to="hf", model="mamba_tiny", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, hf_dir / name)
+    args = ["--prompt", "Mamba", "--greedy", "--max-new-tokens", "4"]
+    rc, own = run_cli(monkeypatch, ["--checkpoint", str(hf_dir), *args])
+    rc2, given = run_cli(monkeypatch, ["--checkpoint", str(hf_dir), "--tokenizer", str(tokenizer_dir), *args])
+    assert rc == rc2 == 0 and own.getvalue() == given.getvalue()
+    capsys.readouterr()
+    rc, _ = run_cli(monkeypatch, ["--checkpoint", str(tmp_path / "epoch_1.pt"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "EleutherAI/gpt-neox-20b" in err and "has no tokenizer files" in err, err

@@ -21,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="OpenLM checkpoint (epoch_N.pt / bare state dict) or an HF / mamba_ssm directory",
     )
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory, tokenizer.json file, or HF hub name")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, tokenizer.json file, or HF hub name (default: the checkpoint directory's own "
+        "tokenizer files, else EleutherAI/gpt-neox-20b, Mamba-7B's)",
+    )
     parser.add_argument(
         "--prompt",
         required=True,
@@ -66,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print prompt length, time to first token and decode speed to stderr at the end",
     )
+
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def load_tokenizer(name: str | os.PathLike):
@@ -187,7 +196,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --device {args.device}: {e}") from None
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
-    tok = load_tokenizer(args.tokenizer)
+    if args.tokenizer is None:  # as eval: the checkpoint directory's own, else Mamba-7B's
+        folder = Path(args.checkpoint)
+        own = folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+        args.tokenizer = str(folder) if own else DEFAULT_TOKENIZER
+        try:
+            tok = load_tokenizer(args.tokenizer)
+        except SystemExit as e:
+            note = "" if own else f" (no --tokenizer given and {args.checkpoint} has no tokenizer files)"
+            raise SystemExit(f"{e}{note}") from None
+    else:
+        tok = load_tokenizer(args.tokenizer)
     lm = load_model(args, device, dtype)
     if args.backend is not None:
         lm.set_backend(args.backend)
