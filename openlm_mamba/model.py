@@ -444,9 +444,12 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
     ptr = a.data_ptr()  # 0 for tensors without local storage (DTensor, FSDP2): compare the values then
-    if ptr != 0 and ptr == b.data_ptr() and a.stride() == b.stride():
+    if a is b or (ptr != 0 and ptr == b.data_ptr() and a.stride() == b.stride()):
         return True
-    return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    if bool(torch.equal(a, b)):  # DTensors too
+        return True
+    plain = type(a) is torch.Tensor and type(b) is torch.Tensor and a.is_floating_point()
+    return plain and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))  # NaN where the other has NaN
 
 
 def _state_entry(state_dict, key: str):

@@ -476,7 +476,7 @@ def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any) -
         _log.warning(
             "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "
             "--model's; to use the checkpoint's own config, write it with openlm-mamba info %s --save-config "
-            "config.json and pass --model config.json",
+            "its_config.json and pass --model its_config.json",
             flag,
             path,
             cfg.name,

@@ -268,3 +268,6 @@ def test_save_config_writes_a_config_model_accepts(capsys, tmp_path):
     capsys.readouterr()
     assert cli_main(["info", "--list", "--save-config", str(out)]) == 2
     assert "--save-config needs MODEL" in capsys.readouterr().err
+    before = out.read_text()
+    assert cli_main(["info", "mamba_7b", "--save-config", str(out)]) == 2  # never over an existing file
+    assert "already exists" in capsys.readouterr().err and out.read_text() == before

@@ -886,6 +886,11 @@ def test_averager_file_converts_and_tokenizer_files_follow_a_directory(tiny, tmp
     ssm = convert(hf, tmp_path / "ssm", to="mamba_ssm", progress=False)
     again = convert(ssm, tmp_path / "hf2", to="hf", progress=False)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in again.iterdir()}
+    (again / "tokenizer.json").write_text('{"theirs": 1}')  # an --overwrite destination keeps its own set whole
+    (again / "special_tokens_map.json").write_text("{}")
+    (hf / "tokenizer_config.json").unlink()
+    convert(hf, again, to="hf", overwrite=True, progress=False)
+    assert (again / "tokenizer.json").read_text() == '{"theirs": 1}' and (again / "tokenizer_config.json").is_file()
 
 
 def test_lone_checkpoint_without_a_config_warns_about_defaults(tiny, tmp_path, caplog):
@@ -895,6 +900,10 @@ def test_lone_checkpoint_without_a_config_warns_about_defaults(tiny, tmp_path, c
     with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
         load_model(lone)
     assert "no config recorded with it" in caplog.text and "pass --model with the config it was trained" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
+        load_model(lone)  # a command reading it twice (check, then load) says it once
+    assert "no config recorded" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
         load_model(lone, model="mamba_tiny")  # --model given: nothing to say

@@ -392,6 +392,9 @@ def test_bare_tokenizer_json_copied_into_a_checkpoint_dir(tmp_path, tokenizer_di
     tok = load_tokenizer(hf_dir)
     assert len(tok) == len(bare) == 300 and tok.eos_token == "<|endoftext|>"
     assert tok.encode("Mamba state") == bare.encode("Mamba state")
+    # with transformers' own metadata beside it, the directory is read as transformers reads it (its EOS kept)
+    (hf_dir / "special_tokens_map.json").write_text('{"eos_token": "<unk>"}')
+    assert load_tokenizer(hf_dir).eos_token == "<unk>"
 
 
 def test_cli_tokenizer_defaults_to_the_checkpoint_directorys(monkeypatch, capsys, tmp_path, tokenizer_dir):

@@ -317,6 +317,10 @@ def test_untied_state_dict_into_a_tied_model_is_refused():
     with pytest.raises(ValueError, match=r"model.lm_head.weight that differs from its model.backbone.embedding"):
         MambaLM("mamba_tiny").load_state_dict(state)
     MambaLM("mamba_tiny").load_state_dict(src.state_dict())  # tied: both keys, one tensor
+    copies = {k: v.clone() for k, v in src.state_dict().items()}  # tied but saved as two copies, with a NaN
+    copies["model.backbone.embedding.weight"][0, 0] = float("nan")
+    copies["model.lm_head.weight"][0, 0] = float("nan")
+    MambaLM("mamba_tiny").load_state_dict(copies)
 
 
 @pytest.mark.skipif(not has_module("open_lm"), reason="OpenLM's model build needs open_lm")

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"  # Mamba-7B's
+# transformers' tokenizer files beside a tokenizer.json: with any of them, AutoTokenizer reads the directory
+_TOKENIZER_METADATA = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -113,9 +115,10 @@ def load_tokenizer(name: str | os.PathLike):
         bare = path / "tokenizer.json" if path.is_dir() else None
         if path.is_file():  # a bare tokenizers file
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-        elif bare is not None and bare.is_file() and not (path / "tokenizer_config.json").is_file():
-            # a bare tokenizers file copied into a checkpoint dir: read as that file (AutoTokenizer would build the
-            # class the dir's config.json suggests, e.g. GPT-NeoX's for model_type mamba, adding its own tokens)
+        elif bare is not None and bare.is_file() and not any((path / f).is_file() for f in _TOKENIZER_METADATA):
+            # a bare tokenizers file copied into a checkpoint dir, with none of transformers' tokenizer files: read
+            # as that file (AutoTokenizer would build the class the dir's config.json suggests, e.g. GPT-NeoX's for
+            # model_type mamba, adding its own tokens)
             tok = PreTrainedTokenizerFast(tokenizer_file=str(bare))
         elif path.is_dir():
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -272,6 +272,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.save_config:
+        if Path(args.save_config).exists():
+            print(
+                f"error: --save-config {args.save_config}: already exists; remove it or give another path",
+                file=sys.stderr,
+            )
+            return 2
         try:
             Path(args.save_config).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         except OSError as e:

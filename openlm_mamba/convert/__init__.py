@@ -352,7 +352,9 @@ def convert(
                 del state
                 for key in order:
                     source.check(key)
-            if writes is not None and Path(ckpt.path).is_dir():  # directory to directory: the tokenizer goes along
+            if writes is not None and Path(ckpt.path).is_dir() and not carry:
+                # directory to directory: the tokenizer goes along (an --overwrite destination's own, carried as a
+                # whole instead, wins: never a mix of two tokenizers' files)
                 for name in sorted(TOKENIZER_FILES):
                     if (Path(ckpt.path) / name).is_file() and not (tmp / name).exists():
                         shutil.copy2(Path(ckpt.path) / name, tmp / name)

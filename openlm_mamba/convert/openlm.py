@@ -102,6 +102,9 @@ def _config_from_params(file: Path) -> FoundConfig | None:
     return None
 
 
+_WARNED_UNRECORDED: set[str] = set()
+
+
 def openlm_config(
     found: FoundConfig | None, source: TensorSource, file: Path, wanted: MambaConfig | None
 ) -> tuple[MambaConfig, str, tuple[str, ...]]:
@@ -114,9 +117,10 @@ def openlm_config(
     if found is not None and found.exact:
         return found.config, found.origin, ARCH_FIELDS
     shapes = f"{file} (its tensor shapes{'; ' + found.origin if found else ''})"
-    if found is None and wanted is None:
+    if found is None and wanted is None and str(file) not in _WARNED_UNRECORDED:
+        _WARNED_UNRECORDED.add(str(file))  # once per file and process (a command may read a checkpoint twice)
         _log.warning(
-            "%s: no config recorded with it (no embedded model_config, no params.txt beside its run): the "
+            "%s: no config recorded with it (no embedded model_config, no usable params.txt beside its run): the "
             "architecture comes from its tensor shapes, and the fields shapes cannot show (norm_epsilon, "
             "residual_in_fp32, ...) take MambaConfig's defaults: pass --model with the config it was trained with "
             "if it used others",
