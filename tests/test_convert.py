@@ -886,6 +886,11 @@ def test_averager_file_converts_and_tokenizer_files_follow_a_directory(tiny, tmp
     ssm = convert(hf, tmp_path / "ssm", to="mamba_ssm", progress=False)
     again = convert(ssm, tmp_path / "hf2", to="hf", progress=False)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in again.iterdir()}
+    only_gen = convert(ssm, tmp_path / "ssm2", to="mamba_ssm", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (only_gen / name).unlink(missing_ok=True)
+    convert(hf, only_gen, to="mamba_ssm", overwrite=True, progress=False)  # its generation_config is no tokenizer
+    assert (only_gen / "tokenizer.json").is_file()
     (again / "tokenizer.json").write_text('{"theirs": 1}')  # an --overwrite destination keeps its own set whole
     (again / "special_tokens_map.json").write_text("{}")
     (hf / "tokenizer_config.json").unlink()
@@ -904,6 +909,10 @@ def test_lone_checkpoint_without_a_config_warns_about_defaults(tiny, tmp_path, c
     with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
         load_model(lone)  # a command reading it twice (check, then load) says it once
     assert "no config recorded" not in caplog.text
+    os.utime(lone, ns=(1, 1))  # another checkpoint written to the same path: said again
+    with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
+        load_model(lone)
+    assert "no config recorded" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
         load_model(lone, model="mamba_tiny")  # --model given: nothing to say

@@ -417,3 +417,12 @@ def test_cli_tokenizer_defaults_to_the_checkpoint_directorys(monkeypatch, capsys
     rc, _ = run_cli(monkeypatch, ["--checkpoint", str(tmp_path / "epoch_1.pt"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and "EleutherAI/gpt-neox-20b" in err and "has no tokenizer files" in err, err
+
+
+def test_cli_missing_checkpoint_is_named_before_the_default_tokenizer(monkeypatch, capsys, tmp_path):
+    """A mistyped --checkpoint without --tokenizer: the checkpoint is named, not a failed tokenizer download."""
+    rc, _ = run_cli(monkeypatch, ["--checkpoint", str(tmp_path / "typo.pt"), "--prompt", "hi"])
+    assert (
+        rc == 2
+        and capsys.readouterr().err.strip() == f"error: --checkpoint {tmp_path / 'typo.pt'}: no such file or directory"
+    )

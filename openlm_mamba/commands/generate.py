@@ -199,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --device {args.device}: {e}") from None
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
+    if not Path(args.checkpoint).exists():  # before any tokenizer is looked for (the default may be a download)
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or directory")
     if args.tokenizer is None:  # as eval: the checkpoint directory's own, else Mamba-7B's
         folder = Path(args.checkpoint)
         own = folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)

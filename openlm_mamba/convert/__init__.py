@@ -352,13 +352,16 @@ def convert(
                 del state
                 for key in order:
                     source.check(key)
-            if writes is not None and Path(ckpt.path).is_dir() and not carry:
+            if writes is not None and Path(ckpt.path).is_dir() and not set(carry) & _OWN_TOKENIZER:
                 # directory to directory: the tokenizer goes along (an --overwrite destination's own, carried as a
                 # whole instead, wins: never a mix of two tokenizers' files)
                 for name in sorted(TOKENIZER_FILES):
                     if (Path(ckpt.path) / name).is_file() and not (tmp / name).exists():
                         shutil.copy2(Path(ckpt.path) / name, tmp / name)
     return dst
+
+
+_OWN_TOKENIZER = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"})
 
 
 def check_checkpoint(path: str | Path, model: MambaConfig | str | Path | None = None) -> None:

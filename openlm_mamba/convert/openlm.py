@@ -102,7 +102,16 @@ def _config_from_params(file: Path) -> FoundConfig | None:
     return None
 
 
-_WARNED_UNRECORDED: set[str] = set()
+_WARNED_UNRECORDED: set[tuple] = set()
+
+
+def _file_identity(file: Path) -> tuple:
+    """The file and its version: a checkpoint rewritten at the same path is another one."""
+    try:
+        st = file.stat()
+    except OSError:
+        return (str(file),)
+    return (str(file.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def openlm_config(
@@ -117,8 +126,9 @@ def openlm_config(
     if found is not None and found.exact:
         return found.config, found.origin, ARCH_FIELDS
     shapes = f"{file} (its tensor shapes{'; ' + found.origin if found else ''})"
-    if found is None and wanted is None and str(file) not in _WARNED_UNRECORDED:
-        _WARNED_UNRECORDED.add(str(file))  # once per file and process (a command may read a checkpoint twice)
+    seen = _file_identity(file)
+    if found is None and wanted is None and seen not in _WARNED_UNRECORDED:
+        _WARNED_UNRECORDED.add(seen)  # once per file version (a command may read a checkpoint twice)
         _log.warning(
             "%s: no config recorded with it (no embedded model_config, no usable params.txt beside its run): the "
             "architecture comes from its tensor shapes, and the fields shapes cannot show (norm_epsilon, "
