@@ -36,8 +36,6 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 from tqdm.auto import tqdm
 
-from .commands.generate import DEFAULT_TOKENIZER
-from .commands.generate import TOKENIZER_FILES as _TOKENIZER_FILES
 from .device import check_device, check_tokenizer
 from .generation import check_prompt_backend
 from .model import MambaLM
@@ -89,20 +87,16 @@ def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None) -> Any:
     tokenizer.json file or a hub name; default: the checkpoint dir's, else gpt-neox-20b). ValueError if it cannot."""
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from .commands.generate import load_tokenizer
+    from .commands.generate import default_tokenizer, load_tokenizer
 
-    defaulted = tokenizer is None
+    defaulted, own = tokenizer is None, False
     if defaulted:
-        folder = Path(pretrained) if pretrained is not None else None
-        if folder is not None and folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            tokenizer = folder
-        else:
-            tokenizer = DEFAULT_TOKENIZER
+        tokenizer, own = default_tokenizer(pretrained)
     try:
         return load_tokenizer(str(tokenizer))
     except SystemExit as e:  # its message is the CLI's one line, "error: --tokenizer ...: ..."
         message = str(e).removeprefix("error: ")
-        if defaulted and tokenizer == DEFAULT_TOKENIZER:
+        if defaulted and not own:
             message += f" (no tokenizer was given and {pretrained} has no tokenizer files, so Mamba-7B's was tried)"
         raise ValueError(message) from None
 

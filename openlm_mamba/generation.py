@@ -658,9 +658,9 @@ def generate(
         raise ValueError("generate: pass either seed or generator, not both")
     _check_cuda_graph(cuda_graph, input_ids.device)
     if seed is not None:
-        if _as_index(seed) is None:
-            raise ValueError(f"generate: seed must be an int, got {seed!r}")
-        seed = _as_index(seed)
+        given_seed, seed = seed, _as_index(seed)
+        if seed is None:
+            raise ValueError(f"generate: seed must be an int, got {given_seed!r}")
     if cache is not None:
         _check_cache(cache, model, batch, input_ids.device, backend)
     mask = None

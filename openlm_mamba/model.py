@@ -153,12 +153,18 @@ class MambaMixer(nn.Module):
         self.out_proj = OutProj(cfg, **kw)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Initialise the parameters this module owns directly (A_log = log(1..N), D = 1)."""
-        # mamba_ssm's markers, for trainers that honour them (OpenLM's optimizer groups do not); set here,
-        # not only in __init__, because materialising from the meta device replaces the Parameter objects
+    def mark_parameters(self) -> None:
+        """mamba_ssm's markers, for trainers that honour them (OpenLM's optimizer groups do not): no weight decay
+        on A_log and D, no generic re-init of the dt bias. New Parameter objects (materialising from the meta
+        device, ``load_state_dict(assign=True)``) lack them, so they are set again then."""
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
+        if self.dt_proj.bias is not None:
+            self.dt_proj.bias._no_reinit = True
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters this module owns directly (A_log = log(1..N), D = 1)."""
+        self.mark_parameters()
         with torch.no_grad():
             n = self.cfg.d_state
             a = torch.arange(1, n + 1, dtype=torch.float32, device=self.A_log.device)
@@ -453,14 +459,13 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _state_entry(state_dict, key: str):
-    """``state_dict[key]``, also under ``module.`` / ``_orig_mod.`` wrapper prefixes (OpenLM strips those in a
-    hook that runs after this model's own)."""
+    """``state_dict[key]``, also under wrapper prefixes (``module.``, ``_orig_mod.``, FSDP's: OpenLM strips those
+    in a hook that runs after this model's own)."""
     if key in state_dict:
         return state_dict[key]
-    for k, v in state_dict.items():
-        if k.endswith(key) and k.replace("module.", "").replace("_orig_mod.", "") == key:
-            return v
-    return None
+    from .convert.common import strip_wrappers
+
+    return next((v for k, v in state_dict.items() if k.endswith(key) and strip_wrappers(k) == key), None)
 
 
 def _refuse_distinct_head_when_tied(module, state_dict, prefix, *args) -> None:
@@ -491,10 +496,7 @@ def _retie_after_load(module, incompatible_keys) -> None:
         return
     for m in module.modules():
         if isinstance(m, MambaMixer):
-            for p in (m.A_log, m.D):
-                p._no_weight_decay = True
-            if m.dt_proj.bias is not None:
-                m.dt_proj.bias._no_reinit = True
+            m.mark_parameters()
     emb, head = module.model.backbone.embedding, module.model.lm_head
     if not module.cfg.tie_embeddings or head.weight is emb.weight or not isinstance(emb.weight, nn.Parameter):
         return

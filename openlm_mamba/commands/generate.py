@@ -79,6 +79,14 @@ _TOKENIZER_METADATA = ("tokenizer_config.json", "special_tokens_map.json", "adde
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+def default_tokenizer(checkpoint: str | os.PathLike | None) -> tuple[str, bool]:
+    """The tokenizer to use when none is given: the checkpoint directory's own tokenizer files, else Mamba-7B's;
+    and whether it is the directory's."""
+    folder = Path(checkpoint) if checkpoint is not None else None
+    own = folder is not None and folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+    return (str(folder) if own else DEFAULT_TOKENIZER), own
+
+
 def load_tokenizer(name: str | os.PathLike):
     """A transformers tokenizer from a directory, a tokenizer.json file or a hub name (clear error if unavailable).
 
@@ -165,9 +173,7 @@ def load_tokenizer(name: str | os.PathLike):
 
 def load_model(args, device: str, dtype):
     """MambaLM from --checkpoint (any format ``openlm_mamba.convert.load_model`` reads)."""
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
+    path = Path(args.checkpoint)  # run() checked that it exists, before the tokenizer
     from ..convert import ConversionError
     from ..convert import load_model as convert_load
 
@@ -202,9 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():  # before any tokenizer is looked for (the default may be a download)
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or directory")
     if args.tokenizer is None:  # as eval: the checkpoint directory's own, else Mamba-7B's
-        folder = Path(args.checkpoint)
-        own = folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
-        args.tokenizer = str(folder) if own else DEFAULT_TOKENIZER
+        args.tokenizer, own = default_tokenizer(args.checkpoint)
         try:
             tok = load_tokenizer(args.tokenizer)
         except SystemExit as e:

@@ -815,7 +815,9 @@ def atomic_output(
     directories created here are removed again on failure. Write failures (a read-only or full filesystem,
     an unwritable location) raise ConversionError naming ``dst`` and the cause. ``before``: the destination's
     entries (:func:`entries`) when the caller checked it; with ``overwrite`` it is replaced only if it holds
-    nothing more at the end (default: its entries on entry here).
+    nothing more at the end (default: its entries on entry here). Stale partial outputs of killed conversions
+    are the caller's to remove (:func:`remove_stale_partials`), before it checks the destination: one of them
+    may be the destination's own output, moved aside.
     """
     dst = Path(dst)
     if _exists(dst) and not overwrite:
@@ -830,7 +832,6 @@ def atomic_output(
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConversionError(f"{dst}: cannot create directory {e.filename or parent}: {e.strerror}") from None
-        remove_stale_partials(dst)
         _remove(tmp)
         yield tmp
         if not tmp.exists():
