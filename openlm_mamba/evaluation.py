@@ -146,6 +146,26 @@ def check_tasks(tasks: list[Any], manager: Any) -> None:
     raise ValueError(message)
 
 
+def _check_given_model(model: MambaLM, device: str | torch.device | None, dtype: str | torch.dtype | None) -> None:
+    """device= / dtype= with model= must describe the model as given: they only move and cast a loaded checkpoint."""
+    param = next(model.parameters())
+    if dtype is not None:
+        raise ValueError(
+            f"MambaEvalLM: dtype= applies to pretrained= only; with model= cast the model first "
+            f"(model.to(torch.{str(dtype).removeprefix('torch.')})); it is {str(param.dtype).removeprefix('torch.')}"
+        )
+    if device is not None:
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"MambaEvalLM: device {str(device)!r} is not a device") from None
+        if want.type != param.device.type or want.index not in (None, param.device.index):
+            raise ValueError(
+                f"MambaEvalLM: device={str(device)!r} but the model given is on {param.device}; "
+                "move it first (model.to(device)) or leave device= out"
+            )
+
+
 @register_model("openlm-mamba", "openlm_mamba")
 class MambaEvalLM(TemplateLM):
     """lm-eval ``LM`` around ``MambaLM``: loglikelihood, loglikelihood_rolling and generate_until.
@@ -170,7 +190,7 @@ class MambaEvalLM(TemplateLM):
         batch_size: int | str = 1,
         max_length: int = 2048,
         max_gen_toks: int = 256,
-        device: str | None = "cpu",
+        device: str | None = None,
         dtype: str | torch.dtype | None = None,
         backend: str | None = None,
         check_checkpoint: bool = True,
@@ -217,8 +237,10 @@ class MambaEvalLM(TemplateLM):
             except ValueError as e:
                 raise ValueError(f"MambaEvalLM: device {str(device)!r}: {e}") from None
             model = load_model(pretrained, model=model_config, backend=backend, dtype=dtype, device=device)
-        elif backend is not None:
-            model.set_backend(backend)
+        else:
+            _check_given_model(model, device, dtype)
+            if backend is not None:
+                model.set_backend(backend)
         check_prompt_backend(model, next(model.parameters()).device)  # BackendUnavailableError, before any task
         try:
             check_tokenizer(self.tokenizer, model.cfg.vocab_size)

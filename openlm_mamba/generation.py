@@ -306,11 +306,13 @@ class _Sampler:
         self.history = tokens if self.history is None else torch.cat([self.history, tokens], dim=1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = logits[:, : self.vocab]
+        scores = logits
         if self.history is not None:  # transformers' RepetitionPenaltyLogitsProcessor, on the seen tokens
+            # on the padded width: a prompt may hold ids past the vocabulary (never sampled after the slice)
             seen = scores.gather(1, self.history)
             seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
             scores = scores.scatter(1, self.history, seen)
+        scores = scores[:, : self.vocab]
         if not self.do_sample:
             return scores.argmax(dim=-1)
         if self.temperature != 1.0:

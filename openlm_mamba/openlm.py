@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import logging
 import re
+import shlex
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,7 +273,7 @@ def create_model(args: argparse.Namespace, _fallback: Callable | None = None):
     setattr(args, PARAMS_CONFIG_KEY, json.dumps({**cfg.to_dict(), "name": cfg.name}, separators=(",", ":")))
     _check_transformer_options(args, cfg)
     for flag in ("pretrained", "resume"):
-        _check_checkpoint_arg(getattr(args, flag, None), f"--{flag}", cfg)
+        _check_checkpoint_arg(getattr(args, flag, None), f"--{flag}", cfg, model_arg)
     _avoid_inductor_cpu_half_transposes(args)
     return build_model(cfg)
 
@@ -335,35 +338,41 @@ def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
     )
 
 
-def _check_checkpoint_arg(path: Any, flag: str, cfg: MambaConfig) -> None:
+def _check_checkpoint_arg(path: Any, flag: str, cfg: MambaConfig, model_arg: str | None = None) -> None:
     """Clear errors for a --pretrained / --resume value that OpenLM's ``pt_load`` cannot read (a directory, an HF
     or mamba_ssm checkpoint), then the config warning of :func:`_warn_if_config_differs`. Remote (s3://) and
-    missing paths are left to OpenLM."""
+    missing paths are left to OpenLM. ``model_arg``: --model as given (a JSON path too), for the commands shown."""
     if not isinstance(path, str):
         return
+    model_arg = cfg.name if model_arg is None else model_arg
     if Path(path).is_dir():
-        _refuse_directory(path, flag, cfg)
+        _refuse_directory(path, flag, model_arg)
     elif Path(path).is_file():
-        ckpt = _refuse_converter_file(path, flag, cfg)
-        _warn_if_config_differs(path, flag, cfg, ckpt)
+        ckpt = _refuse_converter_file(path, flag, model_arg)
+        _warn_if_config_differs(path, flag, cfg, ckpt, model_arg)
 
 
-def _convert_first(path: str | Path, flag: str, what: str, source: Path | None, cfg: MambaConfig) -> ValueError:
+def _shell(*words: Any) -> str:
+    """A command line to copy: each word quoted for the shell where it needs it (spaces in paths)."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def _convert_first(path: str | Path, flag: str, what: str, source: Path | None, model_arg: str) -> ValueError:
     """The error for an HF or mamba_ssm checkpoint: the convert command for ``source`` (None: no command fits)."""
     if source is None:
         how = (
-            "convert it first, from its checkpoint directory (the weights with their config.json): openlm-mamba "
-            f"convert --to openlm DIR out.pt --model {cfg.name}, and pass that file"
+            "convert it first, from its checkpoint directory (the weights with their config.json): "
+            f"{_shell('openlm-mamba', 'convert', '--to', 'openlm')} DIR out.pt {_shell('--model', model_arg)}, "
+            "and pass that file"
         )
     else:
         out = (source.stem if source.is_file() else source.name) + ".pt"
-        how = (
-            f"convert it first, openlm-mamba convert --to openlm {source} {out} --model {cfg.name}, and pass that file"
-        )
+        command = _shell("openlm-mamba", "convert", "--to", "openlm", source, out, "--model", model_arg)
+        how = f"convert it first, {command}, and pass that file"
     return ValueError(f"{flag} {path}: {what}; OpenLM loads its own .pt checkpoints: {how}")
 
 
-def _refuse_directory(path: str, flag: str, cfg: MambaConfig) -> None:
+def _refuse_directory(path: str, flag: str, model_arg: str) -> None:
     """A directory given to --pretrained / --resume (OpenLM would fail on it with a bare IsADirectoryError): an
     HF or mamba_ssm checkpoint gets the convert command, an OpenLM run (or its checkpoints/) the newest
     epoch_N.pt in it to pass instead."""
@@ -376,7 +385,7 @@ def _refuse_directory(path: str, flag: str, cfg: MambaConfig) -> None:
         kind = None
     if kind in ("hf", "mamba_ssm"):
         name = {"hf": "an HF transformers", "mamba_ssm": "a mamba_ssm"}[kind]
-        raise _convert_first(path, flag, f"{name} checkpoint directory", Path(path), cfg)
+        raise _convert_first(path, flag, f"{name} checkpoint directory", Path(path), model_arg)
     try:
         newest = find_checkpoint_file(Path(path))
     except ConversionError as e:
@@ -384,14 +393,14 @@ def _refuse_directory(path: str, flag: str, cfg: MambaConfig) -> None:
     also = ""
     run = newest.parent.parent
     if flag == "--resume" and newest.parent.name == "checkpoints" and (run / "params.txt").is_file():
-        also = f" (or continue that run: --resume latest --name {run.name} --logs {run.parent})"
+        also = f" (or continue that run: {_shell('--resume', 'latest', '--name', run.name, '--logs', run.parent)})"
     raise ValueError(
-        f"{flag} {path}: a directory, and OpenLM loads one checkpoint file: pass the newest in it, {flag} {newest}"
-        f"{also}"
+        f"{flag} {path}: a directory, and OpenLM loads one checkpoint file: pass the newest in it, "
+        f"{_shell(flag, newest)}{also}"
     )
 
 
-def _refuse_converter_file(path: str, flag: str, cfg: MambaConfig) -> Any:
+def _refuse_converter_file(path: str, flag: str, model_arg: str) -> Any:
     """A file given to --pretrained / --resume that OpenLM's ``torch.load`` would fail on with a raw error: a
     safetensors (or JSON, text) file, or a ``torch.save`` file whose state dict has the HF or mamba_ssm key
     layout (``backbone.*``, no ``model.``). Returns the checkpoint loaded with mmap (only its pickled structure
@@ -406,9 +415,9 @@ def _refuse_converter_file(path: str, flag: str, cfg: MambaConfig) -> Any:
     kind = describe_file(file)
     if kind is not None:
         if in_dir is not None:
-            raise _convert_first(path, flag, f"{kind} of the {in_dir} checkpoint {folder}", folder, cfg)
+            raise _convert_first(path, flag, f"{kind} of the {in_dir} checkpoint {folder}", folder, model_arg)
         if "safetensors" in kind:
-            raise _convert_first(path, flag, f"{kind} (an HF or mamba_ssm checkpoint's)", None, cfg)
+            raise _convert_first(path, flag, f"{kind} (an HF or mamba_ssm checkpoint's)", None, model_arg)
         raise ValueError(
             f"{flag} {path}: {kind}, not a checkpoint: OpenLM loads the .pt files that it saves (epoch_N.pt) or "
             "that openlm-mamba convert --to openlm writes"
@@ -418,17 +427,19 @@ def _refuse_converter_file(path: str, flag: str, cfg: MambaConfig) -> Any:
     except Exception:  # not loadable this way: OpenLM's own loading reports what is wrong
         return None
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("av_model_sd"), dict):
+        command = _shell(
+            "openlm-mamba", "convert", "--to", "openlm", path, f"{file.stem}_weights.pt", "--model", model_arg
+        )
         raise ValueError(
             f"{flag} {path}: an --averagers file (its averaged weights are under 'av_model_sd'), which OpenLM's "
-            f"loading does not read: openlm-mamba convert --to openlm {path} {file.stem}_weights.pt --model "
-            f"{cfg.name}, and pass that file"
+            f"loading does not read: {command}, and pass that file"
         )
     layout = _foreign_layout(ckpt)
     if layout is not None:
         what = f"a state dict in {layout} layout (backbone.* keys, where OpenLM's have model.backbone.*)"
         if in_dir is not None:
-            raise _convert_first(path, flag, f"{what}, of the {in_dir} checkpoint {folder}", folder, cfg)
-        raise _convert_first(path, flag, what, file if layout == "mamba_ssm" else None, cfg)
+            raise _convert_first(path, flag, f"{what}, of the {in_dir} checkpoint {folder}", folder, model_arg)
+        raise _convert_first(path, flag, what, file if layout == "mamba_ssm" else None, model_arg)
     return ckpt
 
 
@@ -449,7 +460,7 @@ def _foreign_layout(ckpt: Any) -> str | None:
     return None
 
 
-def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any) -> None:
+def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any, model_arg: str | None = None) -> None:
     """Warn when a checkpoint was made from a model that differs from ``cfg`` in a field its tensor shapes
     do not show (norm_epsilon, residual_in_fp32, ...): OpenLM loads the weights into ``cfg``'s model,
     silently. The checkpoint's config: the ``model_config`` our converter embeds (``ckpt`` is the checkpoint,
@@ -475,13 +486,12 @@ def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any) -
     if diffs:
         _log.warning(
             "%s %s holds a model whose config differs from --model %s (checkpoint vs --model): %s. Training uses "
-            "--model's; to use the checkpoint's own config, write it with openlm-mamba info %s --save-config "
-            "its_config.json and pass --model its_config.json",
+            "--model's; to use the checkpoint's own config, write it with %s and pass --model its_config.json",
             flag,
             path,
-            cfg.name,
+            cfg.name if model_arg is None else model_arg,
             "; ".join(diffs),
-            path,
+            _shell("openlm-mamba", "info", path, "--save-config", "its_config.json"),
         )
 
 
@@ -528,13 +538,14 @@ def register(module: Any = None) -> None:
     main = sys.modules.get("open_lm.main")
     if main is not None and getattr(main, "create_model", None) is original_create:
         main.create_model = create_model_hook  # registered after open_lm.main was loaded (openlm_mamba.train)
-    _when_imported("open_lm.main", _patch_cpu_distributed)
+    _when_imported("open_lm.main", _patch_main)
     entry = sys.modules.get("__main__")
     if getattr(getattr(entry, "__spec__", None), "name", None) == "open_lm.main":  # python/torchrun -m open_lm.main
-        _patch_cpu_distributed(entry)
+        _patch_main(entry)
     _when_imported("open_lm.data", _patch_wds_eof_marker)
     _when_imported("open_lm.file_utils", _allow_numpy_scalars_in_checkpoints)
     _when_imported("open_lm.utils.averaging_utils", _average_tied_weights_once)
+    _when_imported("open_lm.utils.averaging_utils", _start_averages_from_loaded_weights)
 
 
 def _allow_numpy_scalars_in_checkpoints(file_utils: Any = None) -> None:
@@ -617,6 +628,55 @@ def _average_tied_weights_once(averaging_utils: Any) -> None:
     averager.update = update
 
 
+def _start_averages_from_loaded_weights(averaging_utils: Any) -> None:
+    """Make ``--averagers`` start from the ``--pretrained`` weights, not from the random initialisation.
+
+    OpenLM's ``main`` builds its averagers (a deepcopy of the model) before it loads ``--pretrained`` into the
+    model, so a fine-tune's EMA began at the random weights: with lr 0 it ended 3.5 away from weights that never
+    moved. An averager not yet updated nor loaded from its own checkpoint (``--resume`` loads those first) now
+    takes the model's weights whenever they are loaded (a load_state_dict post-hook on the model).
+    """
+    averager = getattr(averaging_utils, "Averager", None)
+    init, load_avg, update = (getattr(averager, n, None) for n in ("__init__", "load_state_dict_avg", "update"))
+    if init is None or getattr(init, "_openlm_mamba", False):
+        return
+    unwrap = getattr(averaging_utils, "unwrap_model", lambda m: getattr(m, "module", m))
+
+    def __init__(self, model, *args, **kwargs):
+        init(self, model, *args, **kwargs)
+        if getattr(self, "method", None) == "none" or not isinstance(model, torch.nn.Module):
+            return
+        self._openlm_mamba_fresh = True
+        ref = weakref.ref(self)
+
+        def take_loaded_weights(module, incompatible_keys) -> None:
+            me = ref()  # (a later averager's deepcopy of the model carries this hook too: only the model's counts)
+            if me is not None and getattr(me, "_openlm_mamba_fresh", False) and module is unwrap(me.model):
+                with torch.no_grad():
+                    unwrap(me.av_model).load_state_dict(module.state_dict())
+
+        unwrap(model).register_load_state_dict_post_hook(take_loaded_weights)
+
+    def load_state_dict_avg(self, *args, **kwargs):
+        self._openlm_mamba_fresh = False  # its own averaged weights, from --resume
+        return load_avg(self, *args, **kwargs)
+
+    def stepped(self, *args, **kwargs):
+        self._openlm_mamba_fresh = False
+        return update(self, *args, **kwargs)
+
+    for name, fn, original in (
+        ("__init__", __init__, init),
+        ("load_state_dict_avg", load_state_dict_avg, load_avg),
+        ("update", stepped, update),
+    ):
+        if original is None:
+            continue
+        functools.update_wrapper(fn, original)
+        fn._openlm_mamba = True
+        setattr(averager, name, fn)
+
+
 def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
     """Run ``fn(module)`` now if ``name`` is loaded, else right after it loads (a wrapt post-import hook)."""
     try:
@@ -631,7 +691,57 @@ def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
         _log.warning("openlm_mamba: could not apply the %s compatibility patch (%s)", name, e)
 
 
-def _patch_cpu_distributed(main: Any) -> None:
+def _patch_main(main: Any) -> None:
+    """The shims on ``open_lm.main`` itself (or ``python -m open_lm.main``'s ``__main__``): :func:`_patch_load_model`
+    and, without CUDA, :func:`_patch_cpu_distributed`. Names main defines after its imports are patched once its
+    main() starts, when register() ran while it was still importing."""
+    if _patch_load_model(main) & _patch_cpu_distributed(main):
+        _PENDING_MAIN_PATCH[:] = [m for m in _PENDING_MAIN_PATCH if m is not main]
+    elif not any(m is main for m in _PENDING_MAIN_PATCH):
+        # open_lm.main is still being imported (its own ``from open_lm.model import ...`` ran register()), so
+        # ``cleanup`` is not defined yet: finish when its main() starts (before it registers cleanup at exit)
+        _PENDING_MAIN_PATCH.append(main)
+        _when_imported("open_lm.distributed", _finish_main_patches_at_distributed_init)
+
+
+def _patch_load_model(main: Any) -> bool:
+    """Let ``open_lm.main.load_model`` load a bare state dict (no ``epoch``: what --pretrained often gets) into a
+    DDP-wrapped Mamba model; whether it is patched (False: main is still importing).
+
+    Its bare branch calls ``load_state_dict`` on the DDP wrapper, whose keys start with ``module.``: a file saved
+    from an unwrapped (or compiled) model failed with every key missing and unexpected, while one process and
+    FSDP load it. During that call the wrapper gets a pre-hook that adds the ``module.`` its keys lack (the
+    model's own pre-hook then strips ``module.`` / ``_orig_mod.`` as for every load).
+    """
+    original = getattr(main, "load_model", None)
+    if original is None:
+        return False
+    if getattr(original, "_openlm_mamba", False):
+        return True
+
+    def load_model(args, model, *rest, **kwargs):
+        inner = getattr(model, "module", None)
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or not isinstance(inner, OpenLMMambaLM):
+            return original(args, model, *rest, **kwargs)
+
+        def add_module_prefix(module, state_dict, prefix, *hook_args) -> None:
+            for key in list(state_dict):
+                if key.startswith(prefix) and not key.startswith(prefix + "module."):
+                    state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
+
+        handle = model._register_load_state_dict_pre_hook(add_module_prefix, with_module=True)
+        try:
+            return original(args, model, *rest, **kwargs)
+        finally:
+            handle.remove()
+
+    functools.update_wrapper(load_model, original)
+    load_model._openlm_mamba = True
+    main.load_model = load_model
+    return True
+
+
+def _patch_cpu_distributed(main: Any) -> bool:
     """Without CUDA, let ``open_lm.main``'s distributed paths run on CPU (gloo). Three shims, applied only then:
 
     * FSDP save: ``FullStateDictConfig(offload_to_cpu=True, rank0_only=True)`` in ``save_checkpoint``
@@ -645,9 +755,11 @@ def _patch_cpu_distributed(main: Any) -> None:
       finished barrier (decref of tensors, which needs the GIL) then deadlocks the process at exit
       (seen with torchrun on 2 CPU processes). ``cleanup`` gets a barrier and a short GIL-free
       wait first, so the workers are idle by then.
+
+    Returns whether nothing is left to patch (False: main is still importing).
     """
     if getattr(main, "_openlm_mamba_cpu_patch", False) or torch.cuda.is_available():
-        return
+        return True
     original = getattr(main, "FullStateDictConfig", None)
     if original is not None and not getattr(original, "_openlm_mamba", False):
 
@@ -677,12 +789,8 @@ def _patch_cpu_distributed(main: Any) -> None:
     _patch_cpu_ddp()
     if all(getattr(getattr(main, n, None), "_openlm_mamba", False) for n in ("FullStateDictConfig", "cleanup")):
         main._openlm_mamba_cpu_patch = True
-        _PENDING_CPU_PATCH[:] = [m for m in _PENDING_CPU_PATCH if m is not main]
-    elif not any(m is main for m in _PENDING_CPU_PATCH):
-        # open_lm.main is still being imported (its own ``from open_lm.model import ...`` ran register()), so
-        # ``cleanup`` is not defined yet: finish when its main() starts (before it registers cleanup at exit)
-        _PENDING_CPU_PATCH.append(main)
-        _when_imported("open_lm.distributed", _finish_cpu_patches_at_distributed_init)
+        return True
+    return False
 
 
 def _called_from_python() -> bool:
@@ -694,12 +802,12 @@ def _called_from_python() -> bool:
     return True
 
 
-_PENDING_CPU_PATCH: list[Any] = []  # open_lm.main modules (or ``python -m open_lm.main``'s __main__) half patched
+_PENDING_MAIN_PATCH: list[Any] = []  # open_lm.main modules (or ``python -m open_lm.main``'s __main__) half patched
 
 
-def _finish_cpu_patches_at_distributed_init(distributed: Any) -> None:
+def _finish_main_patches_at_distributed_init(distributed: Any) -> None:
     """Wrap ``open_lm.distributed.init_distributed_device``, the first thing ``open_lm.main.main()`` calls after
-    parsing its arguments, to finish :func:`_patch_cpu_distributed` on the modules it left pending. This runs
+    parsing its arguments, to finish :func:`_patch_main` on the modules it left pending. This runs
     while ``open_lm.main`` is still importing, before its ``from open_lm.distributed import ...`` line, so
     main's name is the wrapper."""
     original = getattr(distributed, "init_distributed_device", None)
@@ -707,15 +815,15 @@ def _finish_cpu_patches_at_distributed_init(distributed: Any) -> None:
         return
 
     def init_distributed_device(*args, **kwargs):
-        for main in list(_PENDING_CPU_PATCH):
-            _patch_cpu_distributed(main)
+        for main in list(_PENDING_MAIN_PATCH):
+            _patch_main(main)
         return original(*args, **kwargs)
 
     init_distributed_device.__wrapped__ = original
     init_distributed_device.__doc__ = original.__doc__
     init_distributed_device._openlm_mamba = True
     distributed.init_distributed_device = init_distributed_device
-    for main in _PENDING_CPU_PATCH:  # should main have bound the name already
+    for main in _PENDING_MAIN_PATCH:  # should main have bound the name already
         if getattr(main, "init_distributed_device", None) is original:
             main.init_distributed_device = init_distributed_device
 

@@ -270,4 +270,7 @@ def test_save_config_writes_a_config_model_accepts(capsys, tmp_path):
     assert "--save-config needs MODEL" in capsys.readouterr().err
     before = out.read_text()
     assert cli_main(["info", "mamba_7b", "--save-config", str(out)]) == 2  # never over an existing file
+    nested = tmp_path / "new" / "dirs" / "cfg.json"  # missing parent directories are made
+    assert cli_main(["info", "mamba_tiny", "--save-config", str(nested)]) == 0
+    assert json.loads(nested.read_text())["d_model"] == 64
     assert "already exists" in capsys.readouterr().err and out.read_text() == before

@@ -423,6 +423,11 @@ def test_adapter_argument_errors(setup):
     with pytest.raises(TypeError, match=r"unknown argument\(s\) share_context \(share_context: did you mean share_con"):
         MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, share_context=False)
     assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, max_batch_size=64).batch_size == 1  # lm-eval's own
+    with pytest.raises(ValueError, match=r"dtype= applies to pretrained= only; .*model.to\(torch.bfloat16\)"):
+        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, dtype="bfloat16")  # was silently float32
+    with pytest.raises(ValueError, match="device='meta' but the model given is on cpu"):
+        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, device="meta")
+    assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, device="cpu").device == torch.device("cpu")
 
 
 def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):

@@ -1370,3 +1370,13 @@ def test_instance_forward_and_block_hooks():
         torch.testing.assert_close(fast, model(ids)[0].detach(), rtol=0, atol=1e-5)
     finally:
         handle.remove()
+
+
+def test_repetition_penalty_accepts_prompt_ids_in_the_vocabulary_padding():
+    """Ids in [vocab_size, padded) are valid input; the penalty must not index past the sampled width."""
+    model = tiny_model(vocab_size=500)  # padded to a multiple of 8
+    assert model.cfg.padded_vocab_size > 502
+    ids = torch.tensor([[5, 502, 7]])
+    plain = generate(model, ids, max_new_tokens=6)
+    penalised = generate(model, ids, max_new_tokens=6, repetition_penalty=1.2)
+    assert penalised.shape == plain.shape and int(penalised[0, 3:].max()) < 500

@@ -247,6 +247,33 @@ def test_incremental_text_adds_up_to_the_whole_decode_at_a_bounded_cost(tokenize
         assert max(longest) <= text.window + 1, max(longest)
 
 
+def test_incremental_text_survives_the_tokenizers_clean_up_of_spaces():
+    """Clean-up deletes a space before "." or "'" once the next token arrives: the stream must not have printed
+    it, nor lose characters after it (it printed "hello don '." for "hello don't.")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from openlm_mamba.commands.generate import IncrementalText
+
+    vocab = {"[UNK]": 0, "[SEP]": 1, "don": 2, "'": 3, "t": 4, "hello": 5, ".": 6, ",": 7, "s": 8, "n't": 9}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="[UNK]", eos_token="[SEP]", clean_up_tokenization_spaces=True
+    )
+    cases = [[5, 2, 3, 4, 6], [5, 7, 8, 6, 6, 5], [2, 9, 5, 3, 8, 7], [5, 3, 5, 3, 4, 1, 6]]
+    for ids in cases:
+        stream = IncrementalText(tok)
+        pieces = [stream.add(i) for i in ids]
+        whole = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) + stream.flush() == whole, (ids, pieces)
+        printed = ""
+        for n, piece in enumerate(pieces, 1):  # never ahead of what the tokens so far decode to
+            printed += piece
+            assert tok.decode(ids[:n], skip_special_tokens=True).startswith(printed), (ids, n, printed)
+    assert tok.decode([5, 2, 3, 4, 6]) == "hello don't."  # the clean-up this test is about is on
+
+
 def test_cli_greedy_means_no_repetition_penalty(monkeypatch, tokenizer_dir, openlm_style_checkpoint):
     """--greedy decodes as plain greedy (generate()'s and transformers' default penalty 1.0) unless a penalty
     is given; sampling keeps the model card's 1.1."""

@@ -325,6 +325,42 @@ def test_pretrained_hf_directory_says_convert_first(olm, tmp_path):
 
 
 @needs_open_lm
+def test_convert_first_command_runs_as_printed_for_a_json_model_and_paths_with_spaces(olm, tmp_path):
+    """The suggested command names --model as given (a JSON path, not its stem) and quotes paths with spaces:
+    it printed `convert --to openlm hf model hf model.pt --model my_cfg`, which argparse and the config lookup
+    both refused."""
+    import shlex
+
+    from openlm_mamba import MambaConfig, MambaLM
+    from openlm_mamba.cli import main as cli_main
+    from openlm_mamba.convert import convert
+    from openlm_mamba.convert.openlm import openlm_checkpoint
+
+    cfg = MambaConfig.load("mamba_tiny")
+    src = tmp_path / "epoch_1.pt"
+    torch.save(openlm_checkpoint(MambaLM(cfg).model.state_dict(), cfg), src)
+    hf = tmp_path / "hf model"
+    convert(src, hf, to="hf")
+    model_json = tmp_path / "my cfg.json"
+    model_json.write_text(json.dumps(cfg.to_dict()))
+    args = _args(str(model_json))
+    args.pretrained = str(hf)
+    with pytest.raises(ValueError) as e:
+        olm.create_model(args)
+    command = re.search(r"convert it first, (openlm-mamba convert .*), and pass that file", str(e.value))
+    assert command, str(e.value)
+    argv = shlex.split(command.group(1))
+    assert argv[-2:] == ["--model", str(model_json)] and str(hf) in argv, argv
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli_main(argv[1:]) == 0
+    finally:
+        os.chdir(here)
+    assert (tmp_path / "hf model.pt").is_file()
+
+
+@needs_open_lm
 def test_pretrained_hf_or_mamba_ssm_file_says_convert_first(olm, tmp_path):
     """--pretrained / --resume given an HF / mamba_ssm weights *file* (a lone .safetensors; a .bin whose keys are
     backbone.*, without OpenLM's model. prefix): the convert command, not torch's UnpicklingError or its wall of
@@ -512,6 +548,41 @@ def test_averagers_update_a_tied_weight_once_per_step(olm):
     saved = poly.get_state_dict_avg()["av_model_sd"]
     assert list(saved) == list(model.state_dict())
     assert poly.av_model.model.lm_head.weight is poly.av_model.model.backbone.embedding.weight
+
+
+@needs_open_lm
+def test_averagers_start_from_the_pretrained_weights(olm):
+    """OpenLM builds its averagers before it loads --pretrained: they must start from the loaded weights (a
+    fine-tune's EMA began at the random initialisation), while --resume's own averaged weights are kept."""
+    from open_lm.utils.averaging_utils import ModelAverager
+
+    torch.manual_seed(0)
+    pretrained = olm.create_model(_args("mamba_tiny")).state_dict()
+    model = olm.create_model(_args("mamba_tiny"))
+    averagers = ModelAverager(model, "ema_0.9,poly_0")
+    model.load_state_dict(pretrained)  # main.py's load_model for --pretrained, after the averagers exist
+    for name, avg in averagers.avgs_dict.items():
+        got = avg.av_model.state_dict()
+        assert all(torch.equal(got[k], pretrained[k]) for k in pretrained), name
+    averagers.step()  # the weights did not move (lr 0): the averages stay the pretrained weights (was 3.5 off)
+    for avg in averagers.avgs_dict.values():
+        got = avg.av_model.state_dict()
+        assert max((got[k] - pretrained[k]).abs().max().item() for k in pretrained) < 1e-6
+    # --resume: the averagers load their own checkpoints first, and the model's load leaves them alone
+    model = olm.create_model(_args("mamba_tiny"))
+    averagers = ModelAverager(model, "ema_0.9")
+    ema = averagers.avgs_dict["ema_0.9"]
+    saved = {k: v + 1 for k, v in pretrained.items()}
+    ema.load_state_dict_avg({**ema.get_state_dict_avg(), "av_model_sd": saved})
+    model.load_state_dict(pretrained)
+    assert all(torch.equal(ema.av_model.state_dict()[k], saved[k]) for k in saved)
+    # after training began, a load into the model does not reset the average
+    model = olm.create_model(_args("mamba_tiny"))
+    averagers = ModelAverager(model, "ema_0.9")
+    averagers.step()
+    before = {k: v.clone() for k, v in averagers.avgs_dict["ema_0.9"].av_model.state_dict().items()}
+    model.load_state_dict(pretrained)
+    assert all(torch.equal(averagers.avgs_dict["ema_0.9"].av_model.state_dict()[k], v) for k, v in before.items())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply only without CUDA")

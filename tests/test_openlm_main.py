@@ -299,14 +299,26 @@ def _distributed_args(workdir: Path, name: str) -> list:
     ]  # fmt: skip
 
 
-def test_torchrun_ddp_cpu_gloo(workdir):
-    run(torchrun(*_distributed_args(workdir, "ddp"), "--precision", "fp32"), workdir)
+def test_torchrun_ddp_cpu_gloo_pretrained_from_a_bare_file(workdir):
+    """DDP, with --pretrained a bare state dict saved from an unwrapped, compiled model (`_orig_mod.` keys, no
+    `module.`): OpenLM loads it into the DDP wrapper, which failed with every key missing and unexpected."""
+    from openlm_mamba import MambaConfig
+    from openlm_mamba.openlm import build_model
+
+    torch.manual_seed(3)
+    src = build_model(MambaConfig.load(workdir / "mamba_test_tiny.json")).state_dict()
+    bare = workdir / "compiled_bare.pt"
+    torch.save({f"_orig_mod.{k}": v for k, v in src.items()}, bare)
+    args = [a if a != 1e-2 else 0.0 for a in _distributed_args(workdir, "ddp")]  # lr 0: the loaded weights stay
+    run(torchrun(*args, "--precision", "fp32", "--pretrained", bare, "--lr-scheduler", "const"), workdir)
     out = workdir / "logs" / "ddp"
     text = (out / "out.log").read_text()
     assert "world_size: 2" in text and "DistributedDataParallel(" in text and "MambaLM(" in text
     assert len(losses(out)) == 2
     sd = state_dict(out / "checkpoints" / "epoch_1.pt")
     assert "model.backbone.layers.0.mixer.A_log" in sd
+    for k, v in src.items():
+        assert torch.equal(sd[k], v), f"{k}: --pretrained weights were not loaded"
 
 
 def _count_fsdp_units(model_repr: str) -> int:

@@ -184,6 +184,7 @@ def test_steps_equal_the_scan(groups):
         (lambda a: a.update(D=torch.randn(7)), r"D must have shape \(8,\)"),
         (lambda a: a.update(z=torch.randn(2, 9)), r"z must have shape \(2, 8\)"),
         (lambda a: a.update(state=[1.0]), "state must be a torch.Tensor"),
+        (lambda a: a.update(state=a["state"][:1].expand(2, 8, 4)), "state is updated in place, so its elements"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, match):
@@ -228,6 +229,13 @@ TRITON_SCRIPT = textwrap.dedent(
     out = selective_state_update(s_tri, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-5)
+    # an infinite input with d_state 3 (padded to 4 lanes): inf as the reference, not NaN from a padded lane
+    state, x, dt, A, B, C, D, z, dt_bias = make_inputs(1, 4, 3)
+    x[0, 0], B, C = float("inf"), B.abs() + 0.1, C.abs() + 0.1
+    ref = selective_state_update_ref(state.clone(), x, dt, A, B, C)
+    out = selective_state_update(state.clone(), x, dt, A, B, C, backend="triton")
+    assert torch.isinf(ref[0, 0]) and torch.equal(out.isnan(), ref.isnan()), (out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     print("TRITON_OK")
     """
 )
@@ -311,3 +319,16 @@ def test_step_ops_without_grad_keep_the_cpp_kernels():
         causal_conv1d_update(x, conv_state, w, None, "silu")
     keys = {e.key for e in prof.key_averages()}
     assert {"openlm_mamba_cpu::state_step", "openlm_mamba_cpu::conv_step"} <= keys, keys
+
+
+def test_torch_step_compiles_without_graph_breaks():
+    """The C++ kernel's lazy loader (a lock) must not be reached while Dynamo traces."""
+    args = make_inputs(2, 8, 4)
+    want = selective_state_update(args[0].clone(), *args[1:], dt_softplus=True, backend="torch")
+
+    def step(state, *rest):
+        return selective_state_update(state, *rest, dt_softplus=True, backend="torch")
+
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="eager", fullgraph=True)(args[0].clone(), *args[1:])
+    torch.testing.assert_close(got, want)

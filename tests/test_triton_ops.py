@@ -515,6 +515,25 @@ def test_add_norm_matches_reference(case):
         assert_close(got, want, rel, "grad")
 
 
+def test_add_norm_bias_grad_keeps_the_bias_dtype_precision():
+    """A float32 bias beside a bf16 weight gets its gradient summed and kept in float32 (it was rounded to bf16)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).to(DEVICE)
+    go = torch.randn(64, 32, generator=g).to(DEVICE)
+    w = torch.randn(32, generator=g).to(torch.bfloat16).to(DEVICE).requires_grad_()
+    b = torch.randn(32, generator=g).to(DEVICE).requires_grad_()
+    out, _ = add_norm(x, w, b, backend="triton")
+    (db,) = torch.autograd.grad(out, b, go)
+    assert db.dtype == torch.float32
+    assert (db - go.sum(0)).abs().max().item() < 1e-4  # bf16 rounding gave 0.04
+
+
+def test_add_norm_of_zero_width_rows():
+    x = torch.randn(3, 0, device=DEVICE)
+    out, res = add_norm(x, torch.ones(0, device=DEVICE), backend="triton")
+    assert out.shape == res.shape == (3, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile: the custom ops keep a compiled function in one graph
 

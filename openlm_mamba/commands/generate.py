@@ -324,7 +324,8 @@ class IncrementalText:
 
     The window's start moves forward only where decoding the window in two parts gives the same text as in
     one, so the pieces add up to ``tokenizer.decode(ids)`` (multi-byte characters split across tokens, and
-    tokenizers' clean-up of spaces, included); a piece ending in an incomplete character waits for the rest.
+    tokenizers' clean-up of spaces, included); a piece ending in an incomplete character waits for the rest,
+    and a last space that clean-up could still delete (before "." or "n't", say) waits for the next token.
     """
 
     def __init__(self, tokenizer: Any, window: int = 16, lookahead: int = 4) -> None:
@@ -356,12 +357,26 @@ class IncrementalText:
 
     def flush(self) -> str:
         """The rest of the text (at the end: incomplete characters included)."""
-        return self._take(self.settled + self._decode(self.ids[self.start :]))
+        return self._take(self.settled + self._decode(self.ids[self.start :]), final=True)
 
-    def _take(self, text: str) -> str:
+    def _take(self, text: str, final: bool = False) -> str:
+        if not final:
+            text = _before_cleanup(text)
         piece = text[self.printed :]
         self.printed = max(self.printed, len(text))
         return piece
+
+
+# what may follow a space that transformers' clean_up_tokenization deletes (" ." -> ".", "do n't" -> "don't", ...)
+_CLEANED_AFTER_SPACE = (".", "?", "!", ",", "' ", "n't", "'m", "'s", "'ve", "'re")
+
+
+def _before_cleanup(text: str) -> str:
+    """``text`` without a last space that a later token could still make the tokenizer's clean-up delete."""
+    at = text.rfind(" ")
+    if at >= 0 and any(after.startswith(text[at + 1 :]) for after in _CLEANED_AFTER_SPACE):
+        return text[:at]
+    return text
 
 
 def stats_line(prompt_tokens: int, start: float, arrivals: list[float], device: str, dtype: str, batch: int = 1) -> str:

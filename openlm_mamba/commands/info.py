@@ -279,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         try:
-            Path(args.save_config).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            Path(args.save_config).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.save_config, "x") as f:  # "x": not over a file made since the check either
+                f.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
         except OSError as e:
             print(f"error: --save-config {args.save_config}: {e.strerror or e}", file=sys.stderr)
             return 2

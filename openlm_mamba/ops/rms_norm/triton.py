@@ -5,6 +5,8 @@ once (float32 when ``residual_in_fp32``) and the per-row statistics (mean, rstd)
 the backward, which recomputes r from the inputs. Registered as torch.library custom ops.
 """
 
+import math
+
 import torch
 
 from ..triton_utils import HAS_TRITON, acc_dtype, interpreting, next_pow2, on_device, tl_dtype
@@ -111,7 +113,7 @@ def add_norm_fwd(
     res_out = torch.empty(M, H, dtype=acc if residual_in_fp32 else x.dtype, device=x.device)
     mean = torch.empty(M if not is_rms_norm else 0, dtype=acc, device=x.device)
     rstd = torch.empty(M, dtype=acc, device=x.device)
-    if M:
+    if M and H:  # (rows of no width: nothing to normalise)
         bm = _block_m(H)
         with on_device(x):  # weight and bias are read as contiguous (tiny copies of strided ones)
             _add_norm_fwd_kernel[(triton.cdiv(M, bm),)](
@@ -156,7 +158,7 @@ def add_norm_bwd(
     dres = torch.empty_like(residual) if residual is not None else x.new_empty(0)
     dw = torch.empty(nprog, H, dtype=acc, device=x.device)
     db = torch.empty(nprog, H, dtype=acc, device=x.device)
-    if M:
+    if M and H:
         with on_device(x):
             _add_norm_bwd_kernel[(nprog,)](
                 x, x if residual is None else residual, weight.contiguous(), rstd if is_rms_norm else mean, rstd,
@@ -164,7 +166,7 @@ def add_norm_bwd(
                 HAS_RES=residual is not None, HAS_GR=grad_res is not None, IS_RMS=is_rms_norm, ACC=tl_dtype(acc),
                 BLOCK_M=bm, BLOCK_H=next_pow2(H),
             )  # fmt: skip
-    dbias = db.sum(0).to(weight.dtype) if has_bias else x.new_empty(0)
+    dbias = db.sum(0) if has_bias else x.new_empty(0)  # in acc: the caller casts it to the bias's own dtype
     return dx, dw.sum(0).to(weight.dtype), dbias, dres
 
 
@@ -174,7 +176,7 @@ def _(x, weight, residual, mean, rstd, grad_out, grad_res, has_bias, is_rms_norm
     return (
         torch.empty_like(x),
         weight.new_empty(weight.shape),
-        weight.new_empty(weight.shape) if has_bias else x.new_empty(0),
+        x.new_empty(weight.shape, dtype=acc_dtype(x)) if has_bias else x.new_empty(0),
         torch.empty_like(residual) if residual is not None else x.new_empty(0),
     )
 
@@ -220,7 +222,8 @@ def add_norm_triton(
     """Triton ``(norm(x + residual), x + residual)``; same semantics as :func:`add_norm_ref`."""
     shape = x.shape
     H = shape[-1]
-    x2 = x.reshape(-1, H).contiguous()
-    r2 = residual.reshape(-1, H).contiguous() if residual is not None else None
+    rows = math.prod(shape[:-1])  # (not -1: a hidden size of 0 leaves it undetermined)
+    x2 = x.reshape(rows, H).contiguous()
+    r2 = residual.reshape(rows, H).contiguous() if residual is not None else None
     out, res, _, _ = add_norm_fwd(x2, weight.contiguous(), bias, r2, float(eps), residual_in_fp32, is_rms_norm)
     return out.view(shape), res.view(shape)

@@ -16,6 +16,12 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     check_tensor(OP, "state", state, 3)
     dev = state.device
     batch, dim, dstate = state.shape
+    if torch._debug_has_internal_overlap(state) == 1:  # e.g. expand()ed: the rows would overwrite each other
+        raise ValueError(
+            f"{OP}: state is updated in place, so its elements must not share memory; got shape "
+            f"{tuple(state.shape)} with strides {state.stride()} (an expand()ed tensor?): pass a tensor of its own, "
+            "such as state.clone()"
+        )
     for name, t in (("x", x), ("dt", dt)):
         check_tensor(OP, name, t, 2, device=dev)
         check_shape(OP, name, t, (batch, dim), "(batch, dim), like state's first two dims")

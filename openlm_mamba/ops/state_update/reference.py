@@ -94,7 +94,7 @@ def selective_state_update_torch(
     the differentiable reference (the kernel and the in-place fast path have no backward)."""
     if needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    if state.is_contiguous() and use_cpp(state) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and state.is_contiguous() and use_cpp(state):
         ct = state.dtype
 
         def c(t):

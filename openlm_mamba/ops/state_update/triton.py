@@ -83,7 +83,8 @@ def _state_update_kernel(
     state = state * tl.exp(A * dt[:, None]) + Bm.to(ACC) * (dt * x)[:, None]
     tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask_2d)
 
-    out = tl.sum(state * Cm.to(ACC), axis=1)
+    # padded d_state lanes held 0 * inf = NaN for an infinite x: they must not reach the sum
+    out = tl.sum(tl.where(mask_2d, state * Cm.to(ACC), 0.0), axis=1)
     if HAS_D:
         out += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     if HAS_Z:
