@@ -7,6 +7,7 @@ float32 rounding); float64 inputs must agree to 1e-10.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -317,6 +318,48 @@ def test_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         assert cpp.wait_for_build_lock(tmp_path, stale_after=300) is True
     assert not lock.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_builders_take_turns_under_a_file_lock_a_dead_build_cannot_keep(tmp_path, capsys):
+    """A live build is waited for, saying so (it was a silent wait, and a build slower than 5 minutes had its lock
+    broken); torch's lock found by the next builder was left by a killed one and goes at once (it took 5 minutes)."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    held = os.open(tmp_path / ".openlm_mamba_build.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another builder's turn
+    threading.Timer(0.4, os.close, (held,)).start()
+    t0 = time.perf_counter()
+    with cpp.build_turn(tmp_path):
+        waited = time.perf_counter() - t0
+    assert 0.3 < waited < 5, waited
+    assert f"waiting for another process building the C++ CPU kernels in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "lock").touch()  # fresh, but no process holds the turn: a killed build's
+    t0 = time.perf_counter()
+    warned = pytest.warns(RuntimeWarning, match="removed a build lock left by an interrupted build")
+    with warned, cpp.build_turn(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert time.perf_counter() - t0 < 2
+
+
+def test_failed_build_names_the_compiler_error(tmp_path):
+    """The warning quoted only ninja's last line ("build stopped: subcommand failed"); it names the error and
+    where the whole output was kept."""
+    output = (
+        "Error building extension 'openlm_mamba_cpu_x':\n[1/2] c++ -c step_cpu.cpp -o step_cpu.o\nFAILED: step_cpu.o\n"
+        "c++ -c step_cpu.cpp\nstep_cpu.cpp:12:10: fatal error: torch/library.h: No such file or directory\n"
+        "compilation terminated.\nninja: build stopped: subcommand failed."
+    )
+    reason = cpp.build_failure(RuntimeError(output), tmp_path)
+    assert reason == (
+        "RuntimeError: step_cpu.cpp:12:10: fatal error: torch/library.h: No such file or directory "
+        f"(the whole compiler output: {tmp_path / 'build_error.log'})"
+    )
+    assert (tmp_path / "build_error.log").read_text().strip() == output
+    assert cpp.build_failure(RuntimeError("no C++ compiler: 'c++' not found"), tmp_path).endswith("not found")
 
 
 def test_sources_compile_from_one_place_for_every_checkout(tmp_path):

@@ -332,3 +332,22 @@ def test_torch_step_compiles_without_graph_breaks():
     torch._dynamo.reset()
     got = torch.compile(step, backend="eager", fullgraph=True)(args[0].clone(), *args[1:])
     torch.testing.assert_close(got, want)
+
+
+def test_cpp_step_overflow_and_underflow_as_the_reference():
+    """dt A past float32's exp range: inf above (it was clamped to 1.65e38), 0 below (it was exp(-87) = 1.6e-38,
+    which a state of 1e30 turned into 1.6e-8), as the reference and the scan give."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ kernels are unavailable")
+    for dt_value, start in ((-100.0, 1.0), (200.0, 1e30), (95.0, 1.0)):  # dt A = 100, -200, -95 (A = -1)
+        state = torch.full((1, 16, 16), start)
+        x, dt = torch.zeros(1, 16), torch.full((1, 16), dt_value)
+        A, B, C = torch.full((16, 16), -1.0), torch.zeros(1, 16), torch.ones(1, 16)
+        s_ref = state.clone()
+        ref = selective_state_update_ref(s_ref, x, dt, A, B, C)
+        out = selective_state_update(state, x, dt, A, B, C, backend="torch")
+        for got, want in ((state, s_ref), (out, ref)):  # denormals (e^-95 = 5e-42) may flush to 0
+            assert torch.equal(got.isinf(), want.isinf()), (dt_value, got.flatten()[:2], want.flatten()[:2])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-37)

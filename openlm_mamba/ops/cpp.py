@@ -5,14 +5,17 @@ them and cached under the torch extensions directory (``$TORCH_EXTENSIONS_DIR``,
 ``~/.cache/torch_extensions``), keyed by this CPU's instruction set, the sources' hash and the
 toolchain (torch, compiler and ninja versions). They
 are compiled from a copy of the sources kept in that directory, so every checkout or install of
-the same sources shares one build, and a build lock left by a killed build is broken after
-5 minutes instead of hanging every later import. They register the torch ops
+the same sources shares one build. Builders take turns under an OS file lock (``flock``), which a
+killed build cannot leave behind: torch's own build lock found then is a dead build's and is removed
+at once (without ``flock``, after 5 minutes). A failed build's compiler output is kept in
+``build_error.log`` there, and the warning quotes its error lines. They register the torch ops
 ``openlm_mamba_cpu::*``. Where they cannot be built (no compiler or ninja,
 or ``OPENLM_MAMBA_DISABLE_CPP=1``) every op runs its pure PyTorch path, after one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -138,6 +141,69 @@ def wait_for_build_lock(build_dir: Path, stale_after: float = STALE_LOCK_S, poll
         time.sleep(poll)
 
 
+@contextlib.contextmanager
+def build_turn(build_dir: Path | None):
+    """Hold this build directory's OS file lock while building or loading: other processes wait their turn (one
+    line says so), and torch's build lock found while holding it was left by a killed build (the OS drops a dead
+    process's file lock, never torch's), so it goes at once. Where ``flock`` is unavailable, the age rule of
+    :func:`wait_for_build_lock` instead."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    fd = None
+    if build_dir is not None and fcntl is not None:
+        try:
+            fd = os.open(build_dir / ".openlm_mamba_build.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(
+                    f"openlm_mamba: waiting for another process building the C++ CPU kernels in {build_dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: fall back to the age rule
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        if build_dir is not None:
+            if fd is None:
+                wait_for_build_lock(build_dir)
+            elif (build_dir / "lock").exists():
+                (build_dir / "lock").unlink(missing_ok=True)
+                warnings.warn(
+                    f"openlm_mamba: removed a build lock left by an interrupted build: {build_dir / 'lock'}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def build_failure(exc: BaseException, build_dir: Path | None) -> str:
+    """The reason a build failed, in one line: the compiler's error lines (not ninja's closing "build stopped"),
+    with where the whole output was saved (``build_error.log`` in the build directory)."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() or ln.startswith("FAILED:")]
+    errors = [ln for ln in errors if not ln.startswith("FAILED:")] or errors  # the cause, not the step name
+    shown = "; ".join(dict.fromkeys(errors[:3])) if errors else (lines[-1] if lines else "")
+    if len(shown) > 400:
+        shown = shown[:400] + "..."
+    reason = f"{type(exc).__name__}: {shown}"
+    if build_dir is not None and len(lines) > 1:
+        log = build_dir / "build_error.log"
+        with contextlib.suppress(OSError):
+            log.write_text(text + "\n")
+            reason += f" (the whole compiler output: {log})"
+    return reason
+
+
 def _announce_build(build_dir: Path | None, name: str) -> None:
     """One line on stderr before a build (not before loading a cached one): it takes tens of seconds."""
     if build_dir is None or any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd")):
@@ -154,6 +220,7 @@ def load_extension() -> bool:
     with _lock:
         if "ok" in _ext_state:
             return bool(_ext_state["ok"])
+        build_dir: Path | None = None
         try:
             if cpp_disabled():
                 raise RuntimeError(f"disabled by ${DISABLE_ENV}")
@@ -176,24 +243,23 @@ def load_extension() -> bool:
             name = f"openlm_mamba_cpu_{_build_tag()}"
             build_dir = _build_directory(name)
             src = CSRC
-            if build_dir is not None:
-                src = _stable_sources(build_dir)
-                wait_for_build_lock(build_dir)
-            _announce_build(build_dir, name)
-            load(
-                name=name,
-                sources=[str(src / s) for s in SOURCES],
-                extra_cflags=flags,
-                extra_include_paths=[str(src)],
-                extra_ldflags=ldflags,
-                is_python_module=False,
-                verbose=False,
-            )
+            with build_turn(build_dir):
+                if build_dir is not None:
+                    src = _stable_sources(build_dir)
+                _announce_build(build_dir, name)
+                load(
+                    name=name,
+                    sources=[str(src / s) for s in SOURCES],
+                    extra_cflags=flags,
+                    extra_include_paths=[str(src)],
+                    extra_ldflags=ldflags,
+                    is_python_module=False,
+                    verbose=False,
+                )
             _ext_state["ok"] = True
         except Exception as exc:  # no compiler / ninja / headers: fall back, say so once
             _ext_state["ok"] = False
-            msg = str(exc).strip()
-            _ext_state["reason"] = f"{type(exc).__name__}: {msg.splitlines()[-1] if msg else ''}"
+            _ext_state["reason"] = build_failure(exc, build_dir)
             warnings.warn(
                 f"openlm_mamba: C++ CPU kernels unavailable ({_ext_state['reason']}); "
                 "using the slower pure PyTorch path",
@@ -214,4 +280,13 @@ def use_cpp(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and load_extension()
 
 
-__all__ = ["DISABLE_ENV", "cpp_disabled", "load_extension", "needs_grad", "use_cpp", "wait_for_build_lock"]
+__all__ = [
+    "DISABLE_ENV",
+    "build_failure",
+    "build_turn",
+    "cpp_disabled",
+    "load_extension",
+    "needs_grad",
+    "use_cpp",
+    "wait_for_build_lock",
+]

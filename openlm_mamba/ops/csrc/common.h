@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -92,11 +93,11 @@ OLM_INLINE void store_lanes(const T* __restrict__ src, int64_t wn, T* __restrict
 
 // exp that the compiler vectorises inside `omp simd` loops (glibc has no vector expf, so std::exp
 // on float would be one scalar call per lane): Cody-Waite reduction and the Cephes polynomial,
-// within 2 ulp on [-87, 88]; inputs are clamped to that range (exp(-87) = 1.6e-38: underflow to
-// zero is replaced by a denormal-free tiny number), NaN propagates. float64 uses std::exp, which
-// libmvec does vectorise.
-OLM_INLINE float vexp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+// within 2 ulp on [-87, 88]. Past that range it gives what std::exp rounds to: inf above 88.72, 0
+// below -87 (denormals flushed), via the clamped argument's result within 2x in between; NaN
+// propagates. float64 uses std::exp, which libmvec does vectorise.
+OLM_INLINE float vexp(float x0) {
+  const float x = x0 < -87.0f ? -87.0f : (x0 > 88.0f ? 88.0f : x0);
   const float k = std::nearbyint(x * 1.44269504088896341f);
   float r = std::fma(k, -0.693359375f, x);
   r = std::fma(k, 2.12194440e-4f, r);
@@ -108,7 +109,8 @@ OLM_INLINE float vexp(float x) {
   p = std::fma(p, r, 5.0000001201e-1f);
   p = std::fma(p * r, r, r) + 1.0f;
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  const float e = p * __builtin_bit_cast(float, bits);
+  return x0 > 88.7228391f ? std::numeric_limits<float>::infinity() : (x0 < -87.0f ? 0.0f : e);
 }
 OLM_INLINE double vexp(double x) { return std::exp(x); }
 

@@ -136,7 +136,7 @@ OLM_INLINE void fwd_states(int64_t N, const T* __restrict__ dt, const T* __restr
 }
 
 // The same step keeping the states before (xp) and after (xn) it and the decays e[n] = exp(dt A[n]).
-// `wide`: some |dt A| may reach kWideExp (only the AVX-512 exp needs telling; vexp clamps, double is std::exp).
+// `wide`: some |dt A| may reach kWideExp (only the AVX-512 exp needs telling; vexp and std::exp cope).
 template <typename T>
 OLM_INLINE void bwd_states(int64_t N, const T* __restrict__ dt, const T* __restrict__ du, const T* __restrict__ Ae,
                            const T* __restrict__ Bv, const T* __restrict__ xp, T* __restrict__ xn, T* __restrict__ e,
