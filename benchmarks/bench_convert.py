@@ -11,12 +11,18 @@ the interpreter + torch baseline, reported separately, and file pages touched th
 kernel can drop under pressure); peak anonymous RSS (sampled every 5 ms from /proc/self/status) is the
 memory the conversion itself holds.
 "naive" = ``torch.load`` everything + ``safetensors.torch.save_file`` (and ``load_file`` + ``torch.save``).
+
+Time: every case alike, the conversion plus an fsync of every file it wrote (and of their directories),
+so a case ends only once its output is on disk; before each case, untimed, ``os.sync()`` flushes what
+earlier cases left in the page cache, so no case pays for another's writeback.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_args import HelpFormatter
 
 CHILD = r"""
-import json, resource, sys, threading, time
+import json, os, resource, sys, threading, time
 import torch
 from openlm_mamba.convert import convert
+
+%(durable)s
 
 def anon_kb():
     for line in open("/proc/self/status"):
@@ -64,12 +72,51 @@ elif kind == "naive_to_openlm":
     sd = {"model." + k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in sd.items()}
     sd["model.lm_head.weight"] = sd["model.backbone.embedding.weight"]
     torch.save({"epoch": 0, "step": 0, "state_dict": sd}, dst)
-elapsed = time.perf_counter() - t
+t_sync = time.perf_counter()
+durable(dst)  # inside the timed region, for every converter: the output is on disk when the clock stops
+end = time.perf_counter()
+elapsed, fsync_s = end - t, end - t_sync
 done.set()
 peak_anon[0] = max(peak_anon[0], anon_kb())
 print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_anon_kb": base_anon,
-                  "peak_anon_kb": peak_anon[0], "s": elapsed}))
+                  "peak_anon_kb": peak_anon[0], "s": elapsed, "fsync_s": fsync_s}))
 """
+
+
+def durable(path: str) -> None:
+    """fsync every file under ``path`` (or ``path`` itself, a file), then the directories holding them."""
+    import os
+
+    files, dirs = [], {os.path.dirname(os.path.abspath(path))}
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            dirs.add(root)
+            files += [os.path.join(root, n) for n in names]
+    else:
+        files.append(path)
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for name in sorted(dirs):  # the renames / new entries; a platform that cannot fsync a directory skips it
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def flush_page_cache() -> None:
+    """``os.sync()`` where the platform has it (Linux, macOS): earlier writes reach the disk before a case starts."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def make_checkpoint(model: str, path: Path) -> int:
@@ -103,7 +150,9 @@ def child(argv: list[str], what: str) -> str:
 
 
 def run(kind: str, src: Path, dst: Path, to: str, extra: dict | None = None) -> dict:
-    out = child([CHILD, kind, str(src), str(dst), to, json.dumps(extra or {})], f"{kind} {src.name} -> {dst.name}")
+    """One timed conversion in a fresh process (see the module docstring); its measurements."""
+    code = CHILD % {"durable": inspect.getsource(durable)}
+    out = child([code, kind, str(src), str(dst), to, json.dumps(extra or {})], f"{kind} {src.name} -> {dst.name}")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -178,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
             f"# {args.model}: random fp32 checkpoint {size / 2**30:.2f} GiB written in {time.perf_counter() - t:.0f} s",
             flush=True,
         )
+        print("# time s: the conversion + fsync of its output (os.sync() before each case, untimed)")
         print(
             "| converter | direction | checkpoint GiB | baseline RSS GiB | peak RSS GiB | peak / checkpoint "
             "| peak anon RSS above baseline GiB | time s |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for kind, label, s, d, to, extra in cases:
+            flush_page_cache()  # untimed: no case pays for the writeback of earlier ones
             r = run(kind, s, d, to, extra)
             ck = size_of(s)
             peak, base = r["peak_kb"] / 2**20, r["base_kb"] / 2**20

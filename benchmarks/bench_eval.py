@@ -13,7 +13,9 @@ same requests through ``_loglikelihood_tokens`` (the method lm-eval calls for mu
   its PyTorch path. HFLM shares a context only for 1-token choices (its logits cache).
 
 Prints ms per request (median of --repeats passes), the speedups against HF and against scoring whole, and the largest log-likelihood
-difference from HF (the same numbers, or the comparison would mean nothing).
+difference from HF (the same numbers, or the comparison would mean nothing). ``ours`` must give ``ours-whole``'s
+log-likelihoods (within 1e-3): otherwise the run stops with an ``error:`` line and exit code 1. The tokenizer
+needs transformers and tokenizers even with --no-hf (without them: an ``error:`` line, exit code 2).
 
     python benchmarks/bench_eval.py                          # d_model 256 x 4 layers, CPU
     python benchmarks/bench_eval.py --questions 8 --no-hf    # quick
@@ -39,6 +41,7 @@ from openlm_mamba import MambaConfig, MambaLM
 # workload -> (few-shot tokens every question's context starts with, the question's own tokens, choices,
 # tokens per choice)
 WORKLOADS = {"mmlu": (400, 112, 4, 1), "hellaswag": (0, 80, 4, 24)}
+WHOLE_TOL = 1e-3  # largest log-likelihood difference allowed between ours (shared contexts) and ours-whole
 MIN_VOCAB = 257  # the tokenizer's 256 byte tokens and its end-of-text token
 
 
@@ -110,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab, name="bench")
     torch.manual_seed(0)
     model = MambaLM(cfg).to(args.device).eval()
-    tok = tokenizer(args.vocab)
+    try:
+        tok = tokenizer(args.vocab)
+    except ImportError as e:  # even with --no-hf: MambaEvalLM takes a transformers tokenizer
+        print(
+            f"error: bench_eval needs transformers and tokenizers for its tokenizer, also with --no-hf ({e})",
+            file=sys.stderr,
+        )
+        return 2
     kw = {"model": model, "tokenizer": tok, "batch_size": args.batch_size, "max_length": 2048}
     ours = MambaEvalLM(**kw)
     whole = MambaEvalLM(**kw, share_contexts=False)
@@ -144,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         t_whole, ll_whole = timed(
             lambda r: whole._loglikelihood_tokens([(None, c, x) for c, x in r], True), pairs, args.repeats
         )
-        assert max(abs(a - b) for a, b in zip(ll_ours, ll_whole)) < 1e-3
+        whole_diff = max((abs(a - b) for a, b in zip(ll_ours, ll_whole)), default=0.0)
+        if len(ll_ours) != len(ll_whole) or not whole_diff < WHOLE_TOL:  # NaN fails too
+            print(
+                f"error: {name}: ours and ours-whole log-likelihoods differ by {whole_diff:.1e} (tolerance "
+                f"{WHOLE_TOL:g}): sharing contexts changed the scores",
+                file=sys.stderr,
+            )
+            return 1
         n = len(pairs)
         row = f"| {name} | {n} | {t_ours / n * 1e3:.2f} | {t_whole / n * 1e3:.2f} | "
         if hf is not None:

@@ -8,6 +8,13 @@ and the ratios against transformers measured in the same run. Runs are interleav
 (every context, both implementations) and each number is the median over rounds, so background
 load on a shared machine hits all columns alike.
 
+Both sides get one untimed warm-up run at every context, and its tokens are compared: greedy tokens must
+match transformers' (a divergence is allowed only on a near-tie of transformers' own logits, or where it
+picked a padded vocabulary row; anything else ends the run with an error and exit code 1); with --sample a
+``#`` line per context says whether the tokens match (they can legitimately differ: transformers samples
+over the padded vocabulary rows, ours masks them). Neither side stops at an EOS id: both decode exactly
+--new-tokens tokens.
+
     python benchmarks/bench_generate.py                       # d_model 256 x 4 layers, CPU
     python benchmarks/bench_generate.py --contexts 16,1024 --no-hf
     python benchmarks/bench_generate.py --sample --contexts 16,1024      # top-p / top-k / penalty sampling
@@ -45,14 +52,19 @@ def build_model(args) -> MambaLM:
     return MambaLM(cfg).to(args.device, getattr(torch, args.dtype)).eval()
 
 
-def hf_model(model: MambaLM):
-    """transformers' MambaForCausalLM holding the same weights (None if transformers is missing)."""
+def hf_model(model: MambaLM, skipped: str = "its columns are skipped"):
+    """transformers' MambaForCausalLM holding the same weights, decoding exactly ``max_new_tokens`` like ours (no
+    EOS id: nothing stops early or suppresses a token). None if transformers is missing: a ``#`` line on stdout
+    says so (and that ``skipped``)."""
     try:
         from openlm_mamba.convert import to_transformers
 
-        return to_transformers(model)
-    except ImportError:
+        hf = to_transformers(model)
+    except ImportError as exc:
+        print(f"# transformers unavailable ({exc}): {skipped}", flush=True)
         return None
+    hf.generation_config.eos_token_id = None  # ours gets none either; min_new_tokens would ban token 0 otherwise
+    return hf
 
 
 class Clock:
@@ -93,6 +105,46 @@ def timed(run, clock: Clock) -> tuple[float, float]:
     run()
     t = clock.times
     return t[0] - start, (t[-1] - t[0]) / (len(t) - 1)
+
+
+# A greedy mismatch passes as a near-tie when transformers' own logits put the two tokens within this fraction of
+# max(1, largest |logit|) of each other (float rounding in different kernels can swap such a pair).
+TIE_RTOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> list[int | None]:
+    """Per row, the index of the first new token where the two (batch, n) outputs differ (None where they agree)."""
+    if ours.shape != theirs.shape:
+        raise ValueError(f"output shapes differ: ours {tuple(ours.shape)}, transformers {tuple(theirs.shape)}")
+    diff = (ours != theirs).cpu()
+    return [int(row.nonzero()[0]) if row.any() else None for row in diff]
+
+
+def check_greedy(
+    ours: torch.Tensor, theirs: torch.Tensor, prompt_len: int, hf, vocab: int, rtol: float
+) -> tuple[str | None, str]:
+    """Compare greedy outputs (prompt + new tokens, both sides): (error or None, what was found). A row may
+    diverge where transformers' logits (over the common prefix) make the two tokens a near-tie (gap <=
+    rtol * max(1, max |logit|)), or where transformers picked a padded vocabulary row (id >= ``vocab``), which
+    ours never picks; the tokens after such a point are not compared. Any other difference is an error."""
+    notes = []
+    for b, i in enumerate(first_difference(ours[:, prompt_len:], theirs[:, prompt_len:])):
+        if i is None:
+            continue
+        mine, ref = int(ours[b, prompt_len + i]), int(theirs[b, prompt_len + i])
+        where = f"row {b}, new token {i}: ours {mine}, transformers {ref}"
+        if ref >= vocab:
+            notes.append(f"{where} (a padded vocabulary row, which ours masks)")
+            continue
+        with torch.no_grad():
+            logits = hf(theirs[b : b + 1, : prompt_len + i]).logits[0, -1].float()
+        gap, tol = float(logits[ref] - logits[mine]), rtol * max(1.0, float(logits.abs().max()))
+        if gap > tol:
+            return f"{where} (transformers' logit gap {gap:.3g} > near-tie tolerance {tol:.3g})", ""
+        notes.append(f"{where} (a near-tie: transformers' logit gap {gap:.3g} <= {tol:.3g})")
+    if not notes:
+        return None, "greedy tokens match transformers'"
+    return None, "greedy tokens match transformers' up to " + "; ".join(notes) + ", not compared after it"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.randint(0, model.cfg.vocab_size, (args.batch, ctx), device=dev)
         clock, hclock = Clock(args.device), Clock(args.device, skip_first_put=True)
 
-        def ours(ids=ids, clock=clock):
-            generate(
+        def ours(ids=ids, clock=clock) -> torch.Tensor:
+            return generate(
                 model,
                 ids,
                 max_new_tokens=n_new,
@@ -183,9 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                 **decoding,
             )
 
-        def theirs(ids=ids, hclock=hclock):
+        def theirs(ids=ids, hclock=hclock) -> torch.Tensor:
             torch.manual_seed(0)
-            hf.generate(
+            return hf.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n_new,
@@ -196,10 +248,40 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         runs[ctx] = ((ours, clock), (theirs, hclock))
-    for ctx in args.contexts:  # warm-up: kernel builds for each prompt length (Triton specializes on it), allocator
-        runs[ctx][0][0]()
-    if hf is not None:
-        runs[args.contexts[0]][1][0]()
+    # Warm-up of both sides at every context: kernel builds for each prompt length (Triton specializes on it),
+    # allocator. Its outputs are compared: a fast path that decodes other tokens must not win.
+    for ctx in args.contexts:
+        out = runs[ctx][0][0]()
+        if hf is None:
+            continue
+        ref = runs[ctx][1][0]()
+        if not args.sample:
+            error, found = check_greedy(out, ref, ctx, hf, model.cfg.vocab_size, TIE_RTOL[args.dtype])
+            if error is not None:
+                raise SystemExit(
+                    f"bench_generate: error: at context {ctx}, ours and transformers' greedy tokens differ: {error}"
+                )
+            print(f"# context {ctx}: {found}", flush=True)
+            continue
+        first = min((i for i in first_difference(out[:, ctx:], ref[:, ctx:]) if i is not None), default=None)
+        print(
+            f"# context {ctx}: sampled tokens "
+            + ("match transformers'" if first is None else f"differ from transformers' (first at new token {first})"),
+            flush=True,
+        )
+    if hf is not None and args.sample:
+        padded = model.cfg.padded_vocab_size > model.cfg.vocab_size
+        print(
+            "# sampled tokens may legitimately differ (the same seed on both sides, but "
+            + (
+                f"the vocabulary is padded, {model.cfg.padded_vocab_size} rows for {model.cfg.vocab_size} tokens, "
+                "and transformers samples over the padded rows while ours masks them; and "
+                if padded
+                else ""
+            )
+            + "float rounding in different kernels can move a top-k / top-p cut or a draw): not an error",
+            flush=True,
+        )
     # Rounds interleave contexts and implementations, so background load hits all of them alike.
     samples = {ctx: {"ours": [], "hf": []} for ctx in args.contexts}
     for r in range(max(args.repeats, 0 if hf is None else args.hf_repeats)):

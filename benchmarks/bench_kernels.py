@@ -3,8 +3,12 @@
 For every op and backend (the PyTorch path, Triton, and mamba-ssm / causal-conv1d when
 installed) it measures the forward and forward+backward time, the achieved memory bandwidth
 (minimum bytes the op must move / time) as a fraction of the device's peak, and the memory the
-op keeps for its backward (bytes of the tensors autograd saves). Default shapes are one Mamba-7B
-layer at 16K tokens per step: d_model 4096, d_inner 8192, d_state 16, width 4, bf16.
+op keeps for its backward (bytes of the tensors autograd saves). Each forward+backward run takes
+fresh gradients (``torch.autograd.grad``: nothing accumulates into ``.grad``). Once per op, untimed,
+each other backend's output and input gradients are compared with the torch backend's on the same
+inputs: the "check" column says ref (torch), ok, or MISMATCH with the largest error relative to
+max(1, max |torch|); a mismatch makes the exit code 1. Default shapes are one Mamba-7B layer at
+16K tokens per step: d_model 4096, d_inner 8192, d_state 16, width 4, bf16.
 
     python benchmarks/bench_kernels.py                  # GPU, Mamba-7B shapes
     python benchmarks/bench_kernels.py --quick          # CPU, tiny shapes, Triton interpreter
@@ -172,28 +176,77 @@ def make_inputs(op: str, args, device: torch.device, dtype: torch.dtype) -> tupl
     raise ValueError(f"unknown op {op!r}")
 
 
-def run_op(op: str, backend: str, args, device, dtype) -> dict:
+# A backend's output and input gradients match the torch backend's when max |theirs - torch| <= tol * max(1,
+# max |torch|), per tensor: float rounding in a different order of the sums, at the dtype's precision.
+CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def op_fn(op: str):
+    """The ``openlm_mamba.ops`` function of ``op`` (it takes ``backend=``)."""
     from openlm_mamba import ops
 
-    fn = {"selective_scan": ops.selective_scan, "causal_conv1d": ops.causal_conv1d, "add_norm": ops.add_norm}[op]
+    return {"selective_scan": ops.selective_scan, "causal_conv1d": ops.causal_conv1d, "add_norm": ops.add_norm}[op]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _leaves(tensors: list) -> list[torch.Tensor]:
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def outputs_and_grads(op: str, backend: str, args, device, dtype) -> list[torch.Tensor]:
+    """The forward's outputs, then the gradients of every input (of ones backpropagated from the first output),
+    of ``op`` through ``backend`` on the benchmark's inputs (the same ones for every backend), detached, float32."""
+    tensors, kwargs, _, _ = make_inputs(op, args, device, dtype)
+    out = op_fn(op)(*tensors, **kwargs, backend=backend)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    first = outs[0]
+    grads = torch.autograd.grad(first, _leaves(tensors), torch.ones_like(first), allow_unused=True)
+    return [t.detach().float() if t is not None else None for t in (*outs, *grads)]
+
+
+def compare(got: list, ref: list, dtype: torch.dtype) -> tuple[bool, float]:
+    """(every tensor within :data:`CHECK_TOL` of the reference's, the largest error relative to max(1, max |ref|))."""
+    worst, ok = 0.0, len(got) == len(ref)
+    for a, b in zip(got, ref):
+        if a is None or b is None:
+            ok = ok and a is None and b is None
+            continue
+        if a.shape != b.shape:
+            return False, float("inf")
+        err = float((a - b).abs().max()) / max(1.0, float(b.abs().max())) if b.numel() else 0.0
+        if err != err:  # NaN
+            return False, float("nan")
+        worst = max(worst, err)
+        ok = ok and err <= CHECK_TOL[dtype]
+    return ok, worst
+
+
+def run_op(op: str, backend: str, args, device, dtype, reference: list | None = None) -> dict:
+    """One row: times, bandwidth and saved memory of ``op`` through ``backend``; with ``reference`` (the torch
+    backend's :func:`outputs_and_grads`), first, untimed, "check": "ok" or "MISMATCH" and "max_err"."""
+    fn = op_fn(op)
     tensors, kwargs, fwd_bytes, total_bytes = make_inputs(op, args, device, dtype)
+    leaves = _leaves(tensors)
     row = {"op": op, "backend": backend}
 
     def fwd():
         with torch.no_grad():
             return fn(*tensors, **kwargs, backend=backend)
 
-    def first(out):
-        return out[0] if isinstance(out, tuple) else out
-
-    def fwd_bwd():
-        out = first(fn(*tensors, **kwargs, backend=backend))
-        out.backward(torch.ones_like(out))
+    def fwd_bwd():  # autograd.grad: fresh gradients every run, none accumulated into .grad
+        out = _first(fn(*tensors, **kwargs, backend=backend))
+        return torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
 
     try:
+        if reference is not None:
+            ok, err = compare(outputs_and_grads(op, backend, args, device, dtype), reference, dtype)
+            row["check"], row["max_err"] = ("ok" if ok else "MISMATCH"), err
         row["fwd_ms"] = timeit(fwd, device, args.repeats, not args.quick) * 1e3
         row["fwd_bwd_ms"] = timeit(fwd_bwd, device, args.repeats, not args.quick) * 1e3
-        row["saved_MiB"] = saved_bytes(lambda: first(fn(*tensors, **kwargs, backend=backend))) / 2**20
+        row["saved_MiB"] = saved_bytes(lambda: _first(fn(*tensors, **kwargs, backend=backend))) / 2**20
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
@@ -206,6 +259,15 @@ def run_op(op: str, backend: str, args, device, dtype) -> dict:
         row["fwd_bw_frac"] = fwd_bytes / (row["fwd_ms"] / 1e3) / peak
         row["fwd_bwd_bw_frac"] = total_bytes / (row["fwd_bwd_ms"] / 1e3) / peak
     return row
+
+
+def check_text(r: dict) -> str:
+    """The row's "check" column: ref (the torch backend), ok / MISMATCH <max err>, or - (not checked)."""
+    if r["backend"] == "torch":
+        return "ref"
+    if "check" not in r:
+        return "-"
+    return "ok" if r["check"] == "ok" else f"MISMATCH {r['max_err']:.1e}"
 
 
 def fmt(v, spec: str) -> str:
@@ -241,18 +303,34 @@ def main(argv=None) -> int:
     rows = []
     for op in args.ops:
         have = available_backends(op, device)
+        reference, ref_error = None, None
+        if any(b != "torch" and b in have for b in args.backends):  # once per op, untimed
+            try:
+                reference = outputs_and_grads(op, "torch", args, device, dtype)
+            except Exception as exc:  # e.g. out of memory: the rows still run, unchecked
+                ref_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+                progress(f"# {op}: torch reference failed ({ref_error}); the other backends are not checked")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         for backend in args.backends:
             if backend not in have:
                 rows.append({"op": op, "backend": backend, "error": "unavailable"})
                 progress(f"# {op} {backend}: unavailable")
                 continue
-            rows.append(run_op(op, backend, args, device, dtype))
+            rows.append(run_op(op, backend, args, device, dtype, None if backend == "torch" else reference))
             r = rows[-1]
             progress(
                 f"# {op} {backend}: "
-                + (r["error"] if "error" in r else f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms")
+                + (
+                    r["error"]
+                    if "error" in r
+                    else f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms, check {check_text(r)}"
+                )
             )
-    header = f"{'op':16s} {'backend':8s} {'fwd ms':>10s} {'fwd+bwd ms':>11s} {'fwd BW':>7s} {'f+b BW':>7s} {'saved MiB':>10s}"
+    header = (
+        f"{'op':16s} {'backend':8s} {'fwd ms':>10s} {'fwd+bwd ms':>11s} {'fwd BW':>7s} {'f+b BW':>7s} "
+        f"{'saved MiB':>10s}  check"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -262,11 +340,17 @@ def main(argv=None) -> int:
         print(
             f"{r['op']:16s} {r['backend']:8s} {fmt(r['fwd_ms'], '10.3f')} {fmt(r['fwd_bwd_ms'], '11.3f')} "
             f"{fmt(r.get('fwd_bw_frac'), '7.1%')} {fmt(r.get('fwd_bwd_bw_frac'), '7.1%')} {fmt(r['saved_MiB'], '10.2f')}"
+            f"  {check_text(r)}"
         )
     print("BW = minimum bytes the op must move / time, as a fraction of the device's peak HBM bandwidth")
+    tol = CHECK_TOL[dtype]
+    print(
+        f"check = output and input gradients vs the torch backend's (ref), untimed: ok when every tensor's max "
+        f"|error| <= {tol:g} x max(1, max |torch|)"
+    )
     if args.json:
         write_json(args.json, {"device": name, "args": vars(args), "rows": rows})
-    failed = [r for r in rows if r.get("error") not in (None, "unavailable")]
+    failed = [r for r in rows if r.get("error") not in (None, "unavailable") or r.get("check") == "MISMATCH"]
     return 1 if failed else 0
 
 

@@ -11,6 +11,10 @@ and prints each with the ratios: ours / floor is the overhead left above the ker
 is the largest TTFT speedup over transformers those kernels allow on this machine, if nothing
 but them ran.
 
+Ours and each kernel are timed alike: --calls calls per round, every call one sample (rounds x calls
+samples each). The floor's median is the sum of the kernels' medians, its fastest the sum of their
+fastest. Transformers is timed once per round for --hf-rounds rounds, so its ratios use medians only.
+
     python benchmarks/bench_prefill.py                        # issue 6's model: d_model 256 x 4, vocab 1024
     python benchmarks/bench_prefill.py --threads 1 --no-hf
 """
@@ -36,15 +40,11 @@ from openlm_mamba import generate
 from openlm_mamba.ops.cpp import load_extension
 
 
-def _best(fn: Callable[[], object], n: int) -> float:
-    """Fastest of n calls after one warm-up, seconds."""
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn``."""
+    t = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return time.perf_counter() - t
 
 
 def ttft(run: Callable[[], None], clock: Clock) -> float:
@@ -102,6 +102,38 @@ def kernel_parts(model, ctx: int) -> tuple[dict[str, Callable[[], object]], int]
     return {"matmuls": matmuls, "scan": scan, "conv": conv}, flops
 
 
+def measure(
+    ours: Callable[[], float],
+    parts: dict[str, Callable[[], float]],
+    theirs: Callable[[], float] | None,
+    rounds: int,
+    calls: int,
+    hf_rounds: int,
+) -> dict[str, list[float]]:
+    """Interleaved rounds of timed calls (each callable returns one sample, seconds): per round ``calls`` of ours,
+    then ``calls`` of each kernel part, then one of ``theirs`` in the first ``hf_rounds`` rounds. Returns name ->
+    every sample (ours and each part: rounds x calls; "hf": min(rounds, hf_rounds), none without ``theirs``)."""
+    samples: dict[str, list[float]] = {k: [] for k in ("ours", *parts, "hf")}
+    for rnd in range(rounds):
+        samples["ours"] += [ours() for _ in range(calls)]
+        for name, fn in parts.items():
+            samples[name] += [fn() for _ in range(calls)]
+        if theirs is not None and rnd < hf_rounds:
+            samples["hf"].append(theirs())
+        print(f"# round {rnd + 1} done", flush=True)
+    return samples
+
+
+def summarize(samples: dict[str, list[float]], parts: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, fastest) of every non-empty sample list, plus "floor" after the parts: the sum of the parts'
+    medians and the sum of their fastest (each part timed alone, so no call of one is paired with one of another)."""
+    med = {k: statistics.median(v) for k, v in samples.items() if v}
+    fast = {k: min(v) for k, v in samples.items() if v}
+    order = [k for k in med if k != "hf"] + ["floor"] + (["hf"] if "hf" in med else [])
+    med["floor"], fast["floor"] = sum(med[k] for k in parts), sum(fast[k] for k in parts)
+    return {k: med[k] for k in order}, {k: fast[k] for k in order}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--d-model", type=positive_int, default=256, help="model width")
@@ -113,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "--calls",
         type=positive_int,
         default=5,
-        help="our timed calls per round, and per kernel (its fastest counts; default: 5)",
+        help="timed calls per round, of ours and of each kernel alike (every call is a sample; default: 5)",
     )
     p.add_argument("--hf-rounds", type=nonneg_int, default=3, help="rounds that also time transformers (default: 3)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -129,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     args.contexts, args.new_tokens, args.device, args.dtype = [args.context], 1, "cpu", "float32"
     model = build_model(args)
-    hf = None if args.no_hf else hf_model(model)
+    hf = None if args.no_hf else hf_model(model, "its row and ratios are skipped")
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.context))
     clock, hclock = Clock("cpu"), Clock("cpu", skip_first_put=True)
 
@@ -146,33 +178,34 @@ def main(argv: list[str] | None = None) -> None:
         f"load_average={os.getloadavg()[0]:.1f}"
     )
     ours()  # untimed warm-up of each side: a process's first generate() pays one-off costs
+    for fn in parts.values():
+        fn()
     if hf is not None and args.hf_rounds:
         theirs()
-    samples: dict[str, list[float]] = {k: [] for k in ("ours", *parts, "floor", "hf")}
-    for rnd in range(args.rounds):
-        samples["ours"] += [ttft(ours, clock) for _ in range(args.calls)]
-        floor = 0.0
-        for name, fn in parts.items():
-            samples[name].append(_best(fn, args.calls))
-            floor += samples[name][-1]
-        samples["floor"].append(floor)
-        if hf is not None and rnd < args.hf_rounds:
-            samples["hf"].append(ttft(theirs, hclock))
-        print(f"# round {rnd + 1} done", flush=True)
-
-    med = {k: statistics.median(v) for k, v in samples.items() if v}
-    fast = {k: min(v) for k, v in samples.items() if v}
+    samples = measure(
+        lambda: ttft(ours, clock),
+        {k: lambda fn=fn: seconds(fn) for k, fn in parts.items()},
+        None if hf is None else lambda: ttft(theirs, hclock),
+        args.rounds,
+        args.calls,
+        args.hf_rounds,
+    )
+    med, fast = summarize(samples, list(parts))
     print("\n| part | median ms | fastest ms |\n|---|---|---|")
     labels = {"ours": "ours: TTFT", "floor": "floor: sum of the bare kernels", "hf": "transformers TTFT"}
     for k in med:
         print(f"| {labels.get(k, '  ' + k)} | {med[k] * 1e3:.2f} | {fast[k] * 1e3:.2f} |")
-    print(f"\nmatmuls: {flops / 1e9:.2f} GFLOP, {flops / fast['matmuls'] / 1e9:.0f} GFLOP/s at their fastest")
+    print(
+        f"\n# samples: ours {len(samples['ours'])}, each kernel {len(samples[next(iter(parts))])} ({args.rounds} rounds"
+        f" x {args.calls} calls); floor median = sum of the kernels' medians, floor fastest = sum of their fastest"
+        + (f"; transformers {len(samples['hf'])} (its ratios: medians only)" if samples["hf"] else "")
+    )
+    print(f"matmuls: {flops / 1e9:.2f} GFLOP, {flops / fast['matmuls'] / 1e9:.0f} GFLOP/s at their fastest")
     print(f"ours / floor: {med['ours'] / med['floor']:.2f}x median, {fast['ours'] / fast['floor']:.2f}x fastest")
     if "hf" in med:
         print(
-            f"HF / ours:  {med['hf'] / med['ours']:.1f}x median, {fast['hf'] / fast['ours']:.1f}x fastest\n"
-            f"HF / floor: {med['hf'] / med['floor']:.1f}x median, {fast['hf'] / fast['floor']:.1f}x fastest "
-            "(the TTFT speedup these kernels allow here)"
+            f"HF / ours:  {med['hf'] / med['ours']:.1f}x median\n"
+            f"HF / floor: {med['hf'] / med['floor']:.1f}x median (the TTFT speedup these kernels allow here)"
         )
 
 

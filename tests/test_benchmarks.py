@@ -492,3 +492,286 @@ def test_sass_scan_counts_the_inner_loop():
     env["TRITON_INTERPRET"] = "1"
     proc = sass("8x16x4")
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr, proc.stderr
+
+
+# -- bench_convert: each case starts after os.sync() and ends once its output is on disk --------------------
+def test_convert_syncs_before_every_case(load, monkeypatch, capsys, tmp_path):
+    bc = load("bench_convert")
+    events = []
+    monkeypatch.setattr(bc.os, "sync", lambda: events.append("sync"))
+    monkeypatch.setattr(bc, "make_checkpoint", lambda model, path: 1)
+    monkeypatch.setattr(bc, "size_of", lambda path: 1)
+
+    def run(kind, src, dst, to, extra=None):
+        events.append("run")
+        return {"base_kb": 1, "peak_kb": 1, "base_anon_kb": 0, "peak_anon_kb": 0, "s": 0.1, "fsync_s": 0.01}
+
+    monkeypatch.setattr(bc, "run", run)
+    assert bc.main(["--model", "mamba_tiny", "--dir", str(tmp_path / "work")]) == 0
+    assert events == ["sync", "run"] * 8, events
+    assert "# time s: the conversion + fsync of its output" in capsys.readouterr().out
+
+
+def test_convert_child_times_the_fsync_of_every_output_file(load, monkeypatch, tmp_path):
+    bc = load("bench_convert")
+    child = bc.CHILD % {"durable": "def durable(path): ..."}
+    start, convert, sync, stop = (
+        child.index(s) for s in ("t = time.perf_counter()", "if kind ==", "durable(dst)", "end = time")
+    )
+    assert start < convert < sync < stop  # inside the timed region, after whichever converter ran
+    out = tmp_path / "hf"
+    (out / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "sub/x.bin"):
+        (out / name).write_text("x")
+    opened, synced = {}, []
+    real_open = os.open
+
+    def os_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        opened[fd] = os.path.abspath(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(opened[fd]))
+    bc.durable(str(out))
+    files = {str(out / n) for n in ("model.safetensors", "config.json", "sub/x.bin")}
+    assert files <= set(synced) and {str(out), str(out / "sub"), str(tmp_path)} <= set(synced), synced
+    synced.clear()
+    bc.durable(str(out / "config.json"))  # a single-file output (a .pt checkpoint)
+    assert synced == [str(out / "config.json"), str(out)], synced
+
+
+# -- bench_generate: both sides warmed at every context; their tokens compared --------------------------------
+GEN_ARGV = ["--device", "cpu", "--d-model", "16", "--n-layer", "1", "--new-tokens", "4", "--repeats", "1"]
+
+
+def run_main(module, argv: list[str]):
+    grad = torch.is_grad_enabled()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def test_generate_warms_both_sides_at_every_context(load, capsys, monkeypatch):
+    bench = load("bench_generate")
+    calls = []
+    real_generate, real_hf_model = bench.generate, bench.hf_model
+
+    def generate(model, ids, **kwargs):
+        calls.append(("ours", ids.shape[1]))
+        return real_generate(model, ids, **kwargs)
+
+    def hf_model(model, *a):
+        hf = real_hf_model(model, *a)
+        real = hf.generate
+
+        def hf_generate(ids, **kwargs):
+            calls.append(("hf", ids.shape[1]))
+            return real(ids, **kwargs)
+
+        hf.generate = hf_generate
+        return hf
+
+    monkeypatch.setattr(bench, "generate", generate)
+    monkeypatch.setattr(bench, "hf_model", hf_model)
+    run_main(bench, [*GEN_ARGV, "--contexts", "8,16", "--vocab", "64"])
+    out = capsys.readouterr().out
+    warm = calls[:4]  # warm-up: ours then transformers, at each context; then the timed round
+    assert warm == [("ours", 8), ("hf", 8), ("ours", 16), ("hf", 16)], calls
+    assert calls[4:] == [("ours", 8), ("hf", 8), ("ours", 16), ("hf", 16)], calls
+    assert "# context 8: greedy tokens match transformers'" in out and "# context 16: greedy tokens" in out, out
+
+
+def test_generate_greedy_tokens_that_differ_end_the_run(load, capsys, monkeypatch):
+    """A fast path that decodes other tokens must not win: the first greedy difference from transformers (not
+    a near-tie) is an error."""
+    bench = load("bench_generate")
+    real = bench.generate
+
+    def wrong(model, ids, **kwargs):
+        out = real(model, ids, **kwargs)
+        out[:, -1] = (out[:, -1] + 1) % 64
+        return out
+
+    monkeypatch.setattr(bench, "generate", wrong)
+    with pytest.raises(SystemExit) as info:
+        run_main(bench, [*GEN_ARGV, "--contexts", "8", "--vocab", "64"])
+    message = str(info.value.code)
+    assert message.startswith("bench_generate: error: at context 8, ours and transformers' greedy tokens differ"), (
+        message
+    )
+    assert "row 0, new token 3" in message and "near-tie tolerance" in message, message
+    assert "| context |" not in capsys.readouterr().out  # no table from a wrong run
+
+
+def test_generate_greedy_check_allows_near_ties_and_padded_rows(load):
+    from types import SimpleNamespace
+
+    bench = load("bench_generate")
+    logits = torch.zeros(1, 2, 8)  # transformers' logits after the 2-token prompt: the first new token's
+    logits[0, -1, 2], logits[0, -1, 3] = 1.0, 1.0 - 1e-6  # a near-tie between tokens 2 and 3
+
+    def hf(ids):
+        return SimpleNamespace(logits=logits[:, : ids.shape[1]])
+
+    prompt = torch.tensor([[5, 6]])
+    ours, theirs = torch.cat([prompt, torch.tensor([[3]])], 1), torch.cat([prompt, torch.tensor([[2]])], 1)
+    error, found = bench.check_greedy(ours, theirs, 2, hf, vocab=8, rtol=1e-4)
+    assert error is None and "near-tie" in found, found
+    logits[0, -1, 3] = 0.5  # a clear gap: an error
+    error, found = bench.check_greedy(ours, theirs, 2, hf, vocab=8, rtol=0.6)  # within a loose tolerance
+    assert error is None and "near-tie" in found, found
+    error, _ = bench.check_greedy(ours, theirs, 2, hf, vocab=8, rtol=1e-4)
+    assert error is not None and "row 0, new token 0: ours 3, transformers 2" in error, error
+    error, found = bench.check_greedy(ours, theirs, 2, hf, vocab=2, rtol=1e-4)  # token 2 is a padded row
+    assert error is None and "padded vocabulary row" in found, found
+    error, found = bench.check_greedy(theirs, theirs, 2, hf, vocab=8, rtol=1e-4)
+    assert (error, found) == (None, "greedy tokens match transformers'")
+
+
+def test_generate_sampling_says_per_context_whether_tokens_match(load, capsys):
+    bench = load("bench_generate")
+    run_main(bench, [*GEN_ARGV, "--contexts", "8,16", "--vocab", "100", "--sample"])  # padded to 104 rows
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("# context ")]
+    assert [line.split(":")[0] for line in lines] == ["# context 8", "# context 16"], out
+    assert all("sampled tokens match transformers'" in s or "sampled tokens differ from" in s for s in lines), out
+    assert "the vocabulary is padded, 104 rows for 100 tokens" in out and "not an error" in out, out
+
+
+def hide_transformers(monkeypatch) -> None:
+    import openlm_mamba.convert
+
+    def to_transformers(model):
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(openlm_mamba.convert, "to_transformers", to_transformers)
+
+
+def test_generate_says_when_transformers_is_unavailable(load, capsys, monkeypatch):
+    bench = load("bench_generate")
+    hide_transformers(monkeypatch)
+    run_main(bench, [*GEN_ARGV, "--contexts", "8", "--vocab", "64"])
+    out = capsys.readouterr().out
+    assert "# transformers unavailable (No module named 'transformers'): its columns are skipped\n" in out, out
+    assert "| 8 | " in out and "HF TTFT" not in out, out
+
+
+# -- bench_prefill: ours and every kernel give the same number of samples; HF ratios are medians only -----------
+def test_prefill_times_every_call_of_ours_and_of_each_kernel(load, capsys):
+    bench = load("bench_prefill")
+    counts = {"ours": 0, "a": 0, "b": 0, "hf": 0}
+
+    def sample(name: str, value: float):
+        def call() -> float:
+            counts[name] += 1
+            return value + counts[name] * 1e-3
+
+        return call
+
+    parts = {"a": sample("a", 1.0), "b": sample("b", 2.0)}
+    samples = bench.measure(sample("ours", 5.0), parts, sample("hf", 9.0), rounds=3, calls=4, hf_rounds=2)
+    assert {k: len(v) for k, v in samples.items()} == {"ours": 12, "a": 12, "b": 12, "hf": 2}, samples
+    assert counts == {"ours": 12, "a": 12, "b": 12, "hf": 2}, counts  # no untimed extra calls inside the rounds
+    med, fast = bench.summarize(samples, ["a", "b"])
+    assert list(med) == ["ours", "a", "b", "floor", "hf"], med  # the table's row order
+    assert med["floor"] == pytest.approx(med["a"] + med["b"]) and fast["floor"] == pytest.approx(1.001 + 2.001)
+    assert bench.measure(sample("ours", 5.0), parts, None, 1, 2, 3)["hf"] == []
+
+
+def test_prefill_says_when_transformers_is_unavailable(load, capsys, monkeypatch):
+    bench = load("bench_prefill")
+    if not bench.load_extension():
+        pytest.skip("the C++ CPU kernels are unavailable")
+    hide_transformers(monkeypatch)
+    argv = ["--d-model", "16", "--n-layer", "1", "--vocab", "64", "--context", "16", "--rounds", "2", "--calls", "3"]
+    run_main(bench, argv)
+    out = capsys.readouterr().out
+    assert "# transformers unavailable (No module named 'transformers'): its row and ratios are skipped\n" in out
+    assert "| ours: TTFT |" in out and "| floor: sum of the bare kernels |" in out and "transformers TTFT" not in out
+    assert "# samples: ours 6, each kernel 6 (2 rounds x 3 calls)" in out, out
+    assert "HF /" not in out, out
+
+
+def test_prefill_hf_ratios_are_medians_only(load, capsys, monkeypatch):
+    bench = load("bench_prefill")
+    if not bench.load_extension():
+        pytest.skip("the C++ CPU kernels are unavailable")
+    argv = ["--d-model", "16", "--n-layer", "1", "--vocab", "64", "--context", "16", "--rounds", "2", "--calls", "2"]
+    run_main(bench, [*argv, "--hf-rounds", "1"])
+    out = capsys.readouterr().out
+    hf_lines = [line for line in out.splitlines() if line.startswith("HF /")]
+    assert len(hf_lines) == 2 and all("median" in s and "fastest" not in s for s in hf_lines), out
+    assert "; transformers 1 (its ratios: medians only)" in out, out
+
+
+# -- bench_kernels: no gradient accumulates; a backend whose results differ from torch's is marked -----------
+def test_kernels_mark_a_wrong_backend_and_accumulate_no_grads(load, capsys, monkeypatch, tmp_path):
+    """A stand-in 'triton' (the torch backend with wrong input gradients: the same output) must be marked
+    MISMATCH, a correct stand-in 'cuda' ok; timed runs leave no .grad behind."""
+    import openlm_mamba.ops
+
+    bk = load("bench_kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(openlm_mamba.ops, "available_backends", lambda op, device: ("torch", "triton", "cuda"))
+    real_op_fn, real_inputs, inputs = bk.op_fn, bk.make_inputs, []
+
+    def op_fn(op):
+        real = real_op_fn(op)
+
+        def fn(x, *rest, backend, **kwargs):
+            out = real(x, *rest, backend="torch", **kwargs)
+            return out + 0.5 * (x - x.detach()) if backend == "triton" else out
+
+        return fn
+
+    def make_inputs(*a):
+        made = real_inputs(*a)
+        inputs.append(made[0])
+        return made
+
+    monkeypatch.setattr(bk, "op_fn", op_fn)
+    monkeypatch.setattr(bk, "make_inputs", make_inputs)
+    rc = bk.main(["--quick", "--ops", "causal_conv1d", "--repeats", "2", "--json", str(tmp_path / "k.json")])
+    out = capsys.readouterr().out
+    assert rc == 1, out  # a mismatch fails the run
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("causal_conv1d ")}
+    assert rows["torch"].endswith("  ref") and rows["cuda"].endswith("  ok"), out
+    assert "  MISMATCH " in rows["triton"], out
+    assert "check" in out.splitlines()[1] and "check = output and input gradients vs the torch backend's" in out
+    results = strict_json(tmp_path / "k.json")["rows"]
+    assert [r.get("check") for r in results] == [None, "MISMATCH", "ok"], results
+    leaves = [t for tensors in inputs for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    assert leaves and all(t.grad is None for t in leaves)  # fwd+bwd runs take fresh grads, none accumulate
+
+
+# -- bench_eval: a missing tokenizer dependency and a shared-context mismatch are one error line --------------
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_eval_without_transformers_is_one_error(load, capsys, monkeypatch):
+    import openlm_mamba.evaluation  # noqa: F401  (imported before transformers is hidden)
+
+    bench = load("bench_eval")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    rc = run_main(bench, ["--no-hf", "--questions", "1", "--d-model", "16", "--n-layer", "1", "--vocab", "300"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: bench_eval needs transformers") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_eval_ours_that_differs_from_whole_is_an_error(load, capsys, monkeypatch):
+    bench = load("bench_eval")
+    real, n = bench.timed, []
+
+    def timed(fn, reqs, repeats):
+        t, lls = real(fn, reqs, repeats)
+        n.append(1)
+        return t, [ll + (0.5 if len(n) == 2 else 0.0) for ll in lls]  # ours-whole scores differently
+
+    monkeypatch.setattr(bench, "timed", timed)
+    argv = ["--no-hf", "--questions", "1", "--repeats", "1", "--workloads", "mmlu"]
+    rc = run_main(bench, [*argv, "--d-model", "16", "--n-layer", "1", "--vocab", "300"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "error: mmlu: ours and ours-whole log-likelihoods differ by 5.0e-01" in err, err
