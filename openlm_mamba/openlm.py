@@ -79,7 +79,7 @@ def resolve_config(model: str) -> MambaConfig | None:
             return None  # OpenLM reports the missing file itself
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # _check_model_name says what is wrong
             return None
         return MambaConfig.load(path) if is_mamba_config(data) else None
     data = _olm._MODEL_CONFIGS.get(model)
@@ -711,7 +711,9 @@ def _patch_load_model(main: Any) -> bool:
     Its bare branch calls ``load_state_dict`` on the DDP wrapper, whose keys start with ``module.``: a file saved
     from an unwrapped (or compiled) model failed with every key missing and unexpected, while one process and
     FSDP load it. During that call the wrapper gets a pre-hook that adds the ``module.`` its keys lack (the
-    model's own pre-hook then strips ``module.`` / ``_orig_mod.`` as for every load).
+    model's own pre-hook then strips ``module.`` / ``_orig_mod.`` as for every load). Every route into OpenLM's
+    ``main()`` gets it (when main is still importing at registration, main() finishes the patch); code that calls
+    ``open_lm.main.load_model`` without ``main()`` can apply it with ``_patch_main(open_lm.main)``.
     """
     original = getattr(main, "load_model", None)
     if original is None:

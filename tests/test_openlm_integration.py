@@ -105,6 +105,10 @@ def test_unknown_model_name_is_a_clear_error(olm, tmp_path):
     broken.write_text('{"model_type": "mamba", "d_model": 64,,}')
     with pytest.raises(ValueError, match=r"broken.json: invalid JSON at line 1 column 39"):
         olm.create_model(_args(str(broken)))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")  # was a raw UnicodeDecodeError
+    with pytest.raises(ValueError, match=r"--model .*binary.json: cannot read it \('utf-8' codec can't decode"):
+        olm.create_model(_args(str(binary)))
     unmarked = tmp_path / "unmarked.json"
     data = json.loads((ROOT / "model_configs" / "mamba_tiny.json").read_text())
     del data["model_type"]
