@@ -917,3 +917,46 @@ def test_lone_checkpoint_without_a_config_warns_about_defaults(tiny, tmp_path, c
     with caplog.at_level("WARNING", logger="openlm_mamba.convert.openlm"):
         load_model(lone, model="mamba_tiny")  # --model given: nothing to say
     assert "no config recorded" not in caplog.text
+
+
+def test_hf_to_mamba_ssm_to_hf_keeps_token_ids_and_chat_template(tiny, tmp_path):
+    """A conversion to mamba_ssm carries generation_config.json and the tokenizer (its chat template too) along;
+    converting that back to HF used to write the NeoX ids (0 / 0 / 0) over them, so transformers stopped on the
+    wrong token. The chat template was dropped, and it blocked an in-place --overwrite."""
+    hf = tmp_path / "hf"
+    convert(_openlm_ckpt(tiny, tmp_path / "e.pt"), hf, to="hf", model="mamba_tiny", progress=False)
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 7}
+    (hf / "generation_config.json").write_text(json.dumps(gen))
+    (hf / "chat_template.jinja").write_text("{{ messages }}")
+    ssm, back = tmp_path / "ssm", tmp_path / "back"
+    convert(hf, ssm, to="mamba_ssm", progress=False)
+    assert (ssm / "chat_template.jinja").is_file()
+    convert(ssm, back, to="hf", progress=False)
+    assert json.loads((back / "generation_config.json").read_text()) == gen
+    config = json.loads((back / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert (back / "chat_template.jinja").read_text() == "{{ messages }}"
+    convert(hf, hf, to="hf", dtype="bfloat16", overwrite=True, progress=False)  # refused before
+    assert (hf / "chat_template.jinja").is_file()
+
+
+def test_float8_weights_convert_to_hf_and_back(tiny, tmp_path):
+    """float8 tensors passed the checks and then failed with a raw KeyError writing safetensors."""
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in tiny.state_dict().items()}
+    torch.save({"state_dict": sd, "model_config": tiny.cfg.to_dict()}, tmp_path / "fp8.pt")
+    convert(tmp_path / "fp8.pt", tmp_path / "hf", to="hf", progress=False)
+    convert(tmp_path / "hf", tmp_path / "back.pt", to="openlm", progress=False)
+    back = torch.load(tmp_path / "back.pt")["state_dict"]
+    for k, v in sd.items():
+        assert back[k].dtype == torch.float8_e4m3fn and torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_model_cannot_move_a_recorded_vocabulary_size(tiny, tmp_path):
+    """A checkpoint that records its unpadded vocabulary (52 tokens in 56 rows): --model with 50 would silently
+    stop ids 50-51 from ever being generated."""
+    cfg = tiny.cfg.replace(vocab_size=52)
+    model = MambaLM(cfg)
+    torch.save({"state_dict": model.state_dict(), "model_config": cfg.to_dict()}, tmp_path / "v52.pt")
+    with pytest.raises(ConversionError, match=r"vocab_size: .*v52.pt.* has 52, --model .* has 50 \(both pad to 56 rows"):
+        convert(tmp_path / "v52.pt", tmp_path / "hf", to="hf", model=cfg.replace(vocab_size=50), progress=False)
+    convert(tmp_path / "v52.pt", tmp_path / "hf", to="hf", model=cfg, progress=False)  # the same: fine

@@ -519,6 +519,10 @@ def test_output_moved_aside_by_a_killed_overwrite_is_restored(tiny, tmp_path):
             with pytest.raises(ConversionError, match="already exists"):
                 convert(src, out, to="hf", model="mamba_tiny", progress=False)
         assert out.is_dir() and not aside.exists()
+    os.replace(out, aside)  # in place (the README's `convert hf_dir hf_dir --overwrite`): the source itself comes back
+    convert(out, out, to="hf", dtype="bfloat16", overwrite=True, progress=False)
+    assert out.is_dir() and not aside.exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     convert(src, tmp_path / "copy", to="hf", model="mamba_tiny", progress=False)
     os.replace(tmp_path / "copy", aside)  # both there: the new output had landed
     assert common.remove_stale_partials(out) == [aside] and out.is_dir() and _leftovers(tmp_path) == []

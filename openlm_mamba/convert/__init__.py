@@ -188,6 +188,13 @@ def read_checkpoint(
         if wanted is not None:
             label = f"--model {model}" if isinstance(model, (str, Path)) else f"--model {wanted.name}"
             compare_configs(cfg, wanted, found_name, label, fields)
+            if cfg.vocab_size < cfg.padded_vocab_size and wanted.vocab_size != cfg.vocab_size:
+                # the source records which of its rows are padding: --model must not move that line silently
+                raise ConversionError(
+                    f"architecture mismatch between {found_name} and {label}:\n  vocab_size: {found_name} has "
+                    f"{cfg.vocab_size!r}, {label} has {wanted.vocab_size!r} (both pad to {cfg.padded_vocab_size} "
+                    "rows; the rows past vocab_size are never generated)"
+                )
             if wanted.padded_vocab_size == cfg.padded_vocab_size:
                 cfg = wanted
         if seq_len is not None and cfg.seq_len != seq_len:
@@ -310,11 +317,15 @@ def convert(
     if limit <= 0:
         raise ConversionError(f"shard size must be positive, got {shard_size!r}")
     writes, output_config = _OUTPUTS[to]
+    # a killed --overwrite's old output goes back first, to be checked as the rest: before the source is read, which
+    # may be that very output (in place: convert hf_dir hf_dir --overwrite), or an earlier such conversion's
+    remove_stale_partials(dst)
+    if not os.path.lexists(src):
+        remove_stale_partials(Path(src))
     with read_checkpoint(src, model, seq_len) as ckpt:
         source, cfg = ckpt.source, ckpt.config
         if output_config is not None:
             output_config(cfg)  # a model the format cannot represent: refused before anything is written
-        remove_stale_partials(dst)  # a killed --overwrite's old output goes back first, to be checked as the rest
         before = entries(dst)  # what --overwrite may replace: anything that appears after this is kept
         carry = check_destination(
             dst, to=to, writes=writes, source=ckpt.path, source_files=source.files, overwrite=overwrite
@@ -337,7 +348,7 @@ def convert(
                     checks.submit(key)
                     bar.update(nbytes)
 
-                carried = hf_extras(ckpt.path) if ckpt.format == "hf" else None
+                carried = hf_extras(Path(ckpt.path), ckpt.format == "hf") if Path(ckpt.path).is_dir() else None
                 write_hf(source, cfg, tmp, limit, fetch, dtype_of, written, carried)
                 checks.wait()
             else:

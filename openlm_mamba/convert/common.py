@@ -680,6 +680,8 @@ _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -740,6 +742,9 @@ TOKENIZER_FILES = frozenset(
         "merges.txt",
         "tokenizer.model",
         "added_tokens.json",
+        "chat_template.jinja",  # transformers >= 4.47 saves a tokenizer's chat template beside it
+        "chat_template.json",
+        "spiece.model",
         "generation_config.json",
     }
 )

@@ -362,24 +362,31 @@ def write_hf(
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def hf_extras(path: Path) -> dict[str, Any]:
-    """What an HF checkpoint directory holds beyond its model config: its special token ids (config.json's
-    bos / eos / pad_token_id) and its generation_config.json, for a conversion to HF to keep."""
+def hf_extras(path: Path, hf_config_ids: bool = True) -> dict[str, Any]:
+    """What a checkpoint directory holds beyond its model config, for a conversion to HF to keep: its special
+    token ids (an HF config.json's bos / eos / pad_token_id, when ``hf_config_ids``; else, or where it has none,
+    those of its generation_config.json) and its generation_config.json (which a conversion to mamba_ssm carries
+    along, so HF -> mamba_ssm -> HF keeps both)."""
     out: dict[str, Any] = {}
-    config = read_json(path / "config.json", "config.json")
 
     def valid(key: str, value: Any) -> bool:  # an int id (eos may be a list of them), as transformers loads them
         if isinstance(value, list) and key == "eos_token_id":
             return bool(value) and all(valid(key, v) for v in value)
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    ids = {k: config[k] for k in NEOX_SPECIAL_IDS if k in config and (config[k] is None or valid(k, config[k]))}
-    if ids:
-        out["special_ids"] = ids
+    def ids_of(data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {}
+        return {k: data[k] for k in NEOX_SPECIAL_IDS if k in data and (data[k] is None or valid(k, data[k]))}
+
+    ids = ids_of(read_json(path / "config.json", "config.json")) if hf_config_ids else {}
     if (path / "generation_config.json").is_file():
         gen = read_json(path / "generation_config.json", "generation_config.json")
         if isinstance(gen, dict):
             out["generation_config"] = gen
+            ids = ids or ids_of(gen)
+    if ids:
+        out["special_ids"] = ids
     return out
 
 
