@@ -957,6 +957,8 @@ def test_model_cannot_move_a_recorded_vocabulary_size(tiny, tmp_path):
     cfg = tiny.cfg.replace(vocab_size=52)
     model = MambaLM(cfg)
     torch.save({"state_dict": model.state_dict(), "model_config": cfg.to_dict()}, tmp_path / "v52.pt")
-    with pytest.raises(ConversionError, match=r"vocab_size: .*v52.pt.* has 52, --model .* has 50 \(both pad to 56 rows"):
+    with pytest.raises(
+        ConversionError, match=r"vocab_size: .*v52.pt.* has 52, --model .* has 50 \(both pad to 56 rows"
+    ):
         convert(tmp_path / "v52.pt", tmp_path / "hf", to="hf", model=cfg.replace(vocab_size=50), progress=False)
     convert(tmp_path / "v52.pt", tmp_path / "hf", to="hf", model=cfg, progress=False)  # the same: fine
