@@ -34,6 +34,12 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _backbone_hooked(backbone: nn.Module) -> bool:
+    """Whether a module of ``backbone`` other than the embedding runs hooks of its own: then only the per-layer
+    module path computes what a plain forward computes (the fused calls and the flat decoding step run none)."""
+    return any(_hooked(m) for m in backbone.modules() if m is not backbone.embedding)
+
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``F.linear(x, module.weight, module.bias)`` is what calling ``module`` computes: a plain
     ``nn.Linear`` without hooks (not a LoRA wrapper, a quantized layer or a hooked one). The inference fast
@@ -180,9 +186,16 @@ class MambaMixer(nn.Module):
         A = -torch.exp(_wide(self.A_log))
         return delta, A, B.transpose(1, 2), C.transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, cached: list | None = None
+    ) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). ``mask`` (batch, L), 0 at padding: the padded
-        positions' conv inputs and SSM inputs are zeroed (see :func:`padding_mask`)."""
+        positions' conv inputs and SSM inputs are zeroed (see :func:`padding_mask`). ``cached``: ``[conv_state,
+        ssm_state, fresh, last_only]`` to run :meth:`forward_cached` instead (a cache's prefill, called as a module
+        so that hooks on the mixer run); its two states are replaced by the new ones."""
+        if cached is not None:
+            out, cached[0], cached[1] = self.forward_cached(hidden, cached[0], cached[1], cached[2], cached[3], mask)
+            return out
         # split the time-major projection, then transpose: the backward then concatenates time-major
         # gradients (one copy) instead of channel-major ones plus a transposing copy
         x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))  # (batch, d_inner, L)
@@ -584,9 +597,9 @@ class ResidualBlock(nn.Module):
         if cache is None:
             return (self.mixer(normed) if mask is None else self.mixer(normed, mask)), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
-        out, cache.conv_states[i], cache.ssm_states[i] = self.mixer.forward_cached(
-            normed, cache.conv_states[i], cache.ssm_states[i], fresh, last_only, mask
-        )
+        slot = [cache.conv_states[i], cache.ssm_states[i], fresh, last_only]
+        out = self.mixer(normed, mask, slot)  # as a module: hooks on the mixer run, as in the plain forward
+        cache.conv_states[i], cache.ssm_states[i] = slot[0], slot[1]
         return out, (residual[:, -1:] if last_only else residual)
 
 
@@ -732,11 +745,13 @@ class MambaLM(nn.Module):
             raise TypeError(f"MambaLM: input_ids must be an integer tensor, got {got}")
         if input_ids.dim() != 2:
             raise ValueError(f"MambaLM: input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        unsigned64 = input_ids.dtype == torch.uint64
         input_ids = _index_ids(input_ids)
         if input_ids.numel() and not torch.compiler.is_compiling() and not _symbolic(input_ids):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
+                bad += 2**64 if unsigned64 and bad < 0 else 0  # the id as given: int64 wrapped it
                 raise ValueError(f"MambaLM: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return input_ids
 
@@ -772,7 +787,7 @@ class MambaLM(nn.Module):
             hidden.numel() > 0
             and _fused_cpu_inference(hidden)
             and not _fsdp_managed_layers(self)
-            and not any(_hooked(m) for m in backbone.modules() if m is not backbone.embedding)
+            and not _backbone_hooked(backbone)
         ):  # (hooks: the module path below runs them; the fused call would not)
             # scoring / evaluation on CPU: the fused prefill from zero states, when the model fits it
             cache = self.allocate_cache(hidden.shape[0])
@@ -862,8 +877,10 @@ class MambaLM(nn.Module):
         backbone = self.model.backbone
         hidden = backbone.embedding(input_ids) if embeds is None else embeds
         seqlen = hidden.shape[1]
-        fused = cache.fused is not None and _fused_cpu_inference(hidden)
-        one = seqlen == 1 and mask is None  # a padded token takes the prefill, which masks (the step does not)
+        # hooks on a layer, mixer or norm: only the per-layer modules below run them (one token included)
+        hooked = _backbone_hooked(backbone)
+        fused = cache.fused is not None and _fused_cpu_inference(hidden) and not hooked
+        one = seqlen == 1 and mask is None and not hooked  # a padded token takes the prefill (the step cannot mask)
         if one and fused:
             # the O(1) recurrent step of a CPU float32 model: every layer in one C++ call
             x = hidden[:, 0].contiguous()

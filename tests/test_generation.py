@@ -572,7 +572,7 @@ def test_bench_generate_quick_runs(capsys):
     out = capsys.readouterr().out
     assert "| 4 |" in out and "| 8 |" in out, out
     if with_hf:
-        assert "TTFT speedup" in out and "# fastest TTFT at context 8: ours" in out, out
+        assert "TTFT speedup" in out and "# fastest TTFT at context 8 (of 1 and 1 runs): ours" in out, out
 
 
 def test_bench_prefill_quick_runs(capsys, monkeypatch):
@@ -1368,6 +1368,31 @@ def test_instance_forward_and_block_hooks():
         with torch.no_grad():
             fast = model(ids)[0]
         torch.testing.assert_close(fast, model(ids)[0].detach(), rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("where", ["mixer", "block", "norm_f"])
+def test_hooks_on_layers_run_in_cached_decoding_and_generate(where):
+    """A steering hook on a mixer, a block or the final norm changes what the model decodes, as it changes the
+    plain forward: the cached prefill and the steps ignored it (generate gave the unhooked model's tokens)."""
+    model = tiny_model()
+    ids = prompt(1, 12, seed=5)
+    target = {"mixer": model.layers[1].mixer, "block": model.layers[1], "norm_f": model.model.backbone.norm_f}[where]
+    unhooked = generate(model, ids[:, :6], max_new_tokens=8)
+    push = 3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))  # a steering vector
+    handle = target.register_forward_hook(
+        lambda m, a, o: o + push if isinstance(o, torch.Tensor) else (o[0] + push, *o[1:])
+    )
+    try:
+        with torch.no_grad():
+            full = model(ids)[0]
+            pre, _, cache = model(ids[:, :8], use_cache=True)
+            steps = [model(ids[:, t : t + 1], past_key_values=cache)[0] for t in range(8, 12)]
+        torch.testing.assert_close(torch.cat([pre, *steps], 1), full, rtol=0, atol=1e-4)
+        hooked = generate(model, ids[:, :6], max_new_tokens=8)
+        assert torch.equal(hooked, _greedy_by_full_forward(model, ids[:, :6], 8))
+        assert not torch.equal(hooked, unhooked)  # the hook matters here
     finally:
         handle.remove()
 

@@ -154,6 +154,7 @@ def test_mamba_7b_on_meta_device():
         (torch.tensor([1, 2, 3]), ValueError, r"input_ids must have shape \(batch, seq\), got \(3,\)"),
         (torch.tensor([[True, False]]), TypeError, r"input_ids must be an integer tensor, got torch.bool"),
         (torch.tensor([[1, 600]], dtype=torch.int16), ValueError, r"token id 600 is outside the vocabulary"),
+        (torch.tensor([[2**63 + 5]], dtype=torch.uint64), ValueError, r"token id 9223372036854775813 is outside the"),
     ],
 )
 def test_bad_token_ids_give_clear_errors(ids, error, pattern):
