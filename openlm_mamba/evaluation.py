@@ -82,9 +82,10 @@ def _flag(name: str, value: Any) -> bool:
     raise ValueError(f"MambaEvalLM: {name} must be true or false, got {value!r}")
 
 
-def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None) -> Any:
+def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None, add_bos_token: bool | None = None) -> Any:
     """A tokenizer object as is; else what ``openlm-mamba generate --tokenizer`` would load (a directory, a
-    tokenizer.json file or a hub name; default: the checkpoint dir's, else gpt-neox-20b). ValueError if it cannot."""
+    tokenizer.json file or a hub name; default: the checkpoint dir's, else gpt-neox-20b), told ``add_bos_token``
+    as ``HFLM`` tells the tokenizers it loads. ValueError if it cannot."""
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     from .commands.generate import default_tokenizer, load_tokenizer
@@ -93,7 +94,7 @@ def _load_tokenizer(tokenizer: Any, pretrained: str | Path | None) -> Any:
     if defaulted:
         tokenizer, own = default_tokenizer(pretrained)
     try:
-        return load_tokenizer(str(tokenizer))
+        return load_tokenizer(str(tokenizer), add_bos_token)
     except SystemExit as e:  # its message is the CLI's one line, "error: --tokenizer ...: ..."
         message = str(e).removeprefix("error: ")
         if defaulted and not own:
@@ -228,7 +229,8 @@ class MambaEvalLM(TemplateLM):
             from .convert import check_checkpoint as check
 
             check(pretrained, model_config)  # a bad checkpoint is named before a tokenizer is looked for
-        self.tokenizer = _load_tokenizer(tokenizer, pretrained)
+        self.add_bos_token = None if add_bos_token is None else _flag("add_bos_token", add_bos_token)
+        self.tokenizer = _load_tokenizer(tokenizer, pretrained, self.add_bos_token)
         if model is None:
             from .convert import load_model
 
@@ -252,7 +254,6 @@ class MambaEvalLM(TemplateLM):
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.share_contexts = _flag("share_contexts", share_contexts)
-        self.add_bos_token = None if add_bos_token is None else _flag("add_bos_token", add_bos_token)
         self.custom_prefix_token_id = None
         if prefix_token_id is not None:
             try:

@@ -386,6 +386,35 @@ def test_tokens_handled_as_lm_evals_transformers_adapter(setup):
     assert ours.generate_until(gen, True) == [" cat"]  # "<pad>" dropped, as HFLM decodes
 
 
+def test_add_bos_token_makes_a_tokenizer_without_its_own_bos_add_one(setup, tmp_path):
+    """add_bos_token=True is passed to the tokenizer as HFLM passes it: GPT-NeoX's tokenizer (Mamba-7B's), which
+    adds no BOS of its own, then adds one, in every request type (ours scored without it: -26.3 vs -32.9)."""
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GPTNeoXTokenizer
+
+    from openlm_mamba.evaluation import MambaEvalLM
+
+    root, _, _ = setup
+    neox = tmp_path / "neox"
+    shutil.copytree(root / "hf", neox)
+    tok = GPTNeoXTokenizer(
+        tokenizer_file=str(root / "hf" / "tokenizer.json"), bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    tok.save_pretrained(neox)
+    assert tok.encode("The cat")[0] != tok.bos_token_id  # no BOS of its own
+    theirs = HFLM(pretrained=str(neox), add_bos_token=True, device="cpu", batch_size=2, max_length=64)
+    ours = MambaEvalLM(pretrained=neox, add_bos_token=True, batch_size=2, max_length=64)
+    assert ours.tok_encode("The cat sat") == theirs.tok_encode("The cat sat")
+    assert ours.tok_encode("The cat sat")[0] == tok.bos_token_id
+    assert ours._encode_context("The cat") == theirs.tok_batch_encode(["The cat"])[0][0].tolist()
+    reqs = [Instance("loglikelihood", {}, ("The cat sat", " on the mat"), 0)]
+    (a, _), (b, _) = ours.loglikelihood(reqs, True)[0], theirs.loglikelihood(reqs, True)[0]
+    assert a == pytest.approx(b, abs=1e-3)
+
+
 def test_lengths_beyond_max_length_are_refused_not_cut(setup):
     """A continuation longer than max_length, or a token budget that leaves no room for the context, is an error
     (as in HFLM), not a score of the continuation's tail or an answer to the context's last token alone."""
@@ -449,6 +478,10 @@ def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):
     assert "| tiny_mc |" in printed
     saved = json.loads(out.read_text())
     assert 0.0 <= saved["results"]["tiny_mc"]["acc,none"] <= 1.0
+    config = saved["config"]  # what produced the numbers (lm-eval alone wrote model_args None, device None)
+    assert config["model"] == "openlm-mamba" and config["model_args"]["pretrained"] == str(root / "hf")
+    assert config["model_args"]["dtype"] == "float32" and config["batch_size"] == 2 and config["device"] == "cpu"
+    assert config["limit"] == 3 and saved["openlm_mamba_version"] and saved["model_name"] == str(root / "hf")
     whole = tmp_path / "whole.json"  # every request scored whole: the same accuracy
     assert cli_main([*argv, "--limit", "3", "--batch-size", "2", "--no-share-contexts", "--output", str(whole)]) == 0
     assert json.loads(whole.read_text())["results"]["tiny_mc"] == saved["results"]["tiny_mc"]

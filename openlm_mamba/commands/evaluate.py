@@ -206,6 +206,28 @@ def run(args: argparse.Namespace) -> int:
                 merged[key] = value
     print(results_table(merged, reference))
     if output is not None:
+        # lm-eval got a ready model object, so its "config" names none of it: record what produced the numbers
+        from .. import __version__
+
+        merged["config"] = {
+            **(merged.get("config") or {}),
+            "model": "openlm-mamba",
+            "model_args": {
+                "pretrained": str(args.checkpoint),
+                "tokenizer": None if args.tokenizer is None else str(args.tokenizer),
+                "model": args.model,
+                "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                "backend": args.backend,
+                "max_length": lm.max_length,
+                "share_contexts": lm.share_contexts,
+            },
+            "batch_size": lm.batch_size,
+            "device": str(lm.device),
+            "limit": limit,
+            "num_fewshot": {",".join(tasks): shots for shots, tasks in runs.items()},
+        }
+        merged["model_name"] = str(args.checkpoint)
+        merged["openlm_mamba_version"] = __version__
         try:
             tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
             tmp.write_text(json.dumps(merged, indent=2, default=str) + "\n")

@@ -87,8 +87,10 @@ def default_tokenizer(checkpoint: str | os.PathLike | None) -> tuple[str, bool]:
     return (str(folder) if own else DEFAULT_TOKENIZER), own
 
 
-def load_tokenizer(name: str | os.PathLike):
+def load_tokenizer(name: str | os.PathLike, add_bos_token: bool | None = None):
     """A transformers tokenizer from a directory, a tokenizer.json file or a hub name (clear error if unavailable).
+    ``add_bos_token`` (not None) goes to the tokenizer as lm-eval's ``HFLM`` passes it: True makes one that adds no
+    BOS of its own (GPT-NeoX's) add one.
 
     A hub name is looked up in the local HF cache first; the network is tried only if that fails, HF_HUB_OFFLINE is
     unset and the hub answers at all (so an offline machine fails at once instead of retrying for a minute).
@@ -118,6 +120,7 @@ def load_tokenizer(name: str | os.PathLike):
             f"no tokenizer.json / tokenizer_config.json in {path}"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    extra = {} if add_bos_token is None else {"add_bos_token": bool(add_bos_token)}
     try:
         tok = None
         bare = path / "tokenizer.json" if path.is_dir() else None
@@ -129,10 +132,10 @@ def load_tokenizer(name: str | os.PathLike):
             # model_type mamba, adding its own tokens)
             tok = PreTrainedTokenizerFast(tokenizer_file=str(bare))
         elif path.is_dir():
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
         else:
             try:  # a hub name: the local cache first (no network, no retries)
-                tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=True, **extra)
             except OSError:
                 if offline:
                     raise
@@ -156,7 +159,7 @@ def load_tokenizer(name: str | os.PathLike):
                     f"cannot be reached ({type(e).__name__}: {e}); pass a local tokenizer directory or "
                     "tokenizer.json file, or set HF_HUB_OFFLINE=1 with the tokenizer in the HF cache"
                 ) from None
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **extra)
     except Exception as e:  # transformers raises many kinds here
         where = "file" if path.is_file() else "directory" if path.is_dir() else "name"
         hint = (
