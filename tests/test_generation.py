@@ -1405,3 +1405,35 @@ def test_repetition_penalty_accepts_prompt_ids_in_the_vocabulary_padding():
     plain = generate(model, ids, max_new_tokens=6)
     penalised = generate(model, ids, max_new_tokens=6, repetition_penalty=1.2)
     assert penalised.shape == plain.shape and int(penalised[0, 3:].max()) < 500
+
+
+def test_cpu_head_for_decoding_rows_equals_the_linear_layer():
+    """The C++ head_rows (a decoding step's few rows; MKL's sgemv was 6x slower on AMD EPYC) gives F.linear's
+    logits, and a model whose head takes it decodes as its full forward computes."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ kernels are unavailable")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 96, generator=g)
+    for rows in (1, 2, 3, 16):
+        x = torch.randn(rows, 2 * 96, generator=g)[:, ::2]  # strided rows too
+        got = torch.ops.openlm_mamba_cpu.head_rows(x, w)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
+    model = tiny_model(vocab_size=4096)  # 4096 x 64 = 2^18 weights: the size from which the head takes it
+    head = model.model.lm_head
+    calls = []
+    real = torch.ops.openlm_mamba_cpu.head_rows
+    try:
+        torch.ops.openlm_mamba_cpu.head_rows = lambda *a: calls.append(a[0].shape) or real(*a)
+        with torch.no_grad():
+            x = torch.randn(2, 1, 64, generator=g)
+            torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-4)
+            assert calls == [(2, 64)]
+            head(torch.randn(3, 40, 64, generator=g))  # a prompt's logits: MKL's matmul, not the row kernel
+            assert len(calls) == 1
+        assert head(x).requires_grad  # with autograd: the linear layer
+    finally:
+        torch.ops.openlm_mamba_cpu.head_rows = real
+    step_diff, mixed_diff = decode_vs_full(model)
+    assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)

@@ -352,9 +352,39 @@ at::Tensor model_prefill(const at::Tensor& hidden, at::TensorList conv_states, a
   return out;
 }
 
+// out (B, N) = x (B, K) @ weight (N, K)^T, float32, for the few rows of a decoding step's LM head: weight is
+// streamed once, each row of it (in L1) dotted with every x row. MKL's sgemv for this layout (K short, N a
+// vocabulary) ran at a quarter of the memory bandwidth on an AMD EPYC host (7.8 ms for a 50k x 256 head that
+// takes 1.7 ms to read), and batch 2 took twice that.
+at::Tensor head_rows(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "head_rows: x (B, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "head_rows: float32 only");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t B = xc.size(0), K = xc.size(1), N = wc.size(0);
+  auto out = at::empty({B, N}, xc.options());
+  const float* __restrict__ xp = xc.data_ptr<float>();
+  const float* __restrict__ wp = wc.data_ptr<float>();
+  float* __restrict__ op = out.data_ptr<float>();
+  at::parallel_for(0, N, 512, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* __restrict__ w = wp + n * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* __restrict__ xb = xp + b * K;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < K; ++k) acc += w[k] * xb[k];
+        op[b * N + n] = acc;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(openlm_mamba_cpu, m) {
+  m.def("head_rows(Tensor x, Tensor weight) -> Tensor");
   m.def("conv_step(Tensor(a!) conv_state, Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
       "state_step(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
@@ -369,6 +399,7 @@ TORCH_LIBRARY_FRAGMENT(openlm_mamba_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(openlm_mamba_cpu, CPU, m) {
+  m.impl("head_rows", &head_rows);
   m.impl("conv_step", &conv_step);
   m.impl("state_step", &state_step);
   m.impl("model_step", &model_step);
