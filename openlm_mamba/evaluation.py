@@ -151,6 +151,15 @@ def _check_given_model(model: MambaLM, device: str | torch.device | None, dtype:
     """device= / dtype= with model= must describe the model as given: they only move and cast a loaded checkpoint."""
     param = next(model.parameters())
     if dtype is not None:
+        from .convert import ConversionError
+        from .convert import _dtype as parse_dtype
+
+        try:
+            if parse_dtype(dtype) == param.dtype:
+                dtype = None  # it describes the model: nothing to do
+        except ConversionError as e:
+            raise ValueError(f"MambaEvalLM: {e}") from None
+    if dtype is not None:
         raise ValueError(
             f"MambaEvalLM: dtype= applies to pretrained= only; with model= cast the model first "
             f"(model.to(torch.{str(dtype).removeprefix('torch.')})); it is {str(param.dtype).removeprefix('torch.')}"

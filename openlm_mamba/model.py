@@ -43,9 +43,14 @@ def _backbone_hooked(backbone: nn.Module) -> bool:
     if _hooked(backbone._modules["norm_f"]):
         return True
     for layer in backbone._modules["layers"]._modules.values():
-        if layer._forward_hooks or layer._forward_pre_hooks:
-            return True
-        for child in layer._modules.values():  # the norm and the mixer (an FSDP wrapper's: the wrapped block)
+        while True:  # the block, through FSDP / activation-checkpoint wrappers (their hooks count too)
+            if layer._forward_hooks or layer._forward_pre_hooks:
+                return True
+            inner = layer._modules.get("_fsdp_wrapped_module") or layer._modules.get("_checkpoint_wrapped_module")
+            if inner is None:
+                break
+            layer = inner
+        for child in layer._modules.values():  # the norm and the mixer
             if child is not None and (child._forward_hooks or child._forward_pre_hooks):
                 return True
             for part in child._modules.values() if child is not None else ():  # the mixer's projections, conv
@@ -612,7 +617,9 @@ class ResidualBlock(nn.Module):
             return (self.mixer(normed) if mask is None else self.mixer(normed, mask)), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
         slot = [cache.conv_states[i], cache.ssm_states[i], fresh, last_only]
-        out = self.mixer(normed, mask, slot)  # as a module: hooks on the mixer run, as in the plain forward
+        # as a module, so hooks on the mixer run; the slot as a keyword, so a pre-hook that returns new positional
+        # args (as the plain forward's one-argument call invites) keeps it
+        out = self.mixer(normed, cached=slot) if mask is None else self.mixer(normed, mask, cached=slot)
         cache.conv_states[i], cache.ssm_states[i] = slot[0], slot[1]
         return out, (residual[:, -1:] if last_only else residual)
 
@@ -671,6 +678,8 @@ class LMHead(nn.Linear):
             and x.device.type == "cpu"
             and w.device.type == "cpu"
             and not torch.is_grad_enabled()
+            and torch.autograd.forward_ad._current_level < 0  # forward-mode AD (jvp) needs the linear layer's formula
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
             and not _symbolic(x)

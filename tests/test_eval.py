@@ -457,6 +457,10 @@ def test_adapter_argument_errors(setup):
     with pytest.raises(ValueError, match="device='meta' but the model given is on cpu"):
         MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, device="meta")
     assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, device="cpu").device == torch.device("cpu")
+    for same in ("float32", torch.float32):  # the model's own dtype describes it: accepted
+        assert MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, dtype=same).model is lm.model
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        MambaEvalLM(model=lm.model, tokenizer=lm.tokenizer, dtype="float33")
 
 
 def test_cli_eval_on_local_task(setup, task_dir, tmp_path, capsys, monkeypatch):

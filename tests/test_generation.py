@@ -1372,18 +1372,29 @@ def test_instance_forward_and_block_hooks():
         handle.remove()
 
 
-@pytest.mark.parametrize("where", ["mixer", "block", "norm_f"])
+@pytest.mark.parametrize("where", ["mixer", "block", "norm_f", "mixer_pre", "in_proj_wrapped"])
 def test_hooks_on_layers_run_in_cached_decoding_and_generate(where):
     """A steering hook on a mixer, a block or the final norm changes what the model decodes, as it changes the
     plain forward: the cached prefill and the steps ignored it (generate gave the unhooked model's tokens)."""
     model = tiny_model()
     ids = prompt(1, 12, seed=5)
-    target = {"mixer": model.layers[1].mixer, "block": model.layers[1], "norm_f": model.model.backbone.norm_f}[where]
+    if where == "in_proj_wrapped":  # a hook deep inside an activation-checkpoint wrapper (FSDP wraps the same way)
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.model.backbone.layers
+        for i in range(len(layers)):
+            layers[i] = checkpoint_wrapper(layers[i])
     unhooked = generate(model, ids[:, :6], max_new_tokens=8)
     push = 3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))  # a steering vector
-    handle = target.register_forward_hook(
-        lambda m, a, o: o + push if isinstance(o, torch.Tensor) else (o[0] + push, *o[1:])
-    )
+    if where == "mixer_pre":  # the usual pre-hook form: new positional args, as the plain forward calls mixer(x)
+        handle = model.layers[1].mixer.register_forward_pre_hook(lambda m, a: (a[0] * 3.0,))
+    elif where == "in_proj_wrapped":
+        handle = model.layers[0].mixer.in_proj.register_forward_hook(lambda m, a, o: o * 3.0)
+    else:
+        target = {"mixer": model.layers[1].mixer, "block": model.layers[1], "norm_f": model.model.backbone.norm_f}
+        handle = target[where].register_forward_hook(
+            lambda m, a, o: o + push if isinstance(o, torch.Tensor) else (o[0] + push, *o[1:])
+        )
     try:
         with torch.no_grad():
             full = model(ids)[0]
@@ -1437,3 +1448,47 @@ def test_cpu_head_for_decoding_rows_equals_the_linear_layer():
         torch.ops.openlm_mamba_cpu.head_rows = real
     step_diff, mixed_diff = decode_vs_full(model)
     assert step_diff < 1e-4 and mixed_diff < 1e-4, (step_diff, mixed_diff)
+
+
+def test_forward_mode_ad_through_the_cpu_head():
+    """jvp under no_grad: the C++ row kernel has no forward-AD formula, so the head keeps the linear layer there
+    (the tangent came back zero)."""
+    from openlm_mamba.ops.cpp import load_extension
+
+    if not load_extension():
+        pytest.skip("the C++ kernels are unavailable")
+    head = tiny_model(vocab_size=4096).model.lm_head
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(head, (x,), (t,))
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            dual_tangent = fwAD.unpack_dual(head(fwAD.make_dual(x, t))).tangent
+    want = torch.nn.functional.linear(t, head.weight.detach())
+    torch.testing.assert_close(tangent, want)
+    torch.testing.assert_close(dual_tangent, want)
+
+
+def test_hook_added_after_the_cache_inside_a_wrapped_layer_still_runs():
+    """A projection hooked after the cache was allocated (steering between calls), in a layer that a checkpoint (or
+    FSDP) wrapper holds: the step must see it, as it does unwrapped (the hook check did not look inside)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ids = prompt(1, 9, seed=2)
+    steps = []
+    for wrap, hook in ((False, True), (True, True), (True, False)):
+        model = tiny_model()
+        if wrap:
+            layers = model.model.backbone.layers
+            for i in range(len(layers)):
+                layers[i] = checkpoint_wrapper(layers[i])
+        with torch.no_grad():
+            _, _, cache = model(ids[:, :8], use_cache=True)
+            if hook:
+                model.layers[0].mixer.in_proj.register_forward_hook(lambda m, a, o: o * 3.0)
+            steps.append(model(ids[:, 8:], past_key_values=cache)[0])
+    hooked, hooked_wrapped, unhooked = steps
+    torch.testing.assert_close(hooked_wrapped, hooked, rtol=0, atol=1e-5)
+    assert (hooked - unhooked).abs().max() > 0.1  # the hook matters
