@@ -614,12 +614,13 @@ class ResidualBlock(nn.Module):
         ``mask``: (batch, L) bool, False at padding (:func:`padding_mask`)."""
         normed, residual = self.norm(hidden, residual, self.residual_in_fp32)
         if cache is None:
-            return (self.mixer(normed) if mask is None else self.mixer(normed, mask)), residual
+            # keywords: a pre-hook that returns new positional args (the one-argument form) keeps the mask
+            return (self.mixer(normed) if mask is None else self.mixer(normed, mask=mask)), residual
         i, fresh = self.layer_idx, cache.seqlen_offset == 0  # prefill; single steps go through MambaMixer.step
         slot = [cache.conv_states[i], cache.ssm_states[i], fresh, last_only]
-        # as a module, so hooks on the mixer run; the slot as a keyword, so a pre-hook that returns new positional
-        # args (as the plain forward's one-argument call invites) keeps it
-        out = self.mixer(normed, cached=slot) if mask is None else self.mixer(normed, mask, cached=slot)
+        # as a module, so hooks on the mixer run; the slot and the mask as keywords, so a pre-hook that returns new
+        # positional args (as the plain forward's one-argument call invites) keeps them
+        out = self.mixer(normed, cached=slot) if mask is None else self.mixer(normed, mask=mask, cached=slot)
         cache.conv_states[i], cache.ssm_states[i] = slot[0], slot[1]
         return out, (residual[:, -1:] if last_only else residual)
 

@@ -1492,3 +1492,17 @@ def test_hook_added_after_the_cache_inside_a_wrapped_layer_still_runs():
     hooked, hooked_wrapped, unhooked = steps
     torch.testing.assert_close(hooked_wrapped, hooked, rtol=0, atol=1e-5)
     assert (hooked - unhooked).abs().max() > 0.1  # the hook matters
+
+
+def test_a_one_argument_mixer_pre_hook_keeps_the_padding_mask():
+    """A pre-hook of the form ``(args[0] * k,)`` replaced every positional argument: the padding mask went with it,
+    so pads leaked into a left-padded row's state (padded rows decoded other tokens than the same prompt alone)."""
+    model = tiny_model()
+    prompts = [prompt(1, n, seed=n)[0] for n in (6, 1, 3)]
+    handle = model.layers[0].mixer.register_forward_pre_hook(lambda m, a: (a[0] * 1.5,))
+    try:
+        out = generate(model, prompts, max_new_tokens=8)
+        for i, p in enumerate(prompts):
+            assert torch.equal(out[i, -8:], generate(model, p[None], max_new_tokens=8)[0, -8:]), i
+    finally:
+        handle.remove()
