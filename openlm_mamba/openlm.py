@@ -31,6 +31,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -393,7 +394,11 @@ def _refuse_directory(path: str, flag: str, model_arg: str) -> None:
     also = ""
     run = newest.parent.parent
     if flag == "--resume" and newest.parent.name == "checkpoints" and (run / "params.txt").is_file():
-        also = f" (or continue that run: {_shell('--resume', 'latest', '--name', run.name, '--logs', run.parent)})"
+        logs = ("--logs", run.parent)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun takes --logs for its own --logs-specs: only the default
+            logs = () if run.parent.resolve() == Path("logs").resolve() else None
+        if logs is not None:
+            also = f" (or continue that run: {_shell('--resume', 'latest', '--name', run.name, *logs)})"
     raise ValueError(
         f"{flag} {path}: a directory, and OpenLM loads one checkpoint file: pass the newest in it, "
         f"{_shell(flag, newest)}{also}"

@@ -411,7 +411,7 @@ def test_pretrained_hf_or_mamba_ssm_file_says_convert_first(olm, tmp_path):
 
 
 @needs_open_lm
-def test_pretrained_run_directory_names_newest_checkpoint(olm, tmp_path):
+def test_pretrained_run_directory_names_newest_checkpoint(olm, tmp_path, monkeypatch):
     """--pretrained / --resume given an OpenLM run's directory or its checkpoints/: the newest epoch_N.pt to pass
     (by number: epoch_10 after epoch_9), not OpenLM's bare IsADirectoryError."""
     run = tmp_path / "logs" / "myrun"
@@ -437,6 +437,11 @@ def test_pretrained_run_directory_names_newest_checkpoint(olm, tmp_path):
         ckpts,
         rf"--resume {newest} \(or continue that run: --resume latest --name myrun --logs {tmp_path / 'logs'}\)",
     )
+    # under torchrun, which takes --logs for its own --logs-specs: the continue-form only where it needs no --logs
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    refused("resume", ckpts, rf"--resume {newest}$")
+    monkeypatch.chdir(tmp_path)  # the run is under ./logs, OpenLM's default
+    refused("resume", ckpts, rf"--resume {newest} \(or continue that run: --resume latest --name myrun\)$")
     refused(
         "pretrained", tmp_path / "logs", r"a directory, and OpenLM loads one checkpoint file; .*no OpenLM checkpoint"
     )
