@@ -155,15 +155,14 @@ def _check_given_model(model: MambaLM, device: str | torch.device | None, dtype:
         from .convert import _dtype as parse_dtype
 
         try:
-            if parse_dtype(dtype) == param.dtype:
-                dtype = None  # it describes the model: nothing to do
+            wanted = parse_dtype(dtype)
         except ConversionError as e:
             raise ValueError(f"MambaEvalLM: {e}") from None
-    if dtype is not None:
-        raise ValueError(
-            f"MambaEvalLM: dtype= applies to pretrained= only; with model= cast the model first "
-            f"(model.to(torch.{str(dtype).removeprefix('torch.')})); it is {str(param.dtype).removeprefix('torch.')}"
-        )
+        if wanted != param.dtype:
+            raise ValueError(
+                f"MambaEvalLM: dtype= applies to pretrained= only; with model= cast the model first "
+                f"(model.to({wanted})); it is {str(param.dtype).removeprefix('torch.')}"
+            )
     if device is not None:
         try:
             want = torch.device(device)

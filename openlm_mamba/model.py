@@ -39,22 +39,24 @@ def _backbone_hooked(backbone: nn.Module) -> bool:
     """Whether a module that the per-layer path calls (a block, its norm, its mixer and the mixer's projections;
     the final norm) runs hooks of its own: then only that path computes what a plain forward computes (the
     fused calls and the flat decoding step run none). It reads the ``_modules`` dicts, not attributes or
-    ``modules()``: this runs per token (~4 us for 4 layers, where ``modules()`` took 64)."""
+    ``modules()``: this runs per token (~5 us for 4 layers, where ``modules()`` took 64)."""
     if _hooked(backbone._modules["norm_f"]):
         return True
     for layer in backbone._modules["layers"]._modules.values():
         while True:  # the block, through FSDP / activation-checkpoint wrappers (their hooks count too)
-            if layer._forward_hooks or layer._forward_pre_hooks:
+            if _hooked(layer):
                 return True
             inner = layer._modules.get("_fsdp_wrapped_module") or layer._modules.get("_checkpoint_wrapped_module")
             if inner is None:
                 break
             layer = inner
         for child in layer._modules.values():  # the norm and the mixer
-            if child is not None and (child._forward_hooks or child._forward_pre_hooks):
+            if child is None:
+                continue
+            if _hooked(child):
                 return True
-            for part in child._modules.values() if child is not None else ():  # the mixer's projections, conv
-                if part is not None and (part._forward_hooks or part._forward_pre_hooks):
+            for part in child._modules.values():  # the mixer's projections, conv
+                if part is not None and _hooked(part):
                     return True
     return False
 
@@ -674,16 +676,11 @@ class LMHead(nn.Linear):
             x.dim() >= 2
             and x.numel() <= 16 * x.shape[-1]
             and w.numel() >= 1 << 18
-            and x.dtype == torch.float32
+            and _fused_cpu_inference(x)  # CPU float32 values, no autograd, autocast or compile
             and w.dtype == torch.float32
-            and x.device.type == "cpu"
             and w.device.type == "cpu"
-            and not torch.is_grad_enabled()
             and torch.autograd.forward_ad._current_level < 0  # forward-mode AD (jvp) needs the linear layer's formula
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not _symbolic(x)
             and type(w) in (torch.Tensor, nn.Parameter)
             and use_cpp(x)
         ):

@@ -339,13 +339,12 @@ def _avoid_inductor_cpu_half_transposes(args: argparse.Namespace) -> None:
     )
 
 
-def _check_checkpoint_arg(path: Any, flag: str, cfg: MambaConfig, model_arg: str | None = None) -> None:
+def _check_checkpoint_arg(path: Any, flag: str, cfg: MambaConfig, model_arg: str) -> None:
     """Clear errors for a --pretrained / --resume value that OpenLM's ``pt_load`` cannot read (a directory, an HF
     or mamba_ssm checkpoint), then the config warning of :func:`_warn_if_config_differs`. Remote (s3://) and
     missing paths are left to OpenLM. ``model_arg``: --model as given (a JSON path too), for the commands shown."""
     if not isinstance(path, str):
         return
-    model_arg = cfg.name if model_arg is None else model_arg
     if Path(path).is_dir():
         _refuse_directory(path, flag, model_arg)
     elif Path(path).is_file():
@@ -465,7 +464,7 @@ def _foreign_layout(ckpt: Any) -> str | None:
     return None
 
 
-def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any, model_arg: str | None = None) -> None:
+def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any, model_arg: str) -> None:
     """Warn when a checkpoint was made from a model that differs from ``cfg`` in a field its tensor shapes
     do not show (norm_epsilon, residual_in_fp32, ...): OpenLM loads the weights into ``cfg``'s model,
     silently. The checkpoint's config: the ``model_config`` our converter embeds (``ckpt`` is the checkpoint,
@@ -494,7 +493,7 @@ def _warn_if_config_differs(path: str, flag: str, cfg: MambaConfig, ckpt: Any, m
             "--model's; to use the checkpoint's own config, write it with %s and pass --model its_config.json",
             flag,
             path,
-            cfg.name if model_arg is None else model_arg,
+            model_arg,
             "; ".join(diffs),
             _shell("openlm-mamba", "info", path, "--save-config", "its_config.json"),
         )
@@ -627,10 +626,7 @@ def _average_tied_weights_once(averaging_utils: Any) -> None:
         finally:
             self.model = model
 
-    update.__wrapped__ = original
-    update.__doc__ = original.__doc__
-    update._openlm_mamba = True
-    averager.update = update
+    averager.update = _mark_wrapper(update, original)
 
 
 def _start_averages_from_loaded_weights(averaging_utils: Any) -> None:
@@ -675,11 +671,16 @@ def _start_averages_from_loaded_weights(averaging_utils: Any) -> None:
         ("load_state_dict_avg", load_state_dict_avg, load_avg),
         ("update", stepped, update),
     ):
-        if original is None:
-            continue
-        functools.update_wrapper(fn, original)
-        fn._openlm_mamba = True
-        setattr(averager, name, fn)
+        if original is not None:
+            setattr(averager, name, _mark_wrapper(fn, original))
+
+
+def _mark_wrapper(fn: Callable, original: Callable) -> Callable:
+    """``fn``, a shim around OpenLM's function ``original``, with its name, docstring and ``__wrapped__``, and
+    marked as ours (``_openlm_mamba``: a second registration leaves it alone)."""
+    functools.update_wrapper(fn, original)
+    fn._openlm_mamba = True
+    return fn
 
 
 def _when_imported(name: str, fn: Callable[[Any], None]) -> None:
@@ -742,9 +743,7 @@ def _patch_load_model(main: Any) -> bool:
         finally:
             handle.remove()
 
-    functools.update_wrapper(load_model, original)
-    load_model._openlm_mamba = True
-    main.load_model = load_model
+    main.load_model = _mark_wrapper(load_model, original)
     return True
 
 
@@ -790,7 +789,7 @@ def _patch_cpu_distributed(main: Any) -> bool:
                 time.sleep(0.5)  # GIL released: gloo's workers finish dropping completed work
             return cleanup(sync_process, distributed, *args, **kwargs)
 
-        quiet_cleanup.__wrapped__ = cleanup
+        quiet_cleanup.__wrapped__ = cleanup  # its own name kept: what runs at exit is recognisable as the shim
         quiet_cleanup._openlm_mamba = True
         main.cleanup = quiet_cleanup
     _patch_cpu_ddp()
@@ -826,10 +825,7 @@ def _finish_main_patches_at_distributed_init(distributed: Any) -> None:
             _patch_main(main)
         return original(*args, **kwargs)
 
-    init_distributed_device.__wrapped__ = original
-    init_distributed_device.__doc__ = original.__doc__
-    init_distributed_device._openlm_mamba = True
-    distributed.init_distributed_device = init_distributed_device
+    distributed.init_distributed_device = _mark_wrapper(init_distributed_device, original)
     for main in _PENDING_MAIN_PATCH:  # should main have bound the name already
         if getattr(main, "init_distributed_device", None) is original:
             main.init_distributed_device = init_distributed_device
